@@ -1,0 +1,43 @@
+"""Turns the psycopg pool's conninfo into the `postgresql://` URL the Rust engine (sqlx) takes."""
+
+from __future__ import annotations
+
+from urllib.parse import quote, urlencode
+
+from psycopg.conninfo import conninfo_to_dict
+
+# libpq keywords sqlx understands as URL query parameters.
+_PASSTHROUGH = ("sslmode", "sslrootcert", "sslcert", "sslkey", "options", "application_name")
+
+
+def native_dsn(conninfo: str) -> str:
+    """Return a URL for sqlx equivalent to a libpq conninfo string or URI.
+
+    Unix-socket hosts (a path) go in the `host` query parameter, as sqlx expects.
+    """
+    params = {k: str(v) for k, v in conninfo_to_dict(conninfo).items() if v is not None}
+    user = params.get("user", "")
+    password = params.get("password")
+    host = params.get("host", "")
+    port = params.get("port")
+    dbname = params.get("dbname", "")
+    query: dict[str, str] = {k: params[k] for k in _PASSTHROUGH if k in params}
+
+    auth = quote(user, safe="")
+    if password is not None:
+        auth += ":" + quote(password, safe="")
+    if auth:
+        auth += "@"
+    netloc = ""
+    if host.startswith("/"):
+        query["host"] = host
+        if port:
+            query["port"] = port
+    elif host:
+        netloc = f"[{host}]" if ":" in host else host
+        if port:
+            netloc += f":{port}"
+    url = f"postgresql://{auth}{netloc}/{quote(dbname, safe='')}"
+    if query:
+        url += "?" + urlencode(query)
+    return url

@@ -1,0 +1,77 @@
+"""Type stub of the Rust extension `commandbus._native` (rust/py)."""
+
+from collections.abc import Awaitable
+from uuid import UUID
+
+__version__: str
+
+# (msg_id, attempt, max_attempts, command_id, command_type, data_json, correlation_id,
+#  reply_to, batch_id, created_at_us)
+ClaimedTuple = tuple[
+    int, int, int, UUID, str, str, UUID | None, str | None, UUID | None, int
+]
+
+def migrations() -> list[tuple[int, str, str]]: ...
+def statements() -> list[tuple[str, str]]: ...
+
+class NativeBus:
+    def __init__(self, dsn: str, max_connections: int = 10) -> None: ...
+    def send(
+        self,
+        domain: str,
+        command_ids: list[UUID],
+        command_types: list[str],
+        data: list[str],
+        correlation_ids: list[UUID | None],
+        reply_tos: list[str | None],
+        max_attempts: list[int | None],
+        batch_ids: list[UUID | None],
+    ) -> Awaitable[list[tuple[UUID, int, UUID]]]: ...
+    def ensure_queue(self, queue: str) -> Awaitable[bool]: ...
+    def close(self) -> Awaitable[None]: ...
+
+class NativeWorker:
+    def __init__(
+        self,
+        dsn: str,
+        domain: str,
+        visibility_timeout: int = 30,
+        default_max_attempts: int = 3,
+        use_notify: bool = True,
+        poll_interval: float = 1.0,
+        max_flush: int = 1000,
+        auto_extend: bool = False,
+        max_connections: int = 4,
+    ) -> None: ...
+    def start(self) -> Awaitable[None]: ...
+    def next_batch(self, max: int) -> Awaitable[list[ClaimedTuple]]: ...
+    def receive(self, max: int, visibility_timeout: int) -> Awaitable[list[ClaimedTuple]]: ...
+    def report(
+        self,
+        msg_id: int,
+        attempt: int,
+        kind: str,
+        result: str | None = None,
+        error_type: str | None = None,
+        error_code: str | None = None,
+        error_msg: str | None = None,
+        error_details: str | None = None,
+        backoff: int = 0,
+    ) -> bool: ...
+    def finish_now(
+        self,
+        msg_id: int,
+        attempt: int,
+        kind: str,
+        result: str | None = None,
+        error_type: str | None = None,
+        error_code: str | None = None,
+        error_msg: str | None = None,
+        error_details: str | None = None,
+        backoff: int = 0,
+    ) -> Awaitable[bool]: ...
+    def extend(self, msg_id: int, attempt: int, seconds: int) -> Awaitable[bool]: ...
+    def flush(self) -> Awaitable[None]: ...
+    def stop_claiming(self) -> None: ...
+    def shutdown(self) -> Awaitable[int]: ...
+    def stats(self) -> dict[str, int | str | None]: ...

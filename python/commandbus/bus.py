@@ -1,0 +1,323 @@
+"""CommandBus: send commands (Rust path, or the caller's psycopg connection) and query them."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import psycopg
+from psycopg import AsyncConnection, AsyncRawCursor
+from psycopg_pool import AsyncConnectionPool
+
+from commandbus import _native, _sql
+from commandbus._dsn import native_dsn
+from commandbus._errors import map_psycopg_error
+from commandbus._validation import (
+    DEFAULT_MAX_PAYLOAD_BYTES,
+    encode_json,
+    validate_command_type,
+    validate_data,
+    validate_domain,
+    validate_max_attempts,
+    validate_queue_name,
+    validate_uuid,
+)
+from commandbus.exceptions import DuplicateCommandError, ValidationError
+from commandbus.models import (
+    AuditEvent,
+    BatchSendResult,
+    CommandMetadata,
+    CommandStatus,
+    SendRequest,
+    SendResult,
+)
+from commandbus.policies import DEFAULT_RETRY_POLICY
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BATCH_CHUNK_SIZE = 1_000
+
+ProgressCallback = Callable[[int, int], None]
+
+
+class _Columns:
+    """The validated commands of one domain as the columns `send_commands_v1` takes."""
+
+    __slots__ = (
+        "batch_ids",
+        "command_ids",
+        "command_types",
+        "correlation_ids",
+        "data",
+        "max_attempts",
+        "reply_tos",
+    )
+
+    def __init__(self) -> None:
+        self.command_ids: list[UUID] = []
+        self.command_types: list[str] = []
+        self.data: list[str] = []
+        self.correlation_ids: list[UUID | None] = []
+        self.reply_tos: list[str | None] = []
+        self.max_attempts: list[int | None] = []
+        self.batch_ids: list[UUID | None] = []
+
+    def as_args(self) -> tuple[Any, ...]:
+        return (
+            self.command_ids,
+            self.command_types,
+            self.data,
+            self.correlation_ids,
+            self.reply_tos,
+            self.max_attempts,
+            self.batch_ids,
+        )
+
+
+def _row_to_metadata(row: Sequence[Any]) -> CommandMetadata:
+    (domain, command_id, command_type, status, attempts, max_attempts, msg_id, correlation_id,
+     reply_to, etype, ecode, emsg, created_at, updated_at, batch_id, result) = row  # fmt: skip
+    return CommandMetadata(
+        domain=domain,
+        command_id=command_id,
+        command_type=command_type,
+        status=CommandStatus(status),
+        attempts=attempts,
+        max_attempts=max_attempts if max_attempts is not None else DEFAULT_RETRY_POLICY.max_attempts,
+        msg_id=msg_id,
+        correlation_id=correlation_id,
+        reply_to=reply_to,
+        last_error_type=etype,
+        last_error_code=ecode,
+        last_error_msg=emsg,
+        created_at=created_at,
+        updated_at=updated_at,
+        batch_id=batch_id,
+        result=result,
+    )
+
+
+class CommandBus:
+    """Sends commands and answers questions about them.
+
+    `send` and `send_batch` go through the Rust engine, which connects with the pool's
+    conninfo. With `conn=` they run the same SQL on the caller's psycopg connection instead,
+    inside the caller's transaction, so the command commits or rolls back with the caller's
+    business rows.
+
+    Example:
+        bus = CommandBus(pool)
+        await bus.send("orders", "CreateOrder", uuid4(), {"sku": "A1"})
+    """
+
+    def __init__(
+        self,
+        pool: AsyncConnectionPool[Any],
+        default_max_attempts: int | None = None,
+        *,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        native_max_connections: int = 10,
+    ) -> None:
+        """Args:
+        pool: the psycopg async pool (queries, and the conninfo the engine connects with).
+        default_max_attempts: stored on commands sent without `max_attempts`; None leaves the
+            choice to the worker's RetryPolicy.
+        max_payload_bytes: largest encoded `data` accepted (PayloadTooLargeError above it).
+        native_max_connections: size of the Rust engine's own pool.
+        """
+        self._pool = pool
+        self._default_max_attempts = validate_max_attempts(default_max_attempts)
+        self._max_payload_bytes = max_payload_bytes
+        self._native = _native.NativeBus(native_dsn(pool.conninfo), native_max_connections)
+
+    @property
+    def pool(self) -> AsyncConnectionPool[Any]:
+        return self._pool
+
+    async def close(self) -> None:
+        """Close the Rust engine's connections (the caller's pool stays open)."""
+        await self._native.close()
+
+    # -- sending -------------------------------------------------------------------------
+
+    def _add(self, cols: _Columns, req: SendRequest) -> None:
+        cols.command_ids.append(validate_uuid(req.command_id, "command_id"))
+        cols.command_types.append(validate_command_type(req.command_type))
+        cols.data.append(
+            encode_json(validate_data(req.data), "data", self._max_payload_bytes)
+        )
+        cols.correlation_ids.append(
+            None if req.correlation_id is None else validate_uuid(req.correlation_id, "correlation_id")
+        )
+        cols.reply_tos.append(None if req.reply_to is None else validate_queue_name(req.reply_to))
+        ma = validate_max_attempts(req.max_attempts)
+        cols.max_attempts.append(ma if ma is not None else self._default_max_attempts)
+        cols.batch_ids.append(None if req.batch_id is None else validate_uuid(req.batch_id, "batch_id"))
+
+    async def _send_columns(
+        self, domain: str, cols: _Columns, conn: AsyncConnection[Any] | None
+    ) -> list[tuple[UUID, int, UUID]]:
+        if conn is None:
+            return await self._native.send(domain, *cols.as_args())
+        params = [
+            domain,
+            cols.command_ids,
+            cols.command_types,
+            cols.data,
+            cols.correlation_ids,
+            cols.reply_tos,
+            cols.max_attempts,
+            cols.batch_ids,
+        ]
+        try:
+            async with AsyncRawCursor(conn) as cur:
+                await cur.execute(_sql.statement("send_commands"), params)
+                rows = await cur.fetchall()
+        except psycopg.Error as err:
+            raise map_psycopg_error(err, domain) from err
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    async def send(
+        self,
+        domain: str,
+        command_type: str,
+        command_id: UUID,
+        data: dict[str, Any],
+        correlation_id: UUID | None = None,
+        reply_to: str | None = None,
+        max_attempts: int | None = None,
+        batch_id: UUID | None = None,
+        conn: AsyncConnection[Any] | None = None,
+    ) -> SendResult:
+        """Send one command to `{domain}__commands`.
+
+        Raises:
+            ValidationError: bad domain, command type, ids, reply queue or data (nothing written).
+            DuplicateCommandError: `command_id` already exists in the domain.
+            BatchNotFoundError: `batch_id` names no batch of the domain.
+        """
+        validate_domain(domain)
+        cols = _Columns()
+        self._add(
+            cols,
+            SendRequest(
+                domain=domain,
+                command_type=command_type,
+                command_id=command_id,
+                data=data,
+                correlation_id=correlation_id,
+                reply_to=reply_to,
+                max_attempts=max_attempts,
+                batch_id=batch_id,
+            ),
+        )
+        rows = await self._send_columns(domain, cols, conn)
+        return SendResult(command_id=rows[0][0], msg_id=rows[0][1])
+
+    async def send_batch(
+        self,
+        requests: Sequence[SendRequest],
+        chunk_size: int = DEFAULT_BATCH_CHUNK_SIZE,
+        conn: AsyncConnection[Any] | None = None,
+        *,
+        on_progress: ProgressCallback | None = None,
+    ) -> BatchSendResult:
+        """Send many commands, one atomic call per chunk and domain.
+
+        Every request is validated before anything is written. Results keep the order of
+        `requests`. `on_progress(sent, total)` is called after each chunk.
+
+        Raises:
+            ValidationError, DuplicateCommandError (also for a repeated id inside `requests`),
+            BatchNotFoundError. Chunks sent before a failing chunk stay sent (unless `conn` is
+            given: then everything is in the caller's transaction).
+        """
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValidationError("chunk_size", chunk_size, "must be an integer >= 1")
+        total = len(requests)
+        if total == 0:
+            return BatchSendResult(results=[], chunks_processed=0, total_commands=0)
+        seen: set[tuple[str, UUID]] = set()
+        for req in requests:
+            validate_domain(req.domain)
+            key = (req.domain, validate_uuid(req.command_id, "command_id"))
+            if key in seen:
+                raise DuplicateCommandError(req.domain, str(req.command_id))
+            seen.add(key)
+        results: list[SendResult] = []
+        chunks = 0
+        for start in range(0, total, chunk_size):
+            chunk = requests[start : start + chunk_size]
+            by_domain: dict[str, _Columns] = {}
+            for req in chunk:
+                self._add(by_domain.setdefault(req.domain, _Columns()), req)
+            sent: dict[tuple[str, UUID], int] = {}
+            for domain, cols in by_domain.items():
+                for cid, msg_id, _corr in await self._send_columns(domain, cols, conn):
+                    sent[(domain, cid)] = msg_id
+            results.extend(
+                SendResult(command_id=r.command_id, msg_id=sent[(r.domain, r.command_id)])
+                for r in chunk
+            )
+            chunks += 1
+            if on_progress is not None:
+                on_progress(len(results), total)
+            logger.debug("send_batch: %d/%d commands sent", len(results), total)
+        return BatchSendResult(results=results, chunks_processed=chunks, total_commands=total)
+
+    # -- queries -------------------------------------------------------------------------
+
+    async def _fetch(self, name: str, params: list[Any]) -> list[tuple[Any, ...]]:
+        try:
+            async with self._pool.connection() as conn, AsyncRawCursor(conn) as cur:
+                await cur.execute(_sql.statement(name), params)
+                return await cur.fetchall()
+        except psycopg.Error as err:
+            raise map_psycopg_error(err) from err
+
+    async def get_command(self, domain: str, command_id: UUID) -> CommandMetadata | None:
+        """Return the command's metadata, or None when it does not exist."""
+        rows = await self._fetch("get_command", [domain, validate_uuid(command_id, "command_id")])
+        return _row_to_metadata(rows[0]) if rows else None
+
+    async def command_exists(self, domain: str, command_id: UUID) -> bool:
+        """Return True when the command exists in the domain."""
+        rows = await self._fetch("command_exists", [domain, validate_uuid(command_id, "command_id")])
+        return bool(rows[0][0])
+
+    async def get_audit_trail(self, command_id: UUID, domain: str | None = None) -> list[AuditEvent]:
+        """Return the command's audit events in chronological order (empty when unknown)."""
+        rows = await self._fetch("audit_trail", [validate_uuid(command_id, "command_id"), domain])
+        return [
+            AuditEvent(
+                audit_id=r[0], domain=r[1], command_id=r[2], event_type=r[3], timestamp=r[4], details=r[5]
+            )
+            for r in rows
+        ]
+
+    async def query_commands(
+        self,
+        status: CommandStatus | None = None,
+        domain: str | None = None,
+        command_type: str | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[CommandMetadata]:
+        """Return commands matching the filters, newest first."""
+        for name, value in (("limit", limit), ("offset", offset)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValidationError(name, value, "must be an integer >= 0")
+        status_text = None if status is None else CommandStatus(status).value
+        rows = await self._fetch(
+            "query_commands",
+            [status_text, domain, command_type, created_after, created_before, limit, offset],
+        )
+        return [_row_to_metadata(r) for r in rows]
+
+
+__all__ = ["DEFAULT_BATCH_CHUNK_SIZE", "CommandBus"]

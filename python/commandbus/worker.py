@@ -1,0 +1,427 @@
+"""Worker: runs handlers for one domain. The Rust engine claims commands, keeps leases and
+applies outcomes in batched flushes; this module only runs the handlers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from psycopg_pool import AsyncConnectionPool
+
+from commandbus import _native
+from commandbus._dsn import native_dsn
+from commandbus._sql import command_queue
+from commandbus._validation import decode_json, encode_json, validate_domain
+from commandbus.exceptions import (
+    BusinessRuleException,
+    HandlerNotFoundError,
+    PermanentCommandError,
+    SerializationError,
+    TransientCommandError,
+    ValidationError,
+)
+from commandbus.handler import HandlerRegistry
+from commandbus.models import Command, CommandMetadata, CommandStatus, HandlerContext
+from commandbus.policies import DEFAULT_RETRY_POLICY, RetryPolicy
+
+logger = logging.getLogger(__name__)
+
+# Results and error details are stored in the command row: keep them bounded.
+_MAX_RESULT_BYTES = 8 * 1_048_576
+
+ClaimedTuple = tuple[int, int, int, Any, str, str, Any, str | None, Any, int]
+
+
+@dataclass
+class ReceivedCommand:
+    """A command claimed from the queue, ready for processing (the step API)."""
+
+    command: Command
+    context: HandlerContext
+    msg_id: int
+    metadata: CommandMetadata
+
+
+class _LeaseExtender:
+    """HandlerContext.extend_visibility: pushes this lease's visibility forward, fenced."""
+
+    __slots__ = ("_attempt", "_msg_id", "_native")
+
+    def __init__(self, native: _native.NativeWorker, msg_id: int, attempt: int) -> None:
+        self._native = native
+        self._msg_id = msg_id
+        self._attempt = attempt
+
+    async def extend(self, seconds: int) -> None:
+        if not await self._native.extend(self._msg_id, self._attempt, int(seconds)):
+            logger.warning(
+                "lease of msg %s (attempt %s) is no longer held: visibility not extended",
+                self._msg_id,
+                self._attempt,
+            )
+
+
+def _details_json(details: dict[str, Any]) -> str | None:
+    if not details:
+        return None
+    try:
+        return orjson.dumps(details, default=repr).decode()
+    except (TypeError, orjson.JSONEncodeError):
+        return orjson.dumps({"repr": repr(details)}).decode()
+
+
+class Worker:
+    """Receives and processes the commands of one domain.
+
+    Example:
+        worker = Worker(pool, domain="orders", registry=registry)
+        await worker.run(concurrency=64)
+    """
+
+    def __init__(
+        self,
+        pool: AsyncConnectionPool[Any],
+        domain: str,
+        registry: HandlerRegistry | None = None,
+        visibility_timeout: int = 30,
+        retry_policy: RetryPolicy | None = None,
+        *,
+        auto_extend_leases: bool = False,
+        max_flush: int = 1000,
+        sync_handler_threads: int | None = None,
+    ) -> None:
+        """Args:
+        pool: the psycopg async pool (its conninfo is what the Rust engine connects with).
+        domain: the domain whose queue `{domain}__commands` this worker drains.
+        registry: handlers; required by `run()`, not by the step API.
+        visibility_timeout: seconds a claimed command stays invisible (its lease).
+        retry_policy: backoff schedule, and max_attempts for commands sent without one.
+        auto_extend_leases: keep extending the leases of running handlers (long handlers).
+        max_flush: most outcomes applied per flush.
+        sync_handler_threads: size of the thread pool for plain `def` handlers
+            (default: min(concurrency, 32)).
+        """
+        self._pool = pool
+        self._domain = validate_domain(domain)
+        self._registry = registry
+        if isinstance(visibility_timeout, bool) or not isinstance(visibility_timeout, int) or visibility_timeout < 1:
+            raise ValidationError("visibility_timeout", visibility_timeout, "must be an integer >= 1 (seconds)")
+        self._visibility_timeout = visibility_timeout
+        self._retry_policy = retry_policy or DEFAULT_RETRY_POLICY
+        self._auto_extend = auto_extend_leases
+        self._max_flush = max_flush
+        self._sync_threads = sync_handler_threads
+        self._queue_name = command_queue(domain)
+        self._dsn = native_dsn(pool.conninfo)
+        self._running = False
+        self._stop_requested = False
+        self._stop_timeout: float | None = None
+        self._stopped = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._native: _native.NativeWorker | None = None
+        self._step_native: _native.NativeWorker | None = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    @property
+    def domain(self) -> str:
+        return self._domain
+
+    @property
+    def queue_name(self) -> str:
+        return self._queue_name
+
+    @property
+    def is_running(self) -> bool:
+        return self._running
+
+    @property
+    def in_flight_count(self) -> int:
+        return len(self._in_flight)
+
+    def stats(self) -> dict[str, int | str | None]:
+        """Counters of the engine of the current (or last) run: claimed, applied, fenced..."""
+        return self._native.stats() if self._native is not None else {}
+
+    def _new_native(self, use_notify: bool, poll_interval: float) -> _native.NativeWorker:
+        return _native.NativeWorker(
+            self._dsn,
+            self._domain,
+            visibility_timeout=self._visibility_timeout,
+            default_max_attempts=self._retry_policy.max_attempts,
+            use_notify=use_notify,
+            poll_interval=poll_interval,
+            max_flush=self._max_flush,
+            auto_extend=self._auto_extend,
+        )
+
+    def _backoff(self, attempt: int) -> int:
+        schedule = self._retry_policy.backoff_schedule
+        if not schedule:
+            return 30
+        return int(schedule[min(max(attempt, 1) - 1, len(schedule) - 1)])
+
+    # -- decoding ------------------------------------------------------------------------
+
+    def _received(self, native: _native.NativeWorker, item: ClaimedTuple) -> ReceivedCommand:
+        (msg_id, attempt, max_attempts, command_id, command_type, data_json, correlation_id,
+         reply_to, batch_id, created_us) = item  # fmt: skip
+        created_at = datetime.fromtimestamp(created_us / 1_000_000, UTC)
+        data = decode_json(data_json)
+        command = Command(
+            domain=self._domain,
+            command_type=command_type,
+            command_id=command_id,
+            data=data if isinstance(data, dict) else {"value": data},
+            correlation_id=correlation_id,
+            reply_to=reply_to,
+            created_at=created_at,
+        )
+        context = HandlerContext(
+            command=command,
+            attempt=attempt,
+            max_attempts=max_attempts,
+            msg_id=msg_id,
+            visibility_extender=_LeaseExtender(native, msg_id, attempt),
+        )
+        metadata = CommandMetadata(
+            domain=self._domain,
+            command_id=command_id,
+            command_type=command_type,
+            status=CommandStatus.IN_PROGRESS,
+            attempts=attempt,
+            max_attempts=max_attempts,
+            msg_id=msg_id,
+            correlation_id=correlation_id,
+            reply_to=reply_to,
+            created_at=created_at,
+            updated_at=datetime.now(UTC),
+            batch_id=batch_id,
+        )
+        return ReceivedCommand(command=command, context=context, msg_id=msg_id, metadata=metadata)
+
+    def _outcome_args(self, error: BaseException, attempt: int) -> tuple[Any, ...]:
+        """(kind, result, error_type, error_code, error_msg, error_details, backoff)."""
+        if isinstance(error, BusinessRuleException):
+            return ("BUSINESS_RULE", None, "BUSINESS_RULE", error.code, error.error_message,
+                    _details_json(error.details), 0)  # fmt: skip
+        if isinstance(error, PermanentCommandError):
+            return ("PERMANENT", None, "PERMANENT", error.code, error.error_message,
+                    _details_json(error.details), 0)  # fmt: skip
+        if isinstance(error, TransientCommandError):
+            return ("TRANSIENT", None, "TRANSIENT", error.code, error.error_message,
+                    _details_json(error.details), self._backoff(attempt))  # fmt: skip
+        return ("TRANSIENT", None, "TRANSIENT", type(error).__name__, str(error), None,
+                self._backoff(attempt))  # fmt: skip
+
+    # -- the run loop --------------------------------------------------------------------
+
+    async def _call_handler(self, received: ReceivedCommand) -> Any:
+        assert self._registry is not None
+        cmd = received.command
+        resolved = self._registry.resolve(cmd.domain, cmd.command_type)
+        if resolved is None:
+            raise HandlerNotFoundError(cmd.domain, cmd.command_type)
+        if resolved.is_async:
+            return await resolved.fn(cmd, received.context)
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(
+                max_workers=self._sync_threads or 8, thread_name_prefix=f"rcmd-{self._domain}"
+            )
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(self._executor, resolved.fn, cmd, received.context)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+    async def _execute(self, native: _native.NativeWorker, item: ClaimedTuple) -> None:
+        msg_id, attempt = item[0], item[1]
+        try:
+            received = self._received(native, item)
+            result = await self._call_handler(received)
+            try:
+                result_json = None if result is None else encode_json(result, "result", _MAX_RESULT_BYTES)
+            except (SerializationError, ValidationError) as exc:
+                raise PermanentCommandError("RESULT_NOT_SERIALIZABLE", str(exc)) from exc
+            native.report(msg_id, attempt, "SUCCESS", result_json)
+        except asyncio.CancelledError:
+            raise  # no outcome: the lease is released at shutdown
+        except (TransientCommandError, PermanentCommandError, BusinessRuleException) as exc:
+            logger.info("command msg_id=%s attempt=%s failed: %s", msg_id, attempt, exc)
+            native.report(msg_id, attempt, *self._outcome_args(exc, attempt))
+        except Exception as exc:
+            logger.exception("handler of msg_id=%s attempt=%s raised", msg_id, attempt)
+            native.report(msg_id, attempt, *self._outcome_args(exc, attempt))
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.discard(task)
+        if not self._wake.is_set():
+            self._wake.set()
+
+    async def run(
+        self,
+        concurrency: int = 1,
+        poll_interval: float = 1.0,
+        use_notify: bool = True,
+        *,
+        handle_signals: bool = False,
+    ) -> None:
+        """Process commands until `stop()` (or SIGTERM/SIGINT with `handle_signals=True`).
+
+        Up to `concurrency` handlers run at once: async handlers as asyncio tasks, plain
+        `def` handlers in a bounded thread pool. NOTIFY wakes the worker when commands arrive;
+        it also polls every `poll_interval` seconds.
+        """
+        if self._registry is None:
+            raise RuntimeError("Cannot run worker without a handler registry")
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ValidationError("concurrency", concurrency, "must be an integer >= 1")
+        if not isinstance(poll_interval, int | float) or poll_interval <= 0:
+            raise ValidationError("poll_interval", poll_interval, "must be a number > 0 (seconds)")
+        if self._running:
+            raise RuntimeError(f"worker for {self._domain} is already running")
+        if self._sync_threads is None:
+            self._sync_threads = min(concurrency, 32)
+        native = self._new_native(use_notify, float(poll_interval))
+        self._native = native
+        self._running = True
+        self._stop_requested = False
+        self._stopped.clear()
+        loop = asyncio.get_running_loop()
+        if handle_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self._request_stop)
+        logger.info("worker for %s starting (concurrency=%d)", self._domain, concurrency)
+        try:
+            await native.start()
+            reported_errors = 0
+            # Claim when half the slots are free (or nothing runs): one claim per many
+            # handlers instead of one per finished handler; each claim is a round trip.
+            low_water = max(1, concurrency // 2)
+            while not self._stop_requested:
+                free = concurrency - len(self._in_flight)
+                if free < low_water and self._in_flight:
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                batch = await native.next_batch(free)
+                for item in batch:
+                    task = asyncio.create_task(self._execute(native, item))
+                    self._in_flight.add(task)
+                    task.add_done_callback(self._task_done)
+                stats = native.stats()
+                errors = int(stats.get("flush_errors") or 0)
+                if errors > reported_errors:
+                    reported_errors = errors
+                    logger.error("worker for %s: outcome flush failed: %s", self._domain, stats.get("last_error"))
+        finally:
+            if handle_signals:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+            await self._shutdown(native)
+
+    def _request_stop(self) -> None:
+        self._stop_requested = True
+        if self._native is not None:
+            self._native.stop_claiming()
+        self._wake.set()
+
+    async def _shutdown(self, native: _native.NativeWorker) -> None:
+        """The stop sequence: stop claiming; let in-flight handlers finish (up to the stop
+        timeout), cancel the rest; flush every outcome; release unreported leases; close."""
+        native.stop_claiming()
+        try:
+            if self._in_flight:
+                _done, pending = await asyncio.wait(set(self._in_flight), timeout=self._stop_timeout)
+                for task in pending:
+                    task.cancel()
+                if pending:
+                    logger.warning("worker for %s: %d handlers cancelled at stop", self._domain, len(pending))
+                    await asyncio.wait(pending)
+            released = await native.shutdown()
+            if released:
+                logger.info("worker for %s released %d unfinished commands", self._domain, released)
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=False, cancel_futures=True)
+                self._executor = None
+            self._running = False
+            self._stopped.set()
+            logger.info("worker for %s stopped", self._domain)
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """Stop gracefully: claim nothing more, wait up to `timeout` seconds for running
+        handlers (None: no limit), apply their outcomes and release what never started.
+        Returns once the worker has stopped."""
+        if not self._running:
+            return
+        self._stop_timeout = timeout
+        self._request_stop()
+        await self._stopped.wait()
+
+    # -- step API (callers that drive the worker by hand) ---------------------------------
+
+    def _step(self) -> _native.NativeWorker:
+        if self._step_native is None:
+            self._step_native = self._new_native(False, 1.0)
+        return self._step_native
+
+    async def receive(
+        self, batch_size: int = 1, visibility_timeout: int | None = None
+    ) -> list[ReceivedCommand]:
+        """Claim up to `batch_size` commands now (no waiting)."""
+        native = self._step()
+        items = await native.receive(batch_size, visibility_timeout or self._visibility_timeout)
+        return [self._received(native, item) for item in items]
+
+    async def _finish(self, received: ReceivedCommand, args: tuple[Any, ...]) -> bool:
+        applied = await self._step().finish_now(received.msg_id, received.context.attempt, *args)
+        if not applied:
+            logger.warning(
+                "outcome for command %s ignored: its lease (msg %s, attempt %s) is no longer held",
+                received.command.command_id,
+                received.msg_id,
+                received.context.attempt,
+            )
+        return applied
+
+    async def complete(self, received: ReceivedCommand, result: dict[str, Any] | None = None) -> None:
+        """Mark the command COMPLETED (result stored, SUCCESS reply where `reply_to` is set)."""
+        result_json = None if result is None else encode_json(result, "result", _MAX_RESULT_BYTES)
+        await self._finish(received, ("SUCCESS", result_json))
+
+    async def fail(
+        self, received: ReceivedCommand, error: Exception, is_transient: bool = True
+    ) -> None:
+        """Record a failure: retry after the backoff, or the TSQ once attempts are used up.
+        With `is_transient=False` the command goes to the TSQ at once."""
+        args = self._outcome_args(error, received.context.attempt)
+        if not is_transient:
+            args = ("PERMANENT", *args[1:6], 0)
+        await self._finish(received, args)
+
+    async def fail_permanent(self, received: ReceivedCommand, error: PermanentCommandError) -> None:
+        """Move the command to the troubleshooting queue."""
+        await self._finish(received, self._outcome_args(error, received.context.attempt))
+
+    async def fail_business_rule(self, received: ReceivedCommand, error: BusinessRuleException) -> None:
+        """Mark the command FAILED (FAILED reply where `reply_to` is set)."""
+        await self._finish(received, self._outcome_args(error, received.context.attempt))
+
+    async def close(self) -> None:
+        """Release the step API's unfinished leases and close its connections."""
+        if self._step_native is not None:
+            with contextlib.suppress(Exception):
+                await self._step_native.shutdown()
+            self._step_native = None
+
+
+__all__ = ["ReceivedCommand", "Worker"]

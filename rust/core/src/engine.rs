@@ -1,0 +1,274 @@
+//! The engine: a sqlx pool and one method per protocol call. Every call is one statement that
+//! runs one versioned SQL function over arrays, so a batch costs one round trip.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
+use sqlx::Row;
+use uuid::Uuid;
+
+use crate::error::{CoreError, CoreResult};
+use crate::outcome::{FinishColumns, Lease, Outcome};
+use crate::sql;
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// `postgresql://` URL (a Unix socket directory goes in `?host=/path`).
+    pub dsn: String,
+    pub max_connections: u32,
+    pub acquire_timeout: Duration,
+    pub application_name: String,
+}
+
+impl EngineConfig {
+    pub fn new(dsn: impl Into<String>) -> Self {
+        EngineConfig {
+            dsn: dsn.into(),
+            max_connections: 10,
+            acquire_timeout: Duration::from_secs(30),
+            application_name: "rcmd".to_owned(),
+        }
+    }
+}
+
+/// Commands of one domain to send in one call, as parallel columns.
+#[derive(Debug, Default, Clone)]
+pub struct SendBatch {
+    pub command_ids: Vec<Uuid>,
+    pub command_types: Vec<String>,
+    /// JSON text of each command's `data`.
+    pub data: Vec<String>,
+    pub correlation_ids: Vec<Option<Uuid>>,
+    pub reply_tos: Vec<Option<String>>,
+    pub max_attempts: Vec<Option<i32>>,
+    pub batch_ids: Vec<Option<Uuid>>,
+}
+
+impl SendBatch {
+    pub fn len(&self) -> usize {
+        self.command_ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.command_ids.is_empty()
+    }
+
+    /// All columns must have one entry per command.
+    pub fn check(&self) -> CoreResult<()> {
+        let n = self.len();
+        let lens = [
+            self.command_types.len(),
+            self.data.len(),
+            self.correlation_ids.len(),
+            self.reply_tos.len(),
+            self.max_attempts.len(),
+            self.batch_ids.len(),
+        ];
+        if lens.iter().any(|&l| l != n) {
+            return Err(CoreError::Invalid { field: "send batch", reason: format!("column lengths differ: {n} ids, {lens:?}") });
+        }
+        Ok(())
+    }
+}
+
+/// A command claimed under a lease, ready for its handler.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub lease: Lease,
+    pub max_attempts: i32,
+    pub command_type: String,
+    /// JSON text of the command's `data`.
+    pub data: String,
+    pub correlation_id: Option<Uuid>,
+    pub reply_to: Option<String>,
+    pub batch_id: Option<Uuid>,
+    pub created_at_us: i64,
+}
+
+impl Claimed {
+    fn from_row(row: &PgRow) -> CoreResult<Self> {
+        Ok(Claimed {
+            lease: Lease {
+                command_id: row.try_get("command_id")?,
+                msg_id: row.try_get("msg_id")?,
+                attempt: row.try_get("attempt")?,
+            },
+            max_attempts: row.try_get("max_attempts")?,
+            command_type: row.try_get("command_type")?,
+            data: row.try_get("data")?,
+            correlation_id: row.try_get("correlation_id")?,
+            reply_to: row.try_get("reply_to")?,
+            batch_id: row.try_get("batch_id")?,
+            created_at_us: row.try_get("created_at_us")?,
+        })
+    }
+}
+
+#[derive(Clone)]
+pub struct Engine {
+    pool: PgPool,
+}
+
+impl Engine {
+    /// Builds the pool without connecting (connections open on first use). Must run inside a
+    /// tokio runtime context.
+    pub fn connect_lazy(cfg: &EngineConfig) -> CoreResult<Self> {
+        let opts = PgConnectOptions::from_str(&cfg.dsn)
+            .map_err(|e| CoreError::Invalid { field: "dsn", reason: e.to_string() })?
+            .application_name(&cfg.application_name);
+        let pool = PgPoolOptions::new()
+            .max_connections(cfg.max_connections.max(1))
+            .acquire_timeout(cfg.acquire_timeout)
+            .connect_lazy_with(opts);
+        Ok(Engine { pool })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    pub async fn ensure_queue(&self, queue: &str) -> CoreResult<bool> {
+        let row = sqlx::query(sql::ENSURE_QUEUE).bind(queue).fetch_one(&self.pool).await?;
+        Ok(row.try_get("created")?)
+    }
+
+    /// ANALYZEs the command table if it never was (see `refresh_statistics_v1`).
+    pub async fn refresh_statistics(&self) -> CoreResult<bool> {
+        let row = sqlx::query(sql::REFRESH_STATISTICS).fetch_one(&self.pool).await?;
+        Ok(row.try_get("analyzed")?)
+    }
+
+    /// Sends the commands of one domain atomically; returns (command_id, msg_id, correlation_id).
+    pub async fn send(&self, domain: &str, batch: SendBatch) -> CoreResult<Vec<(Uuid, i64, Uuid)>> {
+        batch.check()?;
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = sqlx::query(sql::SEND_COMMANDS)
+            .bind(domain)
+            .bind(batch.command_ids)
+            .bind(batch.command_types)
+            .bind(batch.data)
+            .bind(batch.correlation_ids)
+            .bind(batch.reply_tos)
+            .bind(batch.max_attempts)
+            .bind(batch.batch_ids)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("command_id")?, r.try_get("msg_id")?, r.try_get("correlation_id")?)))
+            .collect()
+    }
+
+    /// Claims up to `qty` commands for `vt` seconds.
+    pub async fn claim(&self, domain: &str, vt: i32, qty: i32, default_max_attempts: i32) -> CoreResult<Vec<Claimed>> {
+        if qty <= 0 {
+            return Ok(Vec::new());
+        }
+        let rows = sqlx::query(sql::CLAIM_COMMANDS)
+            .bind(domain)
+            .bind(vt)
+            .bind(qty)
+            .bind(default_max_attempts)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(Claimed::from_row).collect()
+    }
+
+    /// Applies outcomes in one transaction; returns the (command_id, new status) of those the
+    /// fence let through.
+    pub async fn finish(&self, domain: &str, outcomes: Vec<Outcome>, default_max_attempts: i32) -> CoreResult<Vec<(Uuid, String)>> {
+        let cols = FinishColumns::from_outcomes(outcomes);
+        if cols.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = sqlx::query(sql::FINISH_COMMANDS)
+            .bind(domain)
+            .bind(cols.command_ids)
+            .bind(cols.msg_ids)
+            .bind(cols.attempts)
+            .bind(cols.outcomes)
+            .bind(cols.results)
+            .bind(cols.error_types)
+            .bind(cols.error_codes)
+            .bind(cols.error_msgs)
+            .bind(cols.error_details)
+            .bind(cols.backoffs)
+            .bind(default_max_attempts)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| Ok((r.try_get("command_id")?, r.try_get("status")?))).collect()
+    }
+
+    fn lease_columns(leases: &[Lease]) -> (Vec<Uuid>, Vec<i64>, Vec<i32>) {
+        (
+            leases.iter().map(|l| l.command_id).collect(),
+            leases.iter().map(|l| l.msg_id).collect(),
+            leases.iter().map(|l| l.attempt).collect(),
+        )
+    }
+
+    /// Pushes the visibility of still-held leases `seconds` into the future.
+    pub async fn extend(&self, domain: &str, leases: &[Lease], seconds: i32) -> CoreResult<i32> {
+        if leases.is_empty() {
+            return Ok(0);
+        }
+        let (ids, msgs, atts) = Self::lease_columns(leases);
+        let row = sqlx::query(sql::EXTEND_LEASES)
+            .bind(domain)
+            .bind(ids)
+            .bind(msgs)
+            .bind(atts)
+            .bind(seconds)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get("extended")?)
+    }
+
+    /// Gives unstarted leases back: attempt undone, message visible at once.
+    pub async fn release(&self, domain: &str, leases: &[Lease]) -> CoreResult<i32> {
+        if leases.is_empty() {
+            return Ok(0);
+        }
+        let (ids, msgs, atts) = Self::lease_columns(leases);
+        let row = sqlx::query(sql::RELEASE_COMMANDS)
+            .bind(domain)
+            .bind(ids)
+            .bind(msgs)
+            .bind(atts)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get("released")?)
+    }
+
+    pub async fn listener(&self, channel: &str) -> CoreResult<PgListener> {
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        listener.listen(channel).await?;
+        Ok(listener)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn send_batch_checks_column_lengths() {
+        let mut b = SendBatch::default();
+        assert!(b.check().is_ok());
+        b.command_ids.push(Uuid::nil());
+        assert!(b.check().is_err());
+        b.command_types.push("T".into());
+        b.data.push("{}".into());
+        b.correlation_ids.push(None);
+        b.reply_tos.push(None);
+        b.max_attempts.push(None);
+        b.batch_ids.push(None);
+        assert!(b.check().is_ok());
+    }
+}

@@ -1,0 +1,14 @@
+//! rcmd core: the engine of the command bus, with no PyO3 in it (this crate boundary is the GIL
+//! boundary). Everything here talks to PostgreSQL + PGMQ through the versioned SQL functions in
+//! `sql/`, one call per batch.
+
+pub mod engine;
+pub mod error;
+pub mod outcome;
+pub mod sql;
+pub mod worker;
+
+pub use engine::{Claimed, Engine, EngineConfig, SendBatch};
+pub use error::{CoreError, CoreResult};
+pub use outcome::{Lease, Outcome, OutcomeKind};
+pub use worker::{WorkerConfig, WorkerCore, WorkerStats};

@@ -1,0 +1,1 @@
+SELECT commandbus.ensure_queue_v1($1::text) AS created

@@ -1,0 +1,1 @@
+SELECT commandbus.refresh_statistics_v1() AS analyzed
