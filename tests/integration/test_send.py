@@ -1,0 +1,252 @@
+"""Sending: the Rust path, the caller's-transaction path, duplicates, validation, queries."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import uuid4
+
+import psycopg
+import pytest
+from psycopg_pool import AsyncConnectionPool
+
+from commandbus import (
+    BatchNotFoundError,
+    CommandBus,
+    CommandStatus,
+    DuplicateCommandError,
+    InvalidNameError,
+    PayloadTooLargeError,
+    SendRequest,
+    SerializationError,
+    ValidationError,
+)
+from commandbus.exceptions import PostgresError
+
+from itest_helpers import events, fetch, queue_depth, read_queue
+
+
+async def test_send_writes_command_message_and_audit(pool: AsyncConnectionPool[Any]) -> None:
+    bus = CommandBus(pool)
+    cid, corr = uuid4(), uuid4()
+    result = await bus.send(
+        "orders", "CreateOrder", cid, {"sku": "A1", "n": 2}, correlation_id=corr,
+        reply_to="orders__replies", max_attempts=5,
+    )  # fmt: skip
+    assert result.command_id == cid and result.msg_id > 0
+
+    meta = await bus.get_command("orders", cid)
+    assert meta is not None
+    assert meta.status == CommandStatus.PENDING
+    assert (meta.attempts, meta.max_attempts, meta.msg_id) == (0, 5, result.msg_id)
+    assert meta.correlation_id == corr and meta.reply_to == "orders__replies"
+    assert await bus.command_exists("orders", cid)
+    assert not await bus.command_exists("orders", uuid4())
+    assert await bus.get_command("orders", uuid4()) is None
+
+    # The queue message keeps the predecessor's keys; the correlation id is the same value
+    # in the row, the message and (later) the reply.
+    [message] = await read_queue(pool, "orders__commands")
+    assert message == {
+        "domain": "orders",
+        "command_type": "CreateOrder",
+        "command_id": str(cid),
+        "correlation_id": str(corr),
+        "reply_to": "orders__replies",
+        "data": {"sku": "A1", "n": 2},
+    }
+    trail = await bus.get_audit_trail(cid)
+    assert [e.event_type for e in trail] == ["SENT"]
+    assert trail[0].details is not None
+    assert trail[0].details["msg_id"] == result.msg_id
+    assert trail[0].details["correlation_id"] == str(corr)
+    # The reply queue was created on demand.
+    assert await fetch(pool, "SELECT 1 FROM pgmq.meta WHERE queue_name = 'orders__replies'")
+
+
+async def test_correlation_id_is_generated_when_absent(pool: AsyncConnectionPool[Any]) -> None:
+    bus = CommandBus(pool)
+    cid = uuid4()
+    await bus.send("orders", "X", cid, {})
+    meta = await bus.get_command("orders", cid)
+    assert meta is not None and meta.correlation_id is not None
+    [message] = await read_queue(pool, "orders__commands")
+    assert message["correlation_id"] == str(meta.correlation_id)
+    assert "reply_to" not in message
+
+
+async def test_send_on_callers_connection_commits_with_business_rows(
+    pool: AsyncConnectionPool[Any],
+) -> None:
+    bus = CommandBus(pool)
+    async with pool.connection() as conn:
+        await conn.execute("CREATE TABLE orders_biz (id uuid primary key)")
+    cid = uuid4()
+    async with pool.connection() as conn, conn.transaction():
+        await conn.execute("INSERT INTO orders_biz VALUES (%s)", (cid,))
+        await bus.send("orders", "CreateOrder", cid, {"a": 1}, conn=conn)
+        # Not visible outside the caller's transaction yet.
+        assert not await bus.command_exists("orders", cid)
+    assert await bus.command_exists("orders", cid)
+    assert await fetch(pool, "SELECT id FROM orders_biz") == [(cid,)]
+    assert await queue_depth(pool, "orders__commands") == 1
+    assert await events(pool, cid) == ["SENT"]
+
+
+async def test_send_on_callers_connection_rolls_back_with_business_rows(
+    pool: AsyncConnectionPool[Any],
+) -> None:
+    bus = CommandBus(pool)
+    await bus.send("orders", "Warmup", uuid4(), {})  # the queue exists; its message stays
+    async with pool.connection() as conn:
+        await conn.execute("CREATE TABLE orders_biz (id uuid primary key)")
+    cid = uuid4()
+    with pytest.raises(RuntimeError, match="business failure"):
+        async with pool.connection() as conn, conn.transaction():
+            await conn.execute("INSERT INTO orders_biz VALUES (%s)", (cid,))
+            await bus.send("orders", "CreateOrder", cid, {"a": 1}, conn=conn)
+            raise RuntimeError("business failure")
+    assert not await bus.command_exists("orders", cid)
+    assert await fetch(pool, "SELECT id FROM orders_biz") == []
+    assert await queue_depth(pool, "orders__commands") == 1
+    assert await events(pool, cid) == []
+
+
+@pytest.mark.parametrize("on_conn", [False, True], ids=["rust", "psycopg"])
+async def test_duplicate_command_id_raises_typed_error(
+    pool: AsyncConnectionPool[Any], on_conn: bool
+) -> None:
+    bus = CommandBus(pool)
+    cid = uuid4()
+    await bus.send("orders", "A", cid, {})
+    with pytest.raises(DuplicateCommandError) as info:
+        if on_conn:
+            async with pool.connection() as conn, conn.transaction():
+                await bus.send("orders", "A", cid, {}, conn=conn)
+        else:
+            await bus.send("orders", "A", cid, {})
+    assert info.value.command_id == str(cid) and info.value.domain == "orders"
+    cause = info.value.__cause__
+    if on_conn:
+        assert isinstance(cause, psycopg.Error) and cause.sqlstate == "CB001"
+    else:
+        assert isinstance(cause, PostgresError) and cause.sqlstate == "CB001"
+    # Nothing of the failed send remains: one message, one SENT row.
+    assert await queue_depth(pool, "orders__commands") == 1
+    assert await events(pool, cid) == ["SENT"]
+    # The same id in another domain is a different command.
+    await bus.send("billing", "A", cid, {})
+
+
+async def test_duplicate_under_concurrent_race(pool: AsyncConnectionPool[Any]) -> None:
+    """Two transactions send the same id at once: one wins, the other gets the typed error."""
+    bus = CommandBus(pool)
+    await bus.send("orders", "Warmup", uuid4(), {})
+    cid = uuid4()
+    first_inserted = asyncio.Event()
+
+    async def first() -> None:
+        async with pool.connection() as conn, conn.transaction():
+            await bus.send("orders", "A", cid, {"who": 1}, conn=conn)
+            first_inserted.set()
+            await asyncio.sleep(0.5)  # hold the row uncommitted while the other tries
+
+    async def second() -> None:
+        await first_inserted.wait()
+        await bus.send("orders", "A", cid, {"who": 2})  # blocks on the first, then conflicts
+
+    results = await asyncio.gather(first(), second(), return_exceptions=True)
+    assert results[0] is None
+    assert isinstance(results[1], DuplicateCommandError)
+    assert await events(pool, cid) == ["SENT"]
+    assert await queue_depth(pool, "orders__commands") == 2
+
+
+async def test_send_batch_keeps_order_chunks_and_rejects_inner_duplicates(
+    pool: AsyncConnectionPool[Any],
+) -> None:
+    bus = CommandBus(pool)
+    requests = [
+        SendRequest(domain="orders" if i % 3 else "billing", command_type="T", command_id=uuid4(), data={"i": i})
+        for i in range(25)
+    ]
+    progress: list[tuple[int, int]] = []
+    result = await bus.send_batch(requests, chunk_size=10, on_progress=lambda s, t: progress.append((s, t)))
+    assert result.total_commands == 25 and result.chunks_processed == 3
+    assert [r.command_id for r in result.results] == [r.command_id for r in requests]
+    assert progress == [(10, 25), (20, 25), (25, 25)]
+    assert await queue_depth(pool, "orders__commands") + await queue_depth(pool, "billing__commands") == 25
+
+    dup = uuid4()
+    with pytest.raises(DuplicateCommandError):
+        await bus.send_batch([SendRequest("orders", "T", dup, {}), SendRequest("orders", "T", dup, {})])
+    assert not await bus.command_exists("orders", dup)
+    with pytest.raises(DuplicateCommandError):  # against a stored command: chunk rolled back
+        await bus.send_batch([SendRequest("orders", "T", uuid4(), {}), requests[1]])
+    assert (await bus.send_batch([])).total_commands == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "field"),
+    [
+        ({"domain": "Bad-Domain"}, InvalidNameError, "domain"),
+        ({"domain": "a__b"}, InvalidNameError, "domain"),
+        ({"domain": "x" * 40}, InvalidNameError, "domain"),
+        ({"reply_to": "no such queue"}, InvalidNameError, "reply_to"),
+        ({"command_type": ""}, ValidationError, "command_type"),
+        ({"data": {"when": object()}}, SerializationError, "data"),
+        ({"data": {"blob": "x" * 2_000_000}}, PayloadTooLargeError, "data"),
+        ({"data": ["not", "a", "dict"]}, ValidationError, "data"),
+        ({"max_attempts": 0}, ValidationError, "max_attempts"),
+        ({"command_id": "not-a-uuid"}, ValidationError, "command_id"),
+    ],
+)
+async def test_bad_input_raises_before_anything_is_written(
+    pool: AsyncConnectionPool[Any], kwargs: dict[str, Any], error: type[Exception], field: str
+) -> None:
+    bus = CommandBus(pool)
+    args: dict[str, Any] = {"domain": "orders", "command_type": "T", "command_id": uuid4(), "data": {}}
+    args.update(kwargs)
+    with pytest.raises(error) as info:
+        await bus.send(**args)
+    assert isinstance(info.value, ValidationError) and info.value.field == field
+    assert await fetch(pool, "SELECT count(*) FROM commandbus.command") == [(0,)]
+    assert await fetch(pool, "SELECT count(*) FROM commandbus.audit") == [(0,)]
+
+
+async def test_unknown_batch_id_raises_batch_not_found(pool: AsyncConnectionPool[Any]) -> None:
+    bus = CommandBus(pool)
+    batch_id = uuid4()
+    with pytest.raises(BatchNotFoundError) as info:
+        await bus.send("orders", "T", uuid4(), {}, batch_id=batch_id)
+    assert info.value.batch_id == str(batch_id)
+    async with pool.connection() as conn:
+        await conn.execute(
+            "INSERT INTO commandbus.batch (domain, batch_id, total_count) VALUES ('orders', %s, 1)",
+            (batch_id,),
+        )
+    cid = uuid4()
+    await bus.send("orders", "T", cid, {}, batch_id=batch_id)
+    meta = await bus.get_command("orders", cid)
+    assert meta is not None and meta.batch_id == batch_id
+
+
+async def test_query_commands_filters_and_pages(pool: AsyncConnectionPool[Any]) -> None:
+    bus = CommandBus(pool)
+    ids = [uuid4() for _ in range(5)]
+    for i, cid in enumerate(ids):
+        await bus.send("orders" if i < 4 else "billing", "A" if i % 2 else "B", cid, {})
+    assert len(await bus.query_commands(domain="orders")) == 4
+    assert len(await bus.query_commands(domain="orders", command_type="A")) == 2
+    assert len(await bus.query_commands(status=CommandStatus.PENDING)) == 5
+    assert await bus.query_commands(status=CommandStatus.COMPLETED) == []
+    page1 = await bus.query_commands(limit=3, offset=0)
+    page2 = await bus.query_commands(limit=3, offset=3)
+    assert len(page1) == 3 and len(page2) == 2
+    assert {m.command_id for m in page1 + page2} == set(ids)
+    future = datetime.now(UTC) + timedelta(hours=1)
+    assert await bus.query_commands(created_after=future) == []
+    assert len(await bus.query_commands(created_before=future)) == 5
+    with pytest.raises(ValidationError):
+        await bus.query_commands(limit=-1)

@@ -1,0 +1,391 @@
+"""Working: outcomes, retries, TSQ, fencing, poison guard, malformed messages, leases, stop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+from uuid import UUID, uuid4
+
+import pytest
+from psycopg_pool import AsyncConnectionPool
+
+from commandbus import (
+    BusinessRuleException,
+    Command,
+    CommandBus,
+    HandlerContext,
+    HandlerRegistry,
+    PermanentCommandError,
+    RetryPolicy,
+    TransientCommandError,
+    Worker,
+)
+from itest_helpers import events, fetch, queue_depth, read_queue, status_of, wait_until
+
+FAST = RetryPolicy(max_attempts=3, backoff_schedule=[0])
+
+
+@asynccontextmanager
+async def running(worker: Worker, concurrency: int = 8, **kw: Any) -> AsyncIterator[asyncio.Task[None]]:
+    task = asyncio.create_task(worker.run(concurrency=concurrency, poll_interval=0.05, **kw))
+    try:
+        yield task
+    finally:
+        await worker.stop(timeout=5)
+        await task
+
+
+async def wait_status(pool: AsyncConnectionPool[Any], domain: str, cid: UUID, status: str) -> None:
+    async def check() -> bool:
+        return await status_of(pool, domain, cid) == status
+
+    await wait_until(check)
+
+
+async def test_outcomes_status_result_audit_and_replies(pool: AsyncConnectionPool[Any]) -> None:
+    registry = HandlerRegistry()
+
+    @registry.handler("orders", "Ok")
+    async def ok(cmd: Command, ctx: HandlerContext) -> dict[str, Any]:
+        return {"echo": cmd.data["v"], "attempt": ctx.attempt}
+
+    @registry.handler("orders", "Rule")
+    async def rule(cmd: Command, ctx: HandlerContext) -> None:
+        raise BusinessRuleException("ACCOUNT_CLOSED", "account is closed", {"account": 7})
+
+    @registry.handler("orders", "Perm")
+    async def perm(cmd: Command, ctx: HandlerContext) -> None:
+        raise PermanentCommandError("DECLINED", "card declined", {"card": "x"})
+
+    bus = CommandBus(pool)
+    ids = {name: uuid4() for name in ("Ok", "Rule", "Perm")}
+    corr = {name: uuid4() for name in ids}
+    for name, cid in ids.items():
+        await bus.send("orders", name, cid, {"v": name}, correlation_id=corr[name], reply_to="orders__replies")
+    async with running(Worker(pool, "orders", registry, retry_policy=FAST)):
+        await wait_status(pool, "orders", ids["Ok"], "COMPLETED")
+        await wait_status(pool, "orders", ids["Rule"], "FAILED")
+        await wait_status(pool, "orders", ids["Perm"], "IN_TROUBLESHOOTING_QUEUE")
+
+    ok_meta = await bus.get_command("orders", ids["Ok"])
+    assert ok_meta is not None and ok_meta.result == {"echo": "Ok", "attempt": 1}
+    rule_meta = await bus.get_command("orders", ids["Rule"])
+    assert rule_meta is not None
+    assert (rule_meta.last_error_type, rule_meta.last_error_code) == ("BUSINESS_RULE", "ACCOUNT_CLOSED")
+    perm_meta = await bus.get_command("orders", ids["Perm"])
+    assert perm_meta is not None
+    assert (perm_meta.last_error_type, perm_meta.last_error_code, perm_meta.last_error_msg) == (
+        "PERMANENT", "DECLINED", "card declined")  # fmt: skip
+
+    assert await events(pool, ids["Ok"]) == ["SENT", "RECEIVED", "COMPLETED"]
+    assert await events(pool, ids["Rule"]) == ["SENT", "RECEIVED", "BUSINESS_RULE_FAILED"]
+    assert await events(pool, ids["Perm"]) == ["SENT", "RECEIVED", "MOVED_TO_TSQ"]
+    [(details,)] = await fetch(
+        pool, "SELECT details_json FROM commandbus.audit WHERE command_id = %s AND event_type = 'MOVED_TO_TSQ'",
+        ids["Perm"],
+    )  # fmt: skip
+    assert details["error_code"] == "DECLINED" and details["error_details"] == {"card": "x"}
+
+    replies = {r["command_id"]: r for r in await read_queue(pool, "orders__replies")}
+    assert set(replies) == {str(ids["Ok"]), str(ids["Rule"])}  # no reply for a TSQ move
+    assert replies[str(ids["Ok"])] == {
+        "command_id": str(ids["Ok"]), "correlation_id": str(corr["Ok"]), "outcome": "SUCCESS",
+        "result": {"echo": "Ok", "attempt": 1},
+    }  # fmt: skip
+    failed = replies[str(ids["Rule"])]
+    assert failed["outcome"] == "FAILED" and failed["correlation_id"] == str(corr["Rule"])
+    assert failed["result"]["error_code"] == "ACCOUNT_CLOSED"
+    # Completed messages are deleted; TSQ and FAILED ones archived; nothing is left to claim.
+    assert await queue_depth(pool, "orders__commands") == 0
+    assert await fetch(pool, "SELECT count(*) FROM pgmq.a_orders__commands") == [(2,)]
+
+
+async def test_transient_failures_retry_then_exhaust_to_tsq(pool: AsyncConnectionPool[Any]) -> None:
+    registry = HandlerRegistry()
+    calls: dict[str, int] = {}
+
+    @registry.handler("orders", "Flaky")
+    async def flaky(cmd: Command, ctx: HandlerContext) -> dict[str, int]:
+        calls[cmd.data["name"]] = calls.get(cmd.data["name"], 0) + 1
+        if cmd.data["name"] == "recovers" and ctx.attempt == 2:
+            return {"attempt": ctx.attempt}
+        if cmd.data["name"] == "unknown":
+            raise KeyError("boom")  # any exception counts as transient
+        raise TransientCommandError("TIMEOUT", "gateway timeout")
+
+    bus = CommandBus(pool)
+    always, recovers, own_max, unknown = uuid4(), uuid4(), uuid4(), uuid4()
+    await bus.send("orders", "Flaky", always, {"name": "always"})
+    await bus.send("orders", "Flaky", recovers, {"name": "recovers"})
+    await bus.send("orders", "Flaky", own_max, {"name": "own_max"}, max_attempts=1)
+    await bus.send("orders", "Flaky", unknown, {"name": "unknown"})
+    async with running(Worker(pool, "orders", registry, retry_policy=FAST)):
+        await wait_status(pool, "orders", always, "IN_TROUBLESHOOTING_QUEUE")
+        await wait_status(pool, "orders", recovers, "COMPLETED")
+        await wait_status(pool, "orders", own_max, "IN_TROUBLESHOOTING_QUEUE")
+        await wait_status(pool, "orders", unknown, "IN_TROUBLESHOOTING_QUEUE")
+
+    # The worker's policy (3) applies where the command has no max_attempts; the
+    # command's own max_attempts (1) wins where it has one.
+    assert calls == {"always": 3, "recovers": 2, "own_max": 1, "unknown": 3}
+    assert await events(pool, always) == [
+        "SENT",
+        "RECEIVED", "FAILED", "RETRY_SCHEDULED",
+        "RECEIVED", "FAILED", "RETRY_SCHEDULED",
+        "RECEIVED", "FAILED", "RETRY_EXHAUSTED", "MOVED_TO_TSQ",
+    ]  # fmt: skip
+    [(details,)] = await fetch(
+        pool, "SELECT details_json FROM commandbus.audit WHERE command_id = %s AND event_type = 'MOVED_TO_TSQ'",
+        always,
+    )  # fmt: skip
+    assert details["reason"] == "EXHAUSTED" and details["attempt"] == 3 and details["max_attempts"] == 3
+    meta = await bus.get_command("orders", unknown)
+    assert meta is not None and (meta.last_error_type, meta.last_error_code) == ("TRANSIENT", "KeyError")
+    meta = await bus.get_command("orders", recovers)
+    assert meta is not None and meta.attempts == 2 and meta.result == {"attempt": 2}
+
+
+async def test_backoff_pushes_visibility_forward(pool: AsyncConnectionPool[Any]) -> None:
+    registry = HandlerRegistry()
+
+    @registry.handler("orders", "Slow")
+    async def fail(cmd: Command, ctx: HandlerContext) -> None:
+        raise TransientCommandError("LATER", "try later")
+
+    bus = CommandBus(pool)
+    cid = uuid4()
+    await bus.send("orders", "Slow", cid, {})
+    policy = RetryPolicy(max_attempts=3, backoff_schedule=[40, 80])
+    async with running(Worker(pool, "orders", registry, retry_policy=policy)):
+        await wait_until(lambda: _has_event(pool, cid, "RETRY_SCHEDULED"))
+    [(seconds,)] = await fetch(
+        pool, "SELECT extract(epoch FROM vt - now()) FROM pgmq.q_orders__commands"
+    )
+    assert 30 < seconds <= 40
+    assert await status_of(pool, "orders", cid) == "PENDING"
+
+
+async def _has_event(pool: AsyncConnectionPool[Any], cid: UUID, event: str) -> bool:
+    return event in await events(pool, cid)
+
+
+async def test_completion_is_fenced_by_the_lease(pool: AsyncConnectionPool[Any]) -> None:
+    """A worker whose lease expired cannot complete, reply for, or count the command."""
+    bus = CommandBus(pool)
+    cid = uuid4()
+    await bus.send("orders", "T", cid, {}, reply_to="orders__replies")
+    first, second = Worker(pool, "orders"), Worker(pool, "orders")
+    try:
+        [late] = await first.receive(visibility_timeout=1)
+        await asyncio.sleep(1.3)
+        [current] = await second.receive(visibility_timeout=30)
+        assert (late.context.attempt, current.context.attempt) == (1, 2)
+        await first.complete(late, {"by": "late"})  # ignored: its lease is gone
+        assert await status_of(pool, "orders", cid) == "IN_PROGRESS"
+        await second.complete(current, {"by": "current"})
+        await first.complete(late, {"by": "late"})  # still ignored
+    finally:
+        await first.close()
+        await second.close()
+    meta = await bus.get_command("orders", cid)
+    assert meta is not None and meta.status.value == "COMPLETED" and meta.result == {"by": "current"}
+    assert (await events(pool, cid)).count("COMPLETED") == 1
+    assert len(await read_queue(pool, "orders__replies")) == 1
+
+
+async def test_poison_message_goes_to_tsq_instead_of_cycling(pool: AsyncConnectionPool[Any]) -> None:
+    bus = CommandBus(pool)
+    cid = uuid4()
+    await bus.send("orders", "Crashy", cid, {}, max_attempts=2)
+    worker = Worker(pool, "orders")
+    try:
+        for attempt in (1, 2):  # each claim "dies": no outcome, the lease just expires
+            [received] = await worker.receive(visibility_timeout=1)
+            assert received.context.attempt == attempt
+            await asyncio.sleep(1.2)
+        assert await worker.receive(visibility_timeout=1) == []
+    finally:
+        await worker.close()
+    meta = await bus.get_command("orders", cid)
+    assert meta is not None and meta.status.value == "IN_TROUBLESHOOTING_QUEUE"
+    assert meta.last_error_code == "EXHAUSTED" and meta.attempts == 3
+    assert (await events(pool, cid))[-2:] == ["RETRY_EXHAUSTED", "MOVED_TO_TSQ"]
+    assert await queue_depth(pool, "orders__commands") == 0
+
+
+async def test_malformed_messages_go_to_tsq_without_stalling(pool: AsyncConnectionPool[Any]) -> None:
+    registry = HandlerRegistry()
+
+    @registry.handler("orders", "Good")
+    async def good(cmd: Command, ctx: HandlerContext) -> None:
+        return None
+
+    bus = CommandBus(pool)
+    await bus.send("orders", "Warmup", uuid4(), {})  # creates the queue
+    orphan = uuid4()
+    async with pool.connection() as conn:
+        await conn.execute("SELECT pgmq.send('orders__commands', '{\"hello\": 1}'::jsonb)")
+        await conn.execute(
+            "SELECT pgmq.send('orders__commands', %s::jsonb)",
+            ('{"command_id": "%s", "command_type": "Ghost"}' % orphan,),
+        )
+    good_id = uuid4()
+    await bus.send("orders", "Good", good_id, {})
+    async with running(Worker(pool, "orders", registry, retry_policy=FAST)):
+        await wait_status(pool, "orders", good_id, "COMPLETED")
+        await wait_status(pool, "orders", orphan, "IN_TROUBLESHOOTING_QUEUE")
+    rows = await fetch(
+        pool,
+        "SELECT command_type, last_error_code, last_error_msg FROM commandbus.command "
+        "WHERE last_error_code = 'MALFORMED_MESSAGE' ORDER BY command_type",
+    )
+    assert rows == [
+        ("Ghost", "MALFORMED_MESSAGE", "queue message has no command row"),
+        ("UNKNOWN", "MALFORMED_MESSAGE", "queue message has no valid command_id"),
+    ]
+    assert await queue_depth(pool, "orders__commands") == 1  # only the Warmup, no handler for it
+
+
+async def test_extend_visibility_keeps_the_lease(pool: AsyncConnectionPool[Any]) -> None:
+    registry = HandlerRegistry()
+    extended = asyncio.Event()
+    release = asyncio.Event()
+
+    @registry.handler("orders", "Long")
+    async def long(cmd: Command, ctx: HandlerContext) -> None:
+        await ctx.extend_visibility(60)
+        extended.set()
+        await release.wait()
+
+    bus = CommandBus(pool)
+    cid = uuid4()
+    await bus.send("orders", "Long", cid, {})
+    other = Worker(pool, "orders")
+    try:
+        async with running(Worker(pool, "orders", registry, visibility_timeout=1)):
+            await asyncio.wait_for(extended.wait(), 10)
+            await asyncio.sleep(1.5)  # past the original lease
+            [(seconds,)] = await fetch(pool, "SELECT extract(epoch FROM vt - now()) FROM pgmq.q_orders__commands")
+            assert seconds > 50
+            assert await other.receive(visibility_timeout=30) == []
+            release.set()
+            await wait_status(pool, "orders", cid, "COMPLETED")
+    finally:
+        await other.close()
+    meta = await bus.get_command("orders", cid)
+    assert meta is not None and meta.attempts == 1
+
+
+async def test_stop_finishes_in_flight_and_releases_the_rest(pool: AsyncConnectionPool[Any]) -> None:
+    registry = HandlerRegistry()
+    started = 0
+    gate = asyncio.Event()
+
+    @registry.handler("orders", "Quick")
+    async def quick(cmd: Command, ctx: HandlerContext) -> None:
+        nonlocal started
+        started += 1
+        await asyncio.sleep(0.2)
+
+    @registry.handler("orders", "Stuck")
+    async def stuck(cmd: Command, ctx: HandlerContext) -> None:
+        await gate.wait()
+
+    bus = CommandBus(pool)
+    quick_ids = [uuid4() for _ in range(4)]
+    stuck_ids = [uuid4() for _ in range(2)]
+    for cid in quick_ids:
+        await bus.send("orders", "Quick", cid, {})
+    for cid in stuck_ids:
+        await bus.send("orders", "Stuck", cid, {})
+    worker = Worker(pool, "orders", registry, retry_policy=FAST)
+    task = asyncio.create_task(worker.run(concurrency=8, poll_interval=0.05))
+    await wait_until(lambda: _all_have_event(pool, quick_ids + stuck_ids, "RECEIVED"))
+    await worker.stop(timeout=1.0)  # quick ones finish inside it, stuck ones are cut off
+    await task
+    assert not worker.is_running
+    for cid in quick_ids:  # outcomes applied before stop() returned
+        assert await status_of(pool, "orders", cid) == "COMPLETED"
+    for cid in stuck_ids:  # released: attempt undone, visible again at once
+        meta = await bus.get_command("orders", cid)
+        assert meta is not None and meta.status.value == "PENDING" and meta.attempts == 0
+        assert (await events(pool, cid))[-1] == "RELEASED"
+    [(visible,)] = await fetch(pool, "SELECT count(*) FROM pgmq.q_orders__commands WHERE vt <= clock_timestamp()")
+    assert visible == 2
+
+    gate.set()
+    await asyncio.sleep(0)
+    async with running(Worker(pool, "orders", registry, retry_policy=FAST)):
+        for cid in stuck_ids:
+            await wait_status(pool, "orders", cid, "COMPLETED")
+
+
+async def _all_have_event(pool: AsyncConnectionPool[Any], ids: list[UUID], event: str) -> bool:
+    for cid in ids:
+        if event not in await events(pool, cid):
+            return False
+    return True
+
+
+async def test_sync_handlers_run_in_a_thread_pool(pool: AsyncConnectionPool[Any]) -> None:
+    registry = HandlerRegistry()
+    threads: set[str] = set()
+
+    @registry.handler("orders", "Blocking")
+    def blocking(cmd: Command, ctx: HandlerContext) -> dict[str, Any]:
+        threads.add(threading.current_thread().name)
+        return {"n": cmd.data["n"] * 2}
+
+    bus = CommandBus(pool)
+    ids = [uuid4() for _ in range(6)]
+    for n, cid in enumerate(ids):
+        await bus.send("orders", "Blocking", cid, {"n": n})
+    async with running(Worker(pool, "orders", registry, sync_handler_threads=2)):
+        for cid in ids:
+            await wait_status(pool, "orders", cid, "COMPLETED")
+    assert threads and all(name.startswith("rcmd-orders") for name in threads)
+    assert threading.main_thread().name not in threads
+    meta = await bus.get_command("orders", ids[3])
+    assert meta is not None and meta.result == {"n": 6}
+
+
+async def test_notify_wakes_an_idle_worker(pool: AsyncConnectionPool[Any]) -> None:
+    registry = HandlerRegistry()
+
+    @registry.handler("orders", "Ping")
+    async def ping(cmd: Command, ctx: HandlerContext) -> None:
+        return None
+
+    bus = CommandBus(pool)
+    await bus.send("orders", "Warmup", uuid4(), {})
+    worker = Worker(pool, "orders", registry)
+    task = asyncio.create_task(worker.run(concurrency=2, poll_interval=30.0, use_notify=True))
+    try:
+        await asyncio.sleep(1.0)  # idle: the next poll would be 30 s away
+        cid = uuid4()
+        await bus.send("orders", "Ping", cid, {})
+        await wait_until(lambda: _is_status(pool, cid, "COMPLETED"), timeout=5)
+    finally:
+        await worker.stop(timeout=5)
+        await task
+
+
+async def _is_status(pool: AsyncConnectionPool[Any], cid: UUID, status: str) -> bool:
+    return await status_of(pool, "orders", cid) == status
+
+
+async def test_run_rejects_bad_arguments(pool: AsyncConnectionPool[Any]) -> None:
+    from commandbus import ValidationError
+
+    worker = Worker(pool, "orders", HandlerRegistry())
+    with pytest.raises(ValidationError):
+        await worker.run(concurrency=0)
+    with pytest.raises(ValidationError):
+        await worker.run(concurrency=2, poll_interval=0)
+    with pytest.raises(RuntimeError, match="registry"):
+        await Worker(pool, "orders").run()
+    with pytest.raises(ValidationError):
+        Worker(pool, "orders", visibility_timeout=0)
