@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from urllib.parse import quote, urlencode
 
 from psycopg.conninfo import conninfo_to_dict
@@ -41,3 +42,21 @@ def native_dsn(conninfo: str) -> str:
     if query:
         url += "?" + urlencode(query)
     return url
+
+
+def pool_conninfo(pool: object) -> str:
+    """The conninfo of a psycopg pool (a string, or psycopg_pool's sync callable form)."""
+    from commandbus.exceptions import ValidationError
+
+    conninfo = getattr(pool, "conninfo", None)
+    if callable(conninfo):
+        conninfo = conninfo()
+        if inspect.isawaitable(conninfo):
+            if inspect.iscoroutine(conninfo):
+                conninfo.close()
+            raise ValidationError(
+                "pool", pool, "a conninfo given as an async callable is not supported"
+            )
+    if not isinstance(conninfo, str):
+        raise ValidationError("pool", pool, "must be a psycopg pool with a conninfo string")
+    return conninfo

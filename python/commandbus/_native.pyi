@@ -1,21 +1,25 @@
 """Type stub of the Rust extension `commandbus._native` (rust/py)."""
 
 from collections.abc import Awaitable
+from typing import TypeAlias, final
 from uuid import UUID
+
+__all__ = ["NativeBus", "NativeWorker", "__version__", "migrations", "statements"]
 
 __version__: str
 
 # (msg_id, attempt, max_attempts, command_id, command_type, data_json, correlation_id,
 #  reply_to, batch_id, created_at_us)
-ClaimedTuple = tuple[
+_ClaimedTuple: TypeAlias = tuple[
     int, int, int, UUID, str, str, UUID | None, str | None, UUID | None, int
 ]
 
 def migrations() -> list[tuple[int, str, str]]: ...
 def statements() -> list[tuple[str, str]]: ...
 
+@final
 class NativeBus:
-    def __init__(self, dsn: str, max_connections: int = 10) -> None: ...
+    def __new__(cls, dsn: str, max_connections: int = 10) -> NativeBus: ...
     def send(
         self,
         domain: str,
@@ -30,9 +34,10 @@ class NativeBus:
     def ensure_queue(self, queue: str) -> Awaitable[bool]: ...
     def close(self) -> Awaitable[None]: ...
 
+@final
 class NativeWorker:
-    def __init__(
-        self,
+    def __new__(
+        cls,
         dsn: str,
         domain: str,
         visibility_timeout: int = 30,
@@ -42,10 +47,10 @@ class NativeWorker:
         max_flush: int = 1000,
         auto_extend: bool = False,
         max_connections: int = 4,
-    ) -> None: ...
+    ) -> NativeWorker: ...
     def start(self) -> Awaitable[None]: ...
-    def next_batch(self, max: int) -> Awaitable[list[ClaimedTuple]]: ...
-    def receive(self, max: int, visibility_timeout: int) -> Awaitable[list[ClaimedTuple]]: ...
+    def next_batch(self, max: int) -> Awaitable[list[_ClaimedTuple]]: ...
+    def receive(self, max: int, visibility_timeout: int) -> Awaitable[list[_ClaimedTuple]]: ...
     def report(
         self,
         msg_id: int,

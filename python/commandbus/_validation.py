@@ -12,6 +12,7 @@ from typing import Any
 from uuid import UUID
 
 import orjson
+
 from commandbus.exceptions import (
     InvalidNameError,
     PayloadTooLargeError,
@@ -61,9 +62,7 @@ def validate_domain(domain: str) -> str:
     if not DOMAIN_RE.fullmatch(domain):
         raise InvalidNameError("domain", domain, f"must match {DOMAIN_RE.pattern}")
     if "__" in domain:
-        raise InvalidNameError(
-            "domain", domain, "must not contain '__' (reserved as separator)"
-        )
+        raise InvalidNameError("domain", domain, "must not contain '__' (reserved as separator)")
     queue = f"{domain}{_COMMANDS_SUFFIX}"
     if len(queue) > PGMQ_MAX_QUEUE_NAME_LEN:
         limit = PGMQ_MAX_QUEUE_NAME_LEN - len(_COMMANDS_SUFFIX)
@@ -91,8 +90,7 @@ def validate_queue_name(name: str, field: str = "reply_to") -> str:
         raise InvalidNameError(
             field,
             name,
-            f"is too long: PGMQ queue names are at most "
-            f"{PGMQ_MAX_QUEUE_NAME_LEN} characters",
+            f"is too long: PGMQ queue names are at most {PGMQ_MAX_QUEUE_NAME_LEN} characters",
         )
     return name
 
@@ -115,9 +113,7 @@ def validate_command_type(ct: str) -> str:
             f"is too long: at most {COMMAND_TYPE_MAX_LEN} characters",
         )
     if _CONTROL_CHARS_RE.search(ct):
-        raise InvalidNameError(
-            "command_type", ct, "must not contain control characters"
-        )
+        raise InvalidNameError("command_type", ct, "must not contain control characters")
     return ct
 
 

@@ -13,7 +13,7 @@ from psycopg import AsyncConnection, AsyncRawCursor
 from psycopg_pool import AsyncConnectionPool
 
 from commandbus import _native, _sql
-from commandbus._dsn import native_dsn
+from commandbus._dsn import native_dsn, pool_conninfo
 from commandbus._errors import map_psycopg_error
 from commandbus._validation import (
     DEFAULT_MAX_PAYLOAD_BYTES,
@@ -86,7 +86,9 @@ def _row_to_metadata(row: Sequence[Any]) -> CommandMetadata:
         command_type=command_type,
         status=CommandStatus(status),
         attempts=attempts,
-        max_attempts=max_attempts if max_attempts is not None else DEFAULT_RETRY_POLICY.max_attempts,
+        max_attempts=max_attempts
+        if max_attempts is not None
+        else DEFAULT_RETRY_POLICY.max_attempts,
         msg_id=msg_id,
         correlation_id=correlation_id,
         reply_to=reply_to,
@@ -131,7 +133,7 @@ class CommandBus:
         self._pool = pool
         self._default_max_attempts = validate_max_attempts(default_max_attempts)
         self._max_payload_bytes = max_payload_bytes
-        self._native = _native.NativeBus(native_dsn(pool.conninfo), native_max_connections)
+        self._native = _native.NativeBus(native_dsn(pool_conninfo(pool)), native_max_connections)
 
     @property
     def pool(self) -> AsyncConnectionPool[Any]:
@@ -146,16 +148,18 @@ class CommandBus:
     def _add(self, cols: _Columns, req: SendRequest) -> None:
         cols.command_ids.append(validate_uuid(req.command_id, "command_id"))
         cols.command_types.append(validate_command_type(req.command_type))
-        cols.data.append(
-            encode_json(validate_data(req.data), "data", self._max_payload_bytes)
-        )
+        cols.data.append(encode_json(validate_data(req.data), "data", self._max_payload_bytes))
         cols.correlation_ids.append(
-            None if req.correlation_id is None else validate_uuid(req.correlation_id, "correlation_id")
+            None
+            if req.correlation_id is None
+            else validate_uuid(req.correlation_id, "correlation_id")
         )
         cols.reply_tos.append(None if req.reply_to is None else validate_queue_name(req.reply_to))
         ma = validate_max_attempts(req.max_attempts)
         cols.max_attempts.append(ma if ma is not None else self._default_max_attempts)
-        cols.batch_ids.append(None if req.batch_id is None else validate_uuid(req.batch_id, "batch_id"))
+        cols.batch_ids.append(
+            None if req.batch_id is None else validate_uuid(req.batch_id, "batch_id")
+        )
 
     async def _send_columns(
         self, domain: str, cols: _Columns, conn: AsyncConnection[Any] | None
@@ -285,15 +289,24 @@ class CommandBus:
 
     async def command_exists(self, domain: str, command_id: UUID) -> bool:
         """Return True when the command exists in the domain."""
-        rows = await self._fetch("command_exists", [domain, validate_uuid(command_id, "command_id")])
+        rows = await self._fetch(
+            "command_exists", [domain, validate_uuid(command_id, "command_id")]
+        )
         return bool(rows[0][0])
 
-    async def get_audit_trail(self, command_id: UUID, domain: str | None = None) -> list[AuditEvent]:
+    async def get_audit_trail(
+        self, command_id: UUID, domain: str | None = None
+    ) -> list[AuditEvent]:
         """Return the command's audit events in chronological order (empty when unknown)."""
         rows = await self._fetch("audit_trail", [validate_uuid(command_id, "command_id"), domain])
         return [
             AuditEvent(
-                audit_id=r[0], domain=r[1], command_id=r[2], event_type=r[3], timestamp=r[4], details=r[5]
+                audit_id=r[0],
+                domain=r[1],
+                command_id=r[2],
+                event_type=r[3],
+                timestamp=r[4],
+                details=r[5],
             )
             for r in rows
         ]

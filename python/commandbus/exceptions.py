@@ -148,7 +148,7 @@ def _short_repr(value: object) -> str:
     """Return ``repr(value)`` truncated to at most 200 characters."""
     try:
         text = repr(value)
-    except Exception:  # noqa: BLE001 - a broken __repr__ must not hide the error
+    except Exception:
         text = f"<unrepresentable {type(value).__name__}>"
     if len(text) > _MAX_REPR_CHARS:
         text = text[: _MAX_REPR_CHARS - 3] + "..."

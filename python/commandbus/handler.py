@@ -195,9 +195,7 @@ class HandlerRegistry:
         """
         meta = get_handler_meta(fn)
         if meta is None:
-            raise ValidationError(
-                "fn", fn, "is not decorated with @handler(domain, command_type)"
-            )
+            raise ValidationError("fn", fn, "is not decorated with @handler(domain, command_type)")
         self.register(meta.domain, meta.command_type, fn)
         return (meta.domain, meta.command_type)
 
@@ -262,9 +260,7 @@ class HandlerRegistry:
 
     # -- sync registry (reliable-cmd SyncWorker API) ------------------------
 
-    def register_sync(
-        self, domain: str, command_type: str, handler: SyncHandlerFn
-    ) -> None:
+    def register_sync(self, domain: str, command_type: str, handler: SyncHandlerFn) -> None:
         """Register a blocking handler in the sync registry.
 
         Raises:
@@ -353,9 +349,7 @@ class HandlerRegistry:
         """
         found = self._discover(instance, self._sync_handlers.keys())
         for meta, method in found:
-            fn: SyncHandlerFn = (
-                _make_sync_wrapper(method) if _is_async_callable(method) else method
-            )
+            fn: SyncHandlerFn = _make_sync_wrapper(method) if _is_async_callable(method) else method
             self.register_sync(meta.domain, meta.command_type, fn)
         return [(meta.domain, meta.command_type) for meta, _ in found]
 

@@ -38,9 +38,7 @@ class RetryPolicy:
             raise ValidationError("max_attempts", attempts, "must be an integer >= 1")
         schedule: object = self.backoff_schedule
         if not isinstance(schedule, list | tuple):
-            raise ValidationError(
-                "backoff_schedule", schedule, "must be a list of seconds"
-            )
+            raise ValidationError("backoff_schedule", schedule, "must be a list of seconds")
         for index, value in enumerate(schedule):
             if (
                 isinstance(value, bool)

@@ -62,7 +62,7 @@ async def _install_pgmq(conn: AsyncConnection[Any]) -> str:
         return "extension"
     from pgmq.install import get_embedded_install_sql
 
-    await conn.execute(get_embedded_install_sql())  # type: ignore[arg-type]
+    await conn.execute(get_embedded_install_sql())
     return "sql"
 
 
@@ -73,7 +73,9 @@ async def _setup(conn: AsyncConnection[Any], *, skip_if_exists: bool) -> bool:
         pgmq_how = await _install_pgmq(conn)
         applied: set[int] = set()
         if existed:
-            cur = await conn.execute("SELECT to_regclass('commandbus.schema_migrations') IS NOT NULL")
+            cur = await conn.execute(
+                "SELECT to_regclass('commandbus.schema_migrations') IS NOT NULL"
+            )
             row = await cur.fetchone()
             if row and row[0]:
                 cur = await conn.execute("SELECT version FROM commandbus.schema_migrations")
@@ -82,7 +84,7 @@ async def _setup(conn: AsyncConnection[Any], *, skip_if_exists: bool) -> bool:
             if version in applied and skip_if_exists:
                 continue
             logger.info("applying commandbus migration V%03d__%s", version, name)
-            await conn.execute(text)  # type: ignore[arg-type]
+            await conn.execute(text)
             await conn.execute(
                 "INSERT INTO commandbus.schema_migrations (version, name) VALUES (%s, %s) "
                 "ON CONFLICT (version) DO NOTHING",

@@ -17,7 +17,7 @@ import orjson
 from psycopg_pool import AsyncConnectionPool
 
 from commandbus import _native
-from commandbus._dsn import native_dsn
+from commandbus._dsn import native_dsn, pool_conninfo
 from commandbus._sql import command_queue
 from commandbus._validation import decode_json, encode_json, validate_domain
 from commandbus.exceptions import (
@@ -112,15 +112,21 @@ class Worker:
         self._pool = pool
         self._domain = validate_domain(domain)
         self._registry = registry
-        if isinstance(visibility_timeout, bool) or not isinstance(visibility_timeout, int) or visibility_timeout < 1:
-            raise ValidationError("visibility_timeout", visibility_timeout, "must be an integer >= 1 (seconds)")
+        if (
+            isinstance(visibility_timeout, bool)
+            or not isinstance(visibility_timeout, int)
+            or visibility_timeout < 1
+        ):
+            raise ValidationError(
+                "visibility_timeout", visibility_timeout, "must be an integer >= 1 (seconds)"
+            )
         self._visibility_timeout = visibility_timeout
         self._retry_policy = retry_policy or DEFAULT_RETRY_POLICY
         self._auto_extend = auto_extend_leases
         self._max_flush = max_flush
         self._sync_threads = sync_handler_threads
         self._queue_name = command_queue(domain)
-        self._dsn = native_dsn(pool.conninfo)
+        self._dsn = native_dsn(pool_conninfo(pool))
         self._running = False
         self._stop_requested = False
         self._stop_timeout: float | None = None
@@ -248,7 +254,9 @@ class Worker:
             received = self._received(native, item)
             result = await self._call_handler(received)
             try:
-                result_json = None if result is None else encode_json(result, "result", _MAX_RESULT_BYTES)
+                result_json = (
+                    None if result is None else encode_json(result, "result", _MAX_RESULT_BYTES)
+                )
             except (SerializationError, ValidationError) as exc:
                 raise PermanentCommandError("RESULT_NOT_SERIALIZABLE", str(exc)) from exc
             native.report(msg_id, attempt, "SUCCESS", result_json)
@@ -321,7 +329,11 @@ class Worker:
                 errors = int(stats.get("flush_errors") or 0)
                 if errors > reported_errors:
                     reported_errors = errors
-                    logger.error("worker for %s: outcome flush failed: %s", self._domain, stats.get("last_error"))
+                    logger.error(
+                        "worker for %s: outcome flush failed: %s",
+                        self._domain,
+                        stats.get("last_error"),
+                    )
         finally:
             if handle_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT):
@@ -340,11 +352,15 @@ class Worker:
         native.stop_claiming()
         try:
             if self._in_flight:
-                _done, pending = await asyncio.wait(set(self._in_flight), timeout=self._stop_timeout)
+                _done, pending = await asyncio.wait(
+                    set(self._in_flight), timeout=self._stop_timeout
+                )
                 for task in pending:
                     task.cancel()
                 if pending:
-                    logger.warning("worker for %s: %d handlers cancelled at stop", self._domain, len(pending))
+                    logger.warning(
+                        "worker for %s: %d handlers cancelled at stop", self._domain, len(pending)
+                    )
                     await asyncio.wait(pending)
             released = await native.shutdown()
             if released:
@@ -393,7 +409,9 @@ class Worker:
             )
         return applied
 
-    async def complete(self, received: ReceivedCommand, result: dict[str, Any] | None = None) -> None:
+    async def complete(
+        self, received: ReceivedCommand, result: dict[str, Any] | None = None
+    ) -> None:
         """Mark the command COMPLETED (result stored, SUCCESS reply where `reply_to` is set)."""
         result_json = None if result is None else encode_json(result, "result", _MAX_RESULT_BYTES)
         await self._finish(received, ("SUCCESS", result_json))
@@ -412,7 +430,9 @@ class Worker:
         """Move the command to the troubleshooting queue."""
         await self._finish(received, self._outcome_args(error, received.context.attempt))
 
-    async def fail_business_rule(self, received: ReceivedCommand, error: BusinessRuleException) -> None:
+    async def fail_business_rule(
+        self, received: ReceivedCommand, error: BusinessRuleException
+    ) -> None:
         """Mark the command FAILED (FAILED reply where `reply_to` is set)."""
         await self._finish(received, self._outcome_args(error, received.context.attempt))
 

@@ -8,12 +8,21 @@ import asyncio
 from typing import Any
 from uuid import UUID, uuid4
 
+from itest_helpers import events, status_of, wait_until
 from psycopg_pool import AsyncConnectionPool
 
-from commandbus import Command, CommandBus, HandlerContext, HandlerRegistry, RetryPolicy, Worker, handler
-from commandbus import get_schema_sql, setup_database
+from commandbus import (
+    Command,
+    CommandBus,
+    HandlerContext,
+    HandlerRegistry,
+    RetryPolicy,
+    Worker,
+    get_schema_sql,
+    handler,
+    setup_database,
+)
 from commandbus.exceptions import PermanentCommandError, TransientCommandError
-from itest_helpers import events, status_of, wait_until
 
 
 class PaymentDeclined(Exception):
@@ -140,7 +149,11 @@ async def test_seed_readme_flow(database_url: str) -> None:
         worker = create_worker(pool)
         task = asyncio.create_task(worker.run(concurrency=4, poll_interval=0.05))
         try:
-            for cid, status in ((order_id, "COMPLETED"), (declined, "IN_TROUBLESHOOTING_QUEUE"), (flaky, "COMPLETED")):
+            for cid, status in (
+                (order_id, "COMPLETED"),
+                (declined, "IN_TROUBLESHOOTING_QUEUE"),
+                (flaky, "COMPLETED"),
+            ):
 
                 async def check(cid: UUID = cid, status: str = status) -> bool:
                     return await status_of(pool, "orders", cid) == status

@@ -9,6 +9,7 @@ from uuid import uuid4
 
 import psycopg
 import pytest
+from itest_helpers import events, fetch, queue_depth, read_queue
 from psycopg_pool import AsyncConnectionPool
 
 from commandbus import (
@@ -23,8 +24,6 @@ from commandbus import (
     ValidationError,
 )
 from commandbus.exceptions import PostgresError
-
-from itest_helpers import events, fetch, queue_depth, read_queue
 
 
 async def test_send_writes_command_message_and_audit(pool: AsyncConnectionPool[Any]) -> None:
@@ -168,19 +167,31 @@ async def test_send_batch_keeps_order_chunks_and_rejects_inner_duplicates(
 ) -> None:
     bus = CommandBus(pool)
     requests = [
-        SendRequest(domain="orders" if i % 3 else "billing", command_type="T", command_id=uuid4(), data={"i": i})
+        SendRequest(
+            domain="orders" if i % 3 else "billing",
+            command_type="T",
+            command_id=uuid4(),
+            data={"i": i},
+        )
         for i in range(25)
     ]
     progress: list[tuple[int, int]] = []
-    result = await bus.send_batch(requests, chunk_size=10, on_progress=lambda s, t: progress.append((s, t)))
+    result = await bus.send_batch(
+        requests, chunk_size=10, on_progress=lambda s, t: progress.append((s, t))
+    )
     assert result.total_commands == 25 and result.chunks_processed == 3
     assert [r.command_id for r in result.results] == [r.command_id for r in requests]
     assert progress == [(10, 25), (20, 25), (25, 25)]
-    assert await queue_depth(pool, "orders__commands") + await queue_depth(pool, "billing__commands") == 25
+    assert (
+        await queue_depth(pool, "orders__commands") + await queue_depth(pool, "billing__commands")
+        == 25
+    )
 
     dup = uuid4()
     with pytest.raises(DuplicateCommandError):
-        await bus.send_batch([SendRequest("orders", "T", dup, {}), SendRequest("orders", "T", dup, {})])
+        await bus.send_batch(
+            [SendRequest("orders", "T", dup, {}), SendRequest("orders", "T", dup, {})]
+        )
     assert not await bus.command_exists("orders", dup)
     with pytest.raises(DuplicateCommandError):  # against a stored command: chunk rolled back
         await bus.send_batch([SendRequest("orders", "T", uuid4(), {}), requests[1]])
@@ -206,7 +217,12 @@ async def test_bad_input_raises_before_anything_is_written(
     pool: AsyncConnectionPool[Any], kwargs: dict[str, Any], error: type[Exception], field: str
 ) -> None:
     bus = CommandBus(pool)
-    args: dict[str, Any] = {"domain": "orders", "command_type": "T", "command_id": uuid4(), "data": {}}
+    args: dict[str, Any] = {
+        "domain": "orders",
+        "command_type": "T",
+        "command_id": uuid4(),
+        "data": {},
+    }
     args.update(kwargs)
     with pytest.raises(error) as info:
         await bus.send(**args)

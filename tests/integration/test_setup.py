@@ -38,7 +38,8 @@ CREATE TABLE commandbus.command (
     domain TEXT NOT NULL, queue_name TEXT NOT NULL, msg_id BIGINT NULL, command_id UUID NOT NULL,
     command_type TEXT NOT NULL, status TEXT NOT NULL, attempts INT NOT NULL DEFAULT 0,
     max_attempts INT NOT NULL, lease_expires_at TIMESTAMPTZ NULL, last_error_type TEXT NULL,
-    last_error_code TEXT NULL, last_error_msg TEXT NULL, created_at TIMESTAMPTZ NOT NULL DEFAULT NOW(),
+    last_error_code TEXT NULL, last_error_msg TEXT NULL,
+    created_at TIMESTAMPTZ NOT NULL DEFAULT NOW(),
     updated_at TIMESTAMPTZ NOT NULL DEFAULT NOW(), reply_queue TEXT NOT NULL DEFAULT '',
     correlation_id UUID NULL, batch_id UUID NULL);
 CREATE UNIQUE INDEX uq_command_domain_cmdid ON commandbus.command(domain, command_id);
@@ -49,7 +50,8 @@ CREATE TABLE commandbus.payload_archive (
     domain TEXT NOT NULL, command_id UUID NOT NULL, payload_json JSONB NOT NULL,
     archived_at TIMESTAMPTZ NOT NULL DEFAULT NOW(), PRIMARY KEY (domain, command_id));
 INSERT INTO commandbus.command (domain, queue_name, command_id, command_type, status, max_attempts)
-VALUES ('orders', 'orders__commands', '00000000-0000-0000-0000-000000000001', 'Old', 'COMPLETED', 3);
+VALUES ('orders', 'orders__commands', '00000000-0000-0000-0000-000000000001', 'Old',
+        'COMPLETED', 3);
 """
 
 
@@ -78,7 +80,7 @@ async def test_concurrent_setup_creates_once(empty_db: str) -> None:
         assert await check_schema_exists(pool)
         async with await psycopg.AsyncConnection.connect(empty_db) as conn:
             assert await setup_database(conn) is False  # a plain connection works too
-        rows = (await _execute(pool, "SELECT version FROM commandbus.schema_migrations ORDER BY 1"))
+        rows = await _execute(pool, "SELECT version FROM commandbus.schema_migrations ORDER BY 1")
         assert rows == [(1,), (2,)]
     finally:
         await pool.close()

@@ -10,6 +10,7 @@ from typing import Any
 from uuid import UUID, uuid4
 
 import pytest
+from itest_helpers import events, fetch, queue_depth, read_queue, status_of, wait_until
 from psycopg_pool import AsyncConnectionPool
 
 from commandbus import (
@@ -23,13 +24,14 @@ from commandbus import (
     TransientCommandError,
     Worker,
 )
-from itest_helpers import events, fetch, queue_depth, read_queue, status_of, wait_until
 
 FAST = RetryPolicy(max_attempts=3, backoff_schedule=[0])
 
 
 @asynccontextmanager
-async def running(worker: Worker, concurrency: int = 8, **kw: Any) -> AsyncIterator[asyncio.Task[None]]:
+async def running(
+    worker: Worker, concurrency: int = 8, **kw: Any
+) -> AsyncIterator[asyncio.Task[None]]:
     task = asyncio.create_task(worker.run(concurrency=concurrency, poll_interval=0.05, **kw))
     try:
         yield task
@@ -64,7 +66,9 @@ async def test_outcomes_status_result_audit_and_replies(pool: AsyncConnectionPoo
     ids = {name: uuid4() for name in ("Ok", "Rule", "Perm")}
     corr = {name: uuid4() for name in ids}
     for name, cid in ids.items():
-        await bus.send("orders", name, cid, {"v": name}, correlation_id=corr[name], reply_to="orders__replies")
+        await bus.send(
+            "orders", name, cid, {"v": name}, correlation_id=corr[name], reply_to="orders__replies"
+        )
     async with running(Worker(pool, "orders", registry, retry_policy=FAST)):
         await wait_status(pool, "orders", ids["Ok"], "COMPLETED")
         await wait_status(pool, "orders", ids["Rule"], "FAILED")
@@ -74,7 +78,10 @@ async def test_outcomes_status_result_audit_and_replies(pool: AsyncConnectionPoo
     assert ok_meta is not None and ok_meta.result == {"echo": "Ok", "attempt": 1}
     rule_meta = await bus.get_command("orders", ids["Rule"])
     assert rule_meta is not None
-    assert (rule_meta.last_error_type, rule_meta.last_error_code) == ("BUSINESS_RULE", "ACCOUNT_CLOSED")
+    assert (rule_meta.last_error_type, rule_meta.last_error_code) == (
+        "BUSINESS_RULE",
+        "ACCOUNT_CLOSED",
+    )
     perm_meta = await bus.get_command("orders", ids["Perm"])
     assert perm_meta is not None
     assert (perm_meta.last_error_type, perm_meta.last_error_code, perm_meta.last_error_msg) == (
@@ -84,7 +91,9 @@ async def test_outcomes_status_result_audit_and_replies(pool: AsyncConnectionPoo
     assert await events(pool, ids["Rule"]) == ["SENT", "RECEIVED", "BUSINESS_RULE_FAILED"]
     assert await events(pool, ids["Perm"]) == ["SENT", "RECEIVED", "MOVED_TO_TSQ"]
     [(details,)] = await fetch(
-        pool, "SELECT details_json FROM commandbus.audit WHERE command_id = %s AND event_type = 'MOVED_TO_TSQ'",
+        pool,
+        "SELECT details_json FROM commandbus.audit"
+        " WHERE command_id = %s AND event_type = 'MOVED_TO_TSQ'",
         ids["Perm"],
     )  # fmt: skip
     assert details["error_code"] == "DECLINED" and details["error_details"] == {"card": "x"}
@@ -138,12 +147,21 @@ async def test_transient_failures_retry_then_exhaust_to_tsq(pool: AsyncConnectio
         "RECEIVED", "FAILED", "RETRY_EXHAUSTED", "MOVED_TO_TSQ",
     ]  # fmt: skip
     [(details,)] = await fetch(
-        pool, "SELECT details_json FROM commandbus.audit WHERE command_id = %s AND event_type = 'MOVED_TO_TSQ'",
+        pool,
+        "SELECT details_json FROM commandbus.audit"
+        " WHERE command_id = %s AND event_type = 'MOVED_TO_TSQ'",
         always,
     )  # fmt: skip
-    assert details["reason"] == "EXHAUSTED" and details["attempt"] == 3 and details["max_attempts"] == 3
+    assert (
+        details["reason"] == "EXHAUSTED"
+        and details["attempt"] == 3
+        and details["max_attempts"] == 3
+    )
     meta = await bus.get_command("orders", unknown)
-    assert meta is not None and (meta.last_error_type, meta.last_error_code) == ("TRANSIENT", "KeyError")
+    assert meta is not None and (meta.last_error_type, meta.last_error_code) == (
+        "TRANSIENT",
+        "KeyError",
+    )
     meta = await bus.get_command("orders", recovers)
     assert meta is not None and meta.attempts == 2 and meta.result == {"attempt": 2}
 
@@ -191,12 +209,16 @@ async def test_completion_is_fenced_by_the_lease(pool: AsyncConnectionPool[Any])
         await first.close()
         await second.close()
     meta = await bus.get_command("orders", cid)
-    assert meta is not None and meta.status.value == "COMPLETED" and meta.result == {"by": "current"}
+    assert (
+        meta is not None and meta.status.value == "COMPLETED" and meta.result == {"by": "current"}
+    )
     assert (await events(pool, cid)).count("COMPLETED") == 1
     assert len(await read_queue(pool, "orders__replies")) == 1
 
 
-async def test_poison_message_goes_to_tsq_instead_of_cycling(pool: AsyncConnectionPool[Any]) -> None:
+async def test_poison_message_goes_to_tsq_instead_of_cycling(
+    pool: AsyncConnectionPool[Any],
+) -> None:
     bus = CommandBus(pool)
     cid = uuid4()
     await bus.send("orders", "Crashy", cid, {}, max_attempts=2)
@@ -216,7 +238,9 @@ async def test_poison_message_goes_to_tsq_instead_of_cycling(pool: AsyncConnecti
     assert await queue_depth(pool, "orders__commands") == 0
 
 
-async def test_malformed_messages_go_to_tsq_without_stalling(pool: AsyncConnectionPool[Any]) -> None:
+async def test_malformed_messages_go_to_tsq_without_stalling(
+    pool: AsyncConnectionPool[Any],
+) -> None:
     registry = HandlerRegistry()
 
     @registry.handler("orders", "Good")
@@ -230,7 +254,7 @@ async def test_malformed_messages_go_to_tsq_without_stalling(pool: AsyncConnecti
         await conn.execute("SELECT pgmq.send('orders__commands', '{\"hello\": 1}'::jsonb)")
         await conn.execute(
             "SELECT pgmq.send('orders__commands', %s::jsonb)",
-            ('{"command_id": "%s", "command_type": "Ghost"}' % orphan,),
+            (f'{{"command_id": "{orphan}", "command_type": "Ghost"}}',),
         )
     good_id = uuid4()
     await bus.send("orders", "Good", good_id, {})
@@ -268,7 +292,9 @@ async def test_extend_visibility_keeps_the_lease(pool: AsyncConnectionPool[Any])
         async with running(Worker(pool, "orders", registry, visibility_timeout=1)):
             await asyncio.wait_for(extended.wait(), 10)
             await asyncio.sleep(1.5)  # past the original lease
-            [(seconds,)] = await fetch(pool, "SELECT extract(epoch FROM vt - now()) FROM pgmq.q_orders__commands")
+            [(seconds,)] = await fetch(
+                pool, "SELECT extract(epoch FROM vt - now()) FROM pgmq.q_orders__commands"
+            )
             assert seconds > 50
             assert await other.receive(visibility_timeout=30) == []
             release.set()
@@ -279,7 +305,9 @@ async def test_extend_visibility_keeps_the_lease(pool: AsyncConnectionPool[Any])
     assert meta is not None and meta.attempts == 1
 
 
-async def test_stop_finishes_in_flight_and_releases_the_rest(pool: AsyncConnectionPool[Any]) -> None:
+async def test_stop_finishes_in_flight_and_releases_the_rest(
+    pool: AsyncConnectionPool[Any],
+) -> None:
     registry = HandlerRegistry()
     started = 0
     gate = asyncio.Event()
@@ -313,7 +341,9 @@ async def test_stop_finishes_in_flight_and_releases_the_rest(pool: AsyncConnecti
         meta = await bus.get_command("orders", cid)
         assert meta is not None and meta.status.value == "PENDING" and meta.attempts == 0
         assert (await events(pool, cid))[-1] == "RELEASED"
-    [(visible,)] = await fetch(pool, "SELECT count(*) FROM pgmq.q_orders__commands WHERE vt <= clock_timestamp()")
+    [(visible,)] = await fetch(
+        pool, "SELECT count(*) FROM pgmq.q_orders__commands WHERE vt <= clock_timestamp()"
+    )
     assert visible == 2
 
     gate.set()

@@ -6,6 +6,7 @@ import inspect
 import pickle
 
 import pytest
+
 from commandbus import exceptions
 from commandbus.exceptions import (
     BatchNotFoundError,
@@ -33,9 +34,7 @@ def test_all_lists_every_exception_class() -> None:
     defined = {
         name
         for name, obj in vars(exceptions).items()
-        if inspect.isclass(obj)
-        and issubclass(obj, CommandBusError)
-        and not name.startswith("_")
+        if inspect.isclass(obj) and issubclass(obj, CommandBusError) and not name.startswith("_")
     }
     assert set(exceptions.__all__) == defined
     assert len(defined) == 18
@@ -138,9 +137,7 @@ def test_validation_error_survives_broken_repr() -> None:
     assert str(exc) == "invalid data <unrepresentable Broken>: bad"
 
 
-@pytest.mark.parametrize(
-    "cls", [InvalidNameError, PayloadTooLargeError, SerializationError]
-)
+@pytest.mark.parametrize("cls", [InvalidNameError, PayloadTooLargeError, SerializationError])
 def test_validation_subclasses(cls: type[ValidationError]) -> None:
     exc = cls("reply_to", 5, "must be a str")
     assert isinstance(exc, ValidationError)

@@ -9,6 +9,7 @@ from typing import Any
 from uuid import uuid4
 
 import pytest
+
 from commandbus.exceptions import (
     HandlerAlreadyRegisteredError,
     HandlerNotFoundError,
@@ -25,9 +26,7 @@ from commandbus.models import Command, HandlerContext
 
 
 def _command(domain: str = "payments", command_type: str = "Debit") -> Command:
-    return Command(
-        domain=domain, command_type=command_type, command_id=uuid4(), data={"n": 2}
-    )
+    return Command(domain=domain, command_type=command_type, command_id=uuid4(), data={"n": 2})
 
 
 def _context(cmd: Command) -> HandlerContext:
@@ -260,12 +259,8 @@ def test_register_function() -> None:
     registry = HandlerRegistry()
     assert registry.register_function(decorated_refund) == ("payments", "Refund")
     assert registry.register_function(decorated_audit) == ("payments", "Audit")
-    assert registry.resolve("payments", "Refund") == ResolvedHandler(
-        decorated_refund, True
-    )
-    assert registry.resolve("payments", "Audit") == ResolvedHandler(
-        decorated_audit, False
-    )
+    assert registry.resolve("payments", "Refund") == ResolvedHandler(decorated_refund, True)
+    assert registry.resolve("payments", "Audit") == ResolvedHandler(decorated_audit, False)
     with pytest.raises(HandlerAlreadyRegisteredError):
         registry.register_function(decorated_refund)
 

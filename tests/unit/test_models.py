@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from uuid import uuid4
 
 import pytest
+
 from commandbus.exceptions import ValidationError
 from commandbus.models import (
     AuditEvent,
@@ -52,9 +53,7 @@ def test_enum_values() -> None:
 def test_enums_are_str_enums() -> None:
     assert CommandStatus.PENDING == "PENDING"
     assert isinstance(ReplyOutcome.SUCCESS, str)
-    assert CommandStatus("IN_TROUBLESHOOTING_QUEUE") is (
-        CommandStatus.IN_TROUBLESHOOTING_QUEUE
-    )
+    assert CommandStatus("IN_TROUBLESHOOTING_QUEUE") is (CommandStatus.IN_TROUBLESHOOTING_QUEUE)
     assert BatchStatus("COMPLETED_WITH_FAILURES").value == "COMPLETED_WITH_FAILURES"
 
 
@@ -91,10 +90,7 @@ def test_enums_are_str_enums() -> None:
         ),
         (
             SendRequest,
-            (
-                "domain command_type command_id data correlation_id reply_to "
-                "max_attempts batch_id"
-            ),
+            ("domain command_type command_id data correlation_id reply_to max_attempts batch_id"),
         ),
         (SendResult, "command_id msg_id"),
         (BatchSendResult, "results chunks_processed total_commands"),
@@ -122,9 +118,7 @@ def test_field_order(cls: type, names: str) -> None:
 
 
 def _command() -> Command:
-    return Command(
-        domain="payments", command_type="Debit", command_id=uuid4(), data={"a": 1}
-    )
+    return Command(domain="payments", command_type="Debit", command_id=uuid4(), data={"a": 1})
 
 
 def test_command_defaults_and_frozen() -> None:

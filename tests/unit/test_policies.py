@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from commandbus.exceptions import ValidationError
 from commandbus.policies import DEFAULT_RETRY_POLICY, RetryPolicy
 
@@ -13,7 +14,7 @@ def test_defaults() -> None:
     policy = RetryPolicy()
     assert policy.max_attempts == 3
     assert policy.backoff_schedule == [10, 60, 300]
-    assert DEFAULT_RETRY_POLICY == RetryPolicy()
+    assert RetryPolicy() == DEFAULT_RETRY_POLICY
 
 
 def test_default_schedule_is_not_shared() -> None:
@@ -90,9 +91,7 @@ def test_rejects_bad_max_attempts(value: object) -> None:
         ([None], "backoff_schedule[0]", None),
     ],
 )
-def test_rejects_bad_backoff_values(
-    schedule: list[object], field: str, bad: object
-) -> None:
+def test_rejects_bad_backoff_values(schedule: list[object], field: str, bad: object) -> None:
     with pytest.raises(ValidationError) as info:
         RetryPolicy(backoff_schedule=schedule)  # type: ignore[arg-type]
     assert info.value.field == field

@@ -9,6 +9,7 @@ from uuid import UUID, uuid4
 
 import orjson
 import pytest
+
 from commandbus._validation import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     DOMAIN_RE,
@@ -81,9 +82,7 @@ def test_validate_domain_length_limit_names_the_queue() -> None:
     assert "47" in str(info.value)
 
 
-@pytest.mark.parametrize(
-    "name", ["payments__replies", "r", "q" * 47, "reply_1", "a__b__c"]
-)
+@pytest.mark.parametrize("name", ["payments__replies", "r", "q" * 47, "reply_1", "a__b__c"])
 def test_validate_queue_name_accepts(name: str) -> None:
     assert validate_queue_name(name) is name
 

@@ -66,7 +66,10 @@ impl SendBatch {
             self.batch_ids.len(),
         ];
         if lens.iter().any(|&l| l != n) {
-            return Err(CoreError::Invalid { field: "send batch", reason: format!("column lengths differ: {n} ids, {lens:?}") });
+            return Err(CoreError::Invalid {
+                field: "send batch",
+                reason: format!("column lengths differ: {n} ids, {lens:?}"),
+            });
         }
         Ok(())
     }
@@ -115,7 +118,10 @@ impl Engine {
     /// tokio runtime context.
     pub fn connect_lazy(cfg: &EngineConfig) -> CoreResult<Self> {
         let opts = PgConnectOptions::from_str(&cfg.dsn)
-            .map_err(|e| CoreError::Invalid { field: "dsn", reason: e.to_string() })?
+            .map_err(|e| CoreError::Invalid {
+                field: "dsn",
+                reason: e.to_string(),
+            })?
             .application_name(&cfg.application_name);
         let pool = PgPoolOptions::new()
             .max_connections(cfg.max_connections.max(1))
@@ -161,7 +167,13 @@ impl Engine {
             .fetch_all(&self.pool)
             .await?;
         rows.iter()
-            .map(|r| Ok((r.try_get("command_id")?, r.try_get("msg_id")?, r.try_get("correlation_id")?)))
+            .map(|r| {
+                Ok((
+                    r.try_get("command_id")?,
+                    r.try_get("msg_id")?,
+                    r.try_get("correlation_id")?,
+                ))
+            })
             .collect()
     }
 
@@ -182,7 +194,12 @@ impl Engine {
 
     /// Applies outcomes in one transaction; returns the (command_id, new status) of those the
     /// fence let through.
-    pub async fn finish(&self, domain: &str, outcomes: Vec<Outcome>, default_max_attempts: i32) -> CoreResult<Vec<(Uuid, String)>> {
+    pub async fn finish(
+        &self,
+        domain: &str,
+        outcomes: Vec<Outcome>,
+        default_max_attempts: i32,
+    ) -> CoreResult<Vec<(Uuid, String)>> {
         let cols = FinishColumns::from_outcomes(outcomes);
         if cols.is_empty() {
             return Ok(Vec::new());
@@ -202,7 +219,9 @@ impl Engine {
             .bind(default_max_attempts)
             .fetch_all(&self.pool)
             .await?;
-        rows.iter().map(|r| Ok((r.try_get("command_id")?, r.try_get("status")?))).collect()
+        rows.iter()
+            .map(|r| Ok((r.try_get("command_id")?, r.try_get("status")?)))
+            .collect()
     }
 
     fn lease_columns(leases: &[Lease]) -> (Vec<Uuid>, Vec<i64>, Vec<i32>) {

@@ -8,7 +8,11 @@ pub type CoreResult<T> = Result<T, CoreError>;
 pub enum CoreError {
     /// PostgreSQL answered with an error; SQLSTATE and detail are kept for the Python cause.
     #[error("{message}")]
-    Database { sqlstate: String, message: String, detail: Option<String> },
+    Database {
+        sqlstate: String,
+        message: String,
+        detail: Option<String>,
+    },
     /// No answer from PostgreSQL (connect, I/O, pool timeout, TLS).
     #[error("database connection failed: {0}")]
     Connection(String),
@@ -51,7 +55,10 @@ impl From<sqlx::Error> for CoreError {
             | sqlx::Error::TypeNotFound { .. }
             | sqlx::Error::RowNotFound => CoreError::Protocol(err.to_string()),
             sqlx::Error::PoolClosed => CoreError::Closed("connection pool"),
-            sqlx::Error::Configuration(e) => CoreError::Invalid { field: "dsn", reason: e.to_string() },
+            sqlx::Error::Configuration(e) => CoreError::Invalid {
+                field: "dsn",
+                reason: e.to_string(),
+            },
             other => CoreError::Connection(other.to_string()),
         }
     }
@@ -63,7 +70,11 @@ mod tests {
 
     #[test]
     fn sqlstate_only_for_database_errors() {
-        let db = CoreError::Database { sqlstate: "CB001".into(), message: "dup".into(), detail: None };
+        let db = CoreError::Database {
+            sqlstate: "CB001".into(),
+            message: "dup".into(),
+            detail: None,
+        };
         assert_eq!(db.sqlstate(), Some("CB001"));
         assert_eq!(CoreError::Closed("worker").sqlstate(), None);
         assert_eq!(CoreError::Closed("worker").to_string(), "worker is closed");
@@ -72,6 +83,9 @@ mod tests {
     #[test]
     fn pool_closed_maps_to_closed() {
         assert!(matches!(CoreError::from(sqlx::Error::PoolClosed), CoreError::Closed(_)));
-        assert!(matches!(CoreError::from(sqlx::Error::RowNotFound), CoreError::Protocol(_)));
+        assert!(matches!(
+            CoreError::from(sqlx::Error::RowNotFound),
+            CoreError::Protocol(_)
+        ));
     }
 }

@@ -114,7 +114,11 @@ mod tests {
 
     fn outcome(msg_id: i64, attempt: i32, kind: OutcomeKind) -> Outcome {
         Outcome {
-            lease: Lease { command_id: Uuid::from_u128(msg_id as u128), msg_id, attempt },
+            lease: Lease {
+                command_id: Uuid::from_u128(msg_id as u128),
+                msg_id,
+                attempt,
+            },
             kind,
             result: None,
             error_type: None,
@@ -127,7 +131,12 @@ mod tests {
 
     #[test]
     fn kinds_round_trip() {
-        for k in [OutcomeKind::Success, OutcomeKind::Transient, OutcomeKind::Permanent, OutcomeKind::BusinessRule] {
+        for k in [
+            OutcomeKind::Success,
+            OutcomeKind::Transient,
+            OutcomeKind::Permanent,
+            OutcomeKind::BusinessRule,
+        ] {
             assert_eq!(OutcomeKind::parse(k.as_str()).unwrap(), k);
         }
         assert!(OutcomeKind::parse("DONE").is_err());

@@ -3,8 +3,16 @@
 
 /// Numbered schema migrations, applied in order by `setup_database()`.
 pub const MIGRATIONS: &[(i32, &str, &str)] = &[
-    (1, "commandbus_schema", include_str!("../../../sql/migrations/V001__commandbus_schema.sql")),
-    (2, "protocol", include_str!("../../../sql/migrations/V002__protocol.sql")),
+    (
+        1,
+        "commandbus_schema",
+        include_str!("../../../sql/migrations/V001__commandbus_schema.sql"),
+    ),
+    (
+        2,
+        "protocol",
+        include_str!("../../../sql/migrations/V002__protocol.sql"),
+    ),
 ];
 
 pub const SEND_COMMANDS: &str = include_str!("../../../sql/statements/send_commands.sql");
@@ -25,10 +33,19 @@ pub const STATEMENTS: &[(&str, &str)] = &[
     ("ensure_queue", ENSURE_QUEUE),
     ("refresh_statistics", REFRESH_STATISTICS),
     ("get_command", include_str!("../../../sql/statements/get_command.sql")),
-    ("command_exists", include_str!("../../../sql/statements/command_exists.sql")),
-    ("query_commands", include_str!("../../../sql/statements/query_commands.sql")),
+    (
+        "command_exists",
+        include_str!("../../../sql/statements/command_exists.sql"),
+    ),
+    (
+        "query_commands",
+        include_str!("../../../sql/statements/query_commands.sql"),
+    ),
     ("audit_trail", include_str!("../../../sql/statements/audit_trail.sql")),
-    ("schema_exists", include_str!("../../../sql/statements/schema_exists.sql")),
+    (
+        "schema_exists",
+        include_str!("../../../sql/statements/schema_exists.sql"),
+    ),
 ];
 
 /// Queue of a domain's commands (the predecessor's naming).
@@ -56,7 +73,10 @@ mod tests {
     #[test]
     fn statements_are_single_and_use_versioned_functions() {
         for (name, text) in STATEMENTS {
-            assert!(!text.trim_end().trim_end_matches(';').contains(';'), "{name} holds two statements");
+            assert!(
+                !text.trim_end().trim_end_matches(';').contains(';'),
+                "{name} holds two statements"
+            );
         }
         assert!(SEND_COMMANDS.contains("send_commands_v1"));
         assert!(FINISH_COMMANDS.contains("finish_commands_v1"));

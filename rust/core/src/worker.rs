@@ -162,7 +162,12 @@ impl WorkerCore {
         }
         let claimed = self
             .engine
-            .claim(&self.cfg.domain, visibility_timeout, max.min(i32::MAX as usize) as i32, self.cfg.default_max_attempts)
+            .claim(
+                &self.cfg.domain,
+                visibility_timeout,
+                max.min(i32::MAX as usize) as i32,
+                self.cfg.default_max_attempts,
+            )
             .await?;
         self.register(&claimed);
         Ok(claimed)
@@ -193,11 +198,19 @@ impl WorkerCore {
     fn take_lease(&self, msg_id: i64, attempt: i32) -> Option<Lease> {
         lock(&self.in_flight)
             .remove(&(msg_id, attempt))
-            .map(|command_id| Lease { command_id, msg_id, attempt })
+            .map(|command_id| Lease {
+                command_id,
+                msg_id,
+                attempt,
+            })
     }
 
     pub fn lease(&self, msg_id: i64, attempt: i32) -> Option<Lease> {
-        lock(&self.in_flight).get(&(msg_id, attempt)).map(|&command_id| Lease { command_id, msg_id, attempt })
+        lock(&self.in_flight).get(&(msg_id, attempt)).map(|&command_id| Lease {
+            command_id,
+            msg_id,
+            attempt,
+        })
     }
 
     /// Queues an outcome for the next flush. Returns false when this worker holds no such lease
@@ -208,7 +221,9 @@ impl WorkerCore {
             return Ok(false);
         };
         outcome.lease = lease;
-        sender.send(FlushMsg::Outcome(outcome)).map_err(|_| CoreError::Closed("worker"))?;
+        sender
+            .send(FlushMsg::Outcome(outcome))
+            .map_err(|_| CoreError::Closed("worker"))?;
         Ok(true)
     }
 
@@ -218,7 +233,10 @@ impl WorkerCore {
             return Ok(false);
         };
         outcome.lease = lease;
-        let applied = self.engine.finish(&self.cfg.domain, vec![outcome], self.cfg.default_max_attempts).await?;
+        let applied = self
+            .engine
+            .finish(&self.cfg.domain, vec![outcome], self.cfg.default_max_attempts)
+            .await?;
         Ok(!applied.is_empty())
     }
 
@@ -257,7 +275,11 @@ impl WorkerCore {
         self.flush().await?;
         let leases: Vec<Lease> = lock(&self.in_flight)
             .drain()
-            .map(|((msg_id, attempt), command_id)| Lease { command_id, msg_id, attempt })
+            .map(|((msg_id, attempt), command_id)| Lease {
+                command_id,
+                msg_id,
+                attempt,
+            })
             .collect();
         let released = self.engine.release(&self.cfg.domain, &leases).await;
         lock(&self.outcomes).take();
@@ -267,7 +289,9 @@ impl WorkerCore {
         }
         self.engine.close().await;
         let released = released?;
-        self.counters.released.fetch_add(released.max(0) as u64, Ordering::Relaxed);
+        self.counters
+            .released
+            .fetch_add(released.max(0) as u64, Ordering::Relaxed);
         Ok(released)
     }
 
@@ -317,12 +341,17 @@ impl WorkerCore {
         // About a minute of retries: past that the leases have expired anyway and the commands
         // come back to a worker, so giving up loses nothing (the fence rejects late outcomes).
         for _ in 0..40 {
-            match self.engine.finish(&self.cfg.domain, batch.clone(), self.cfg.default_max_attempts).await {
+            match self
+                .engine
+                .finish(&self.cfg.domain, batch.clone(), self.cfg.default_max_attempts)
+                .await
+            {
                 Ok(applied) => {
                     let c = &self.counters;
                     c.flushes.fetch_add(1, Ordering::Relaxed);
                     c.applied.fetch_add(applied.len() as u64, Ordering::Relaxed);
-                    c.fenced.fetch_add(n.saturating_sub(applied.len() as u64), Ordering::Relaxed);
+                    c.fenced
+                        .fetch_add(n.saturating_sub(applied.len() as u64), Ordering::Relaxed);
                     return;
                 }
                 Err(err) => {
@@ -375,7 +404,11 @@ impl WorkerCore {
             }
             let leases: Vec<Lease> = lock(&self.in_flight)
                 .iter()
-                .map(|(&(msg_id, attempt), &command_id)| Lease { command_id, msg_id, attempt })
+                .map(|(&(msg_id, attempt), &command_id)| Lease {
+                    command_id,
+                    msg_id,
+                    attempt,
+                })
                 .collect();
             if let Err(err) = self.engine.extend(&self.cfg.domain, &leases, vt).await {
                 self.note_error(&err);

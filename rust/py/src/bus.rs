@@ -42,9 +42,20 @@ impl NativeBus {
     ) -> PyResult<Bound<'py, PyAny>> {
         runtime()?;
         let engine = self.engine.clone();
-        let batch = SendBatch { command_ids, command_types, data, correlation_ids, reply_tos, max_attempts, batch_ids };
+        let batch = SendBatch {
+            command_ids,
+            command_types,
+            data,
+            correlation_ids,
+            reply_tos,
+            max_attempts,
+            batch_ids,
+        };
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            engine.send(&domain, batch).await.map_err(|e| to_pyerr(e, Some(&domain)))
+            engine
+                .send(&domain, batch)
+                .await
+                .map_err(|e| to_pyerr(e, Some(&domain)))
         })
     }
 

@@ -22,7 +22,11 @@ fn schema_missing(sqlstate: &str) -> bool {
 pub fn to_pyerr(err: CoreError, domain: Option<&str>) -> PyErr {
     let domain = domain.unwrap_or("").to_owned();
     match err {
-        CoreError::Database { sqlstate, message, detail } => Python::attach(|py| {
+        CoreError::Database {
+            sqlstate,
+            message,
+            detail,
+        } => Python::attach(|py| {
             let detail_s = detail.clone().unwrap_or_default();
             let main = match sqlstate.as_str() {
                 "CB001" => DuplicateCommandError::new_err((domain, detail_s)),
@@ -40,7 +44,11 @@ pub fn to_pyerr(err: CoreError, domain: Option<&str>) -> PyErr {
             main
         }),
         CoreError::Connection(msg) => DatabaseError::new_err((msg, Option::<String>::None, Option::<String>::None)),
-        CoreError::Protocol(msg) => DatabaseError::new_err((format!("protocol error: {msg}"), Option::<String>::None, Option::<String>::None)),
+        CoreError::Protocol(msg) => DatabaseError::new_err((
+            format!("protocol error: {msg}"),
+            Option::<String>::None,
+            Option::<String>::None,
+        )),
         CoreError::Invalid { field, reason } => PyValueError::new_err(format!("invalid {field}: {reason}")),
         CoreError::Closed(what) => WorkerStoppedError::new_err(format!("{what} is closed")),
     }

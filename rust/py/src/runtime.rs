@@ -12,7 +12,10 @@ static RUNTIME: OnceLock<(u32, Runtime)> = OnceLock::new();
 
 pub fn runtime() -> PyResult<&'static Runtime> {
     let (pid, rt) = RUNTIME.get_or_init(|| {
-        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(2, 4);
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+            .clamp(2, 4);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)
             .thread_name("rcmd-tokio")

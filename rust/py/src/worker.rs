@@ -14,7 +14,18 @@ use crate::runtime::runtime;
 
 /// (msg_id, attempt, max_attempts, command_id, command_type, data_json, correlation_id,
 ///  reply_to, batch_id, created_at_us)
-type ClaimedTuple = (i64, i32, i32, Uuid, String, String, Option<Uuid>, Option<String>, Option<Uuid>, i64);
+type ClaimedTuple = (
+    i64,
+    i32,
+    i32,
+    Uuid,
+    String,
+    String,
+    Option<Uuid>,
+    Option<String>,
+    Option<Uuid>,
+    i64,
+);
 
 fn to_tuples(batch: Vec<Claimed>) -> Vec<ClaimedTuple> {
     batch
@@ -55,7 +66,11 @@ fn outcome(
 ) -> PyResult<Outcome> {
     Ok(Outcome {
         // The command id is filled in from the held lease.
-        lease: Lease { command_id: Uuid::nil(), msg_id, attempt },
+        lease: Lease {
+            command_id: Uuid::nil(),
+            msg_id,
+            attempt,
+        },
         kind: OutcomeKind::parse(kind).map_err(|e| to_pyerr(e, None))?,
         result,
         error_type,
@@ -96,7 +111,9 @@ impl NativeWorker {
         cfg.poll_interval = Duration::from_secs_f64(poll_interval.max(0.001));
         cfg.max_flush = max_flush;
         cfg.auto_extend = auto_extend;
-        Ok(NativeWorker { core: WorkerCore::new(engine, cfg) })
+        Ok(NativeWorker {
+            core: WorkerCore::new(engine, cfg),
+        })
     }
 
     fn start<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
@@ -112,7 +129,10 @@ impl NativeWorker {
         runtime()?;
         let core = Arc::clone(&self.core);
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            core.next_batch(max).await.map(to_tuples).map_err(|e| to_pyerr(e, Some(&core.config().domain)))
+            core.next_batch(max)
+                .await
+                .map(to_tuples)
+                .map_err(|e| to_pyerr(e, Some(&core.config().domain)))
         })
     }
 
@@ -143,7 +163,17 @@ impl NativeWorker {
         error_details: Option<String>,
         backoff: i32,
     ) -> PyResult<bool> {
-        let o = outcome(msg_id, attempt, kind, result, error_type, error_code, error_msg, error_details, backoff)?;
+        let o = outcome(
+            msg_id,
+            attempt,
+            kind,
+            result,
+            error_type,
+            error_code,
+            error_msg,
+            error_details,
+            backoff,
+        )?;
         self.core.report(o).map_err(|e| to_pyerr(e, None))
     }
 
@@ -164,10 +194,22 @@ impl NativeWorker {
         backoff: i32,
     ) -> PyResult<Bound<'py, PyAny>> {
         runtime()?;
-        let o = outcome(msg_id, attempt, kind, result, error_type, error_code, error_msg, error_details, backoff)?;
+        let o = outcome(
+            msg_id,
+            attempt,
+            kind,
+            result,
+            error_type,
+            error_code,
+            error_msg,
+            error_details,
+            backoff,
+        )?;
         let core = Arc::clone(&self.core);
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            core.finish_now(o).await.map_err(|e| to_pyerr(e, Some(&core.config().domain)))
+            core.finish_now(o)
+                .await
+                .map_err(|e| to_pyerr(e, Some(&core.config().domain)))
         })
     }
 
@@ -176,7 +218,9 @@ impl NativeWorker {
         runtime()?;
         let core = Arc::clone(&self.core);
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            core.extend(msg_id, attempt, seconds).await.map_err(|e| to_pyerr(e, Some(&core.config().domain)))
+            core.extend(msg_id, attempt, seconds)
+                .await
+                .map_err(|e| to_pyerr(e, Some(&core.config().domain)))
         })
     }
 
@@ -184,9 +228,7 @@ impl NativeWorker {
     fn flush<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         runtime()?;
         let core = Arc::clone(&self.core);
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            core.flush().await.map_err(|e| to_pyerr(e, None))
-        })
+        pyo3_async_runtimes::tokio::future_into_py(py, async move { core.flush().await.map_err(|e| to_pyerr(e, None)) })
     }
 
     /// Stops claiming: a pending `next_batch` resolves (empty) at once. Reports still work.
@@ -199,7 +241,9 @@ impl NativeWorker {
         runtime()?;
         let core = Arc::clone(&self.core);
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            core.shutdown().await.map_err(|e| to_pyerr(e, Some(&core.config().domain)))
+            core.shutdown()
+                .await
+                .map_err(|e| to_pyerr(e, Some(&core.config().domain)))
         })
     }
 
