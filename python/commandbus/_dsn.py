@@ -31,9 +31,15 @@ def native_dsn(conninfo: str) -> str:
         auth += "@"
     netloc = ""
     if host.startswith("/"):
+        # A URL cannot have a user without a host: everything goes in the query.
         query["host"] = host
         if port:
             query["port"] = port
+        if user:
+            query["user"] = user
+        if password is not None:
+            query["password"] = password
+        auth = ""
     elif host:
         netloc = f"[{host}]" if ":" in host else host
         if port:

@@ -419,3 +419,30 @@ async def test_run_rejects_bad_arguments(pool: AsyncConnectionPool[Any]) -> None
         await Worker(pool, "orders").run()
     with pytest.raises(ValidationError):
         Worker(pool, "orders", visibility_timeout=0)
+
+
+async def test_auto_extended_leases_outlive_the_visibility_timeout(
+    pool: AsyncConnectionPool[Any],
+) -> None:
+    registry = HandlerRegistry()
+
+    @registry.handler("orders", "Long")
+    async def long(cmd: Command, ctx: HandlerContext) -> None:
+        await asyncio.sleep(4)
+
+    bus = CommandBus(pool)
+    cid = uuid4()
+    await bus.send("orders", "Long", cid, {})
+    other = Worker(pool, "orders")
+    worker = Worker(pool, "orders", registry, visibility_timeout=2, auto_extend_leases=True)
+    try:
+        async with running(worker):
+            await wait_until(lambda: _has_event(pool, cid, "RECEIVED"))
+            for _ in range(3):  # well past the 2 s lease, nobody else can claim it
+                await asyncio.sleep(1)
+                assert await other.receive(visibility_timeout=30) == []
+            await wait_status(pool, "orders", cid, "COMPLETED")
+    finally:
+        await other.close()
+    meta = await bus.get_command("orders", cid)
+    assert meta is not None and meta.attempts == 1

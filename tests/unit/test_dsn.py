@@ -1,0 +1,40 @@
+"""The conninfo -> sqlx URL translation of the Rust engine's connection."""
+
+from __future__ import annotations
+
+import pytest
+
+from commandbus._dsn import native_dsn, pool_conninfo
+from commandbus.exceptions import ValidationError
+
+
+@pytest.mark.parametrize(
+    ("conninfo", "url"),
+    [
+        ("postgresql://postgres@127.0.0.1:5432/test", "postgresql://postgres@127.0.0.1:5432/test"),
+        ("host=db.example port=6432 dbname=app user=u password=p@ss sslmode=require",
+         "postgresql://u:p%40ss@db.example:6432/app?sslmode=require"),
+        ("host=/run/pg dbname=app user=u port=5433",
+         "postgresql:///app?host=%2Frun%2Fpg&port=5433&user=u"),
+        ("host=::1 dbname=app", "postgresql://[::1]/app"),
+    ],
+)  # fmt: skip
+def test_native_dsn(conninfo: str, url: str) -> None:
+    assert native_dsn(conninfo) == url
+
+
+def test_pool_conninfo_accepts_str_and_sync_callable() -> None:
+    class Pool:
+        def __init__(self, conninfo: object) -> None:
+            self.conninfo = conninfo
+
+    assert pool_conninfo(Pool("dbname=x")) == "dbname=x"
+    assert pool_conninfo(Pool(lambda: "dbname=y")) == "dbname=y"
+
+    async def later() -> str:
+        return "dbname=z"
+
+    with pytest.raises(ValidationError, match="async callable"):
+        pool_conninfo(Pool(later))
+    with pytest.raises(ValidationError):
+        pool_conninfo(object())
