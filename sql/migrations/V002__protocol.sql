@@ -164,6 +164,7 @@ DECLARE
     v_poison_cids UUID[];
     v_skip BIGINT[];
     v_cids UUID[];
+    v_n BIGINT;
 BEGIN
     -- Every lookup below has "command_id = ANY(array)" as an index condition: joined on
     -- unnest() alone, the planner (with the stale statistics of a freshly loaded table)
@@ -247,12 +248,8 @@ BEGIN
                     'error_type', 'TRANSIENT', 'error_code', 'EXHAUSTED', 'error_msg', u.last_error_msg))
             ) AS e(ev, details)
         )
-        UPDATE commandbus.batch b
-        SET in_troubleshooting_count = b.in_troubleshooting_count + x.n,
-            status = CASE WHEN b.status = 'PENDING' THEN 'IN_PROGRESS' ELSE b.status END,
-            started_at = coalesce(b.started_at, now())
-        FROM (SELECT u.batch_id, count(*)::int AS n FROM upd u WHERE u.batch_id IS NOT NULL GROUP BY 1) x
-        WHERE b.domain = p_domain AND b.batch_id = x.batch_id;
+        SELECT count(commandbus.apply_batch_delta_v1(p_domain, x.batch_id, 0, 0, 0, x.n)) INTO v_n
+        FROM (SELECT u.batch_id, count(*)::int AS n FROM upd u WHERE u.batch_id IS NOT NULL GROUP BY 1) x;
         PERFORM pgmq.archive(v_queue, v_poison);
     END IF;
 
@@ -298,8 +295,7 @@ END $$;
 -- PERMANENT -> the TSQ at once; BUSINESS_RULE -> FAILED with a FAILED reply.
 -- Fenced: a row applies only while the command is IN_PROGRESS under the same (msg_id, attempt)
 -- lease; a late outcome from an expired lease changes nothing and is not returned.
--- Batch counters move in one row update per batch per call; a batch that becomes complete
--- gets its final status, a BATCH_COMPLETED audit row and a NOTIFY on channel commandbus_batch.
+-- Batch counters move in one row update per batch per call (apply_batch_delta_v1, V003).
 CREATE OR REPLACE FUNCTION commandbus.finish_commands_v1(
     p_domain TEXT,
     p_command_ids UUID[],
@@ -330,7 +326,7 @@ DECLARE
     v_backoff INT[];
     v_reply_q TEXT[];
     v_reply_msg JSONB[];
-    v_done_batches UUID[];
+    v_batches BIGINT;
     r RECORD;
 BEGIN
     WITH i AS (
@@ -382,36 +378,13 @@ BEGIN
         WHERE e.keep
     ), bupd AS (
         -- One row update per batch per flush: the batch row is the hot spot under many workers.
-        UPDATE commandbus.batch b
-        SET completed_count = b.completed_count + x.done,
-            failed_count = b.failed_count + x.failed,
-            in_troubleshooting_count = b.in_troubleshooting_count + x.tsq,
-            status = CASE
-                WHEN b.completed_count + x.done + b.failed_count + x.failed + b.canceled_count >= b.total_count
-                     AND b.in_troubleshooting_count + x.tsq = 0
-                THEN CASE WHEN b.failed_count + x.failed + b.canceled_count > 0
-                          THEN 'COMPLETED_WITH_FAILURES' ELSE 'COMPLETED' END
-                ELSE b.status END,
-            completed_at = CASE
-                WHEN b.completed_count + x.done + b.failed_count + x.failed + b.canceled_count >= b.total_count
-                     AND b.in_troubleshooting_count + x.tsq = 0 AND b.completed_at IS NULL
-                THEN now() ELSE b.completed_at END
+        SELECT commandbus.apply_batch_delta_v1(p_domain, x.batch_id, x.done, x.failed, 0, x.tsq) AS done
         FROM (SELECT u.batch_id,
                      count(*) FILTER (WHERE u.status = 'COMPLETED')::int AS done,
                      count(*) FILTER (WHERE u.status = 'FAILED')::int AS failed,
                      count(*) FILTER (WHERE u.status = 'IN_TROUBLESHOOTING_QUEUE')::int AS tsq
               FROM upd u WHERE u.batch_id IS NOT NULL AND u.status <> 'PENDING'
               GROUP BY u.batch_id) x
-        WHERE b.domain = p_domain AND b.batch_id = x.batch_id
-        RETURNING b.batch_id, b.status, b.total_count, b.completed_count, b.failed_count, b.canceled_count,
-                  b.in_troubleshooting_count, (b.completed_at = now()) AS just_completed
-    ), bdone AS (
-        INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)
-        SELECT p_domain, d.batch_id, 'BATCH_COMPLETED', jsonb_build_object(
-                   'batch_id', d.batch_id, 'total_count', d.total_count, 'completed_count', d.completed_count,
-                   'failed_count', d.failed_count, 'canceled_count', d.canceled_count)
-        FROM bupd d WHERE d.just_completed
-        RETURNING command_id
     )
     SELECT array_agg(u.command_id), array_agg(u.status),
            array_agg(u.mid) FILTER (WHERE u.status = 'COMPLETED'),
@@ -426,8 +399,8 @@ BEGIN
                                ELSE jsonb_build_object('error_code', u.ecode, 'error_message', u.emsg,
                                                        'error_details', u.edetails) END))
                FILTER (WHERE u.reply_queue <> '' AND u.status IN ('COMPLETED', 'FAILED')),
-           (SELECT array_agg(d.command_id) FROM bdone d)
-    INTO v_ids, v_status, v_delete, v_archive, v_retry, v_backoff, v_reply_q, v_reply_msg, v_done_batches
+           (SELECT count(*) FROM bupd)
+    INTO v_ids, v_status, v_delete, v_archive, v_retry, v_backoff, v_reply_q, v_reply_msg, v_batches
     FROM upd u;
 
     IF v_delete IS NOT NULL THEN
@@ -445,9 +418,6 @@ BEGIN
             PERFORM commandbus.ensure_queue_v1(r.q);
             PERFORM pgmq.send_batch(r.q, r.msgs);
         END LOOP;
-    END IF;
-    IF v_done_batches IS NOT NULL THEN
-        PERFORM pg_notify('commandbus_batch', p_domain || ':' || b) FROM unnest(v_done_batches) b;
     END IF;
 
     IF v_ids IS NOT NULL THEN

@@ -102,7 +102,10 @@ class WorkerProcess:
         """SIGTERM (graceful stop): must exit 0 and print its STATS line; return the stats."""
         self.proc.send_signal(signal.SIGTERM)
         rc = await self.wait()
-        assert rc == 0, self.diagnostics()
+        stats = [ln for ln in self.lines if ln.startswith("STATS ")]
+        # A negative code after STATS: the process died of a signal (SIGABRT/SIGSEGV) while
+        # the interpreter was exiting, after the worker had stopped cleanly.
+        assert rc == 0, f"exit code {rc} (stopped cleanly: {bool(stats)})\n{self.diagnostics()}"
         return dict(json.loads((await self.expect("STATS"))[0]))
 
     async def aclose(self) -> None:
