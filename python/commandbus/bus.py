@@ -6,13 +6,14 @@ import logging
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import psycopg
 from psycopg import AsyncConnection, AsyncRawCursor
 from psycopg_pool import AsyncConnectionPool
 
 from commandbus import _native, _sql
+from commandbus._bridge import call
 from commandbus._dsn import native_dsn, pool_conninfo
 from commandbus._errors import map_psycopg_error
 from commandbus._validation import (
@@ -25,16 +26,27 @@ from commandbus._validation import (
     validate_queue_name,
     validate_uuid,
 )
+from commandbus.batch import (
+    BATCH_TYPES,
+    BatchCompletionCallback,
+    release_batch_callbacks,
+    watch_batch,
+)
 from commandbus.exceptions import DuplicateCommandError, ValidationError
 from commandbus.models import (
     AuditEvent,
+    BatchCommand,
+    BatchMetadata,
     BatchSendResult,
+    BatchStatus,
     CommandMetadata,
     CommandStatus,
+    CreateBatchResult,
     SendRequest,
     SendResult,
 )
 from commandbus.policies import DEFAULT_RETRY_POLICY
+from commandbus.repositories.batch import PostgresBatchRepository
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +153,7 @@ class CommandBus:
 
     async def close(self) -> None:
         """Close the Rust engine's connections (the caller's pool stays open)."""
-        await self._native.close()
+        await call(self._native.close)
 
     # -- sending -------------------------------------------------------------------------
 
@@ -165,7 +177,8 @@ class CommandBus:
         self, domain: str, cols: _Columns, conn: AsyncConnection[Any] | None
     ) -> list[tuple[UUID, int, UUID]]:
         if conn is None:
-            return await self._native.send(domain, *cols.as_args())
+            args = cols.as_args()
+            return await call(lambda c: self._native.send(c, domain, *args))  # type: ignore[no-any-return]
         params = [
             domain,
             cols.command_ids,
@@ -331,6 +344,130 @@ class CommandBus:
             [status_text, domain, command_type, created_after, created_before, limit, offset],
         )
         return [_row_to_metadata(r) for r in rows]
+
+    # -- batches -------------------------------------------------------------------------
+
+    async def create_batch(
+        self,
+        domain: str,
+        commands: Sequence[BatchCommand],
+        *,
+        batch_id: UUID | None = None,
+        name: str | None = None,
+        custom_data: dict[str, Any] | None = None,
+        on_complete: BatchCompletionCallback | None = None,
+        batch_type: str = "COMMAND",
+        conn: AsyncConnection[Any] | None = None,
+    ) -> CreateBatchResult:
+        """Create a batch and send its commands atomically (one SQL call, `create_batch_v1`).
+
+        The batch row (status PENDING, `total_count = len(commands)`), the commands, their
+        queue messages and SENT audit rows commit together, or nothing does. With `conn` it
+        all happens in the caller's transaction. `on_complete(batch)` runs exactly once in this
+        process when the batch completes, whichever process finishes its last command (async
+        callables are awaited, plain ones run in a thread; exceptions are logged). Pending
+        callbacks are dropped by `close()`.
+
+        `total_count` is fixed at creation, as in the predecessor: a command sent later with
+        `send(..., batch_id=)` is linked to the batch and counted when it finishes, but does not
+        raise `total_count`, so the batch may complete before it. Put every command of a batch
+        in `create_batch`.
+
+        Raises:
+            ValidationError: empty `commands`, a non-BatchCommand item, bad ids, names, data,
+                custom_data, batch_type or on_complete (nothing written).
+            DuplicateCommandError: a command_id repeated in `commands` (nothing written) or
+                already stored in the domain (everything rolled back).
+            DuplicateBatchError (an InvalidOperationError): `batch_id` already exists.
+        """
+        validate_domain(domain)
+        if isinstance(commands, str | bytes) or not isinstance(commands, Sequence):
+            raise ValidationError("commands", commands, "must be a list of BatchCommand")
+        if not commands:
+            raise ValidationError("commands", commands, "a batch needs at least one command")
+        bid = uuid4() if batch_id is None else validate_uuid(batch_id, "batch_id")
+        if name is not None and not isinstance(name, str):
+            raise ValidationError("name", name, "must be None or a str")
+        custom_json = (
+            None
+            if custom_data is None
+            else encode_json(validate_data(custom_data), "custom_data", self._max_payload_bytes)
+        )
+        if batch_type not in BATCH_TYPES:
+            raise ValidationError("batch_type", batch_type, f"must be one of {BATCH_TYPES}")
+        if on_complete is not None and not callable(on_complete):
+            raise ValidationError("on_complete", on_complete, "must be callable")
+        cols = _Columns()
+        seen: set[UUID] = set()
+        for cmd in commands:
+            if not isinstance(cmd, BatchCommand):
+                raise ValidationError("commands", cmd, "items must be BatchCommand")
+            req = SendRequest(domain, cmd.command_type, cmd.command_id, cmd.data,
+                              cmd.correlation_id, cmd.reply_to, cmd.max_attempts)  # fmt: skip
+            self._add(cols, req)
+            if cols.command_ids[-1] in seen:
+                raise DuplicateCommandError(domain, str(cols.command_ids[-1]))
+            seen.add(cols.command_ids[-1])
+        columns = (cols.command_ids, cols.command_types, cols.data, cols.correlation_ids,
+                   cols.reply_tos, cols.max_attempts)  # fmt: skip
+        rows = await PostgresBatchRepository(self._pool).create(
+            domain, bid, batch_type, name, custom_json, columns, conn
+        )
+        if on_complete is not None:
+            await watch_batch(self._pool, domain, bid, on_complete, owner=self, conn=conn)
+        logger.info("created batch %s in %s with %d commands", bid, domain, len(rows))
+        return CreateBatchResult(
+            batch_id=bid,
+            command_results=[SendResult(command_id=r[0], msg_id=r[1]) for r in rows],
+            total_commands=len(rows),
+        )
+
+    async def get_batch(self, domain: str, batch_id: UUID) -> BatchMetadata | None:
+        """Return the batch's metadata (counters, status), or None when it does not exist."""
+        bid = validate_uuid(batch_id, "batch_id")
+        return await PostgresBatchRepository(self._pool).get(domain, bid)
+
+    async def list_batches(
+        self,
+        domain: str,
+        *,
+        status: BatchStatus | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[BatchMetadata]:
+        """Return the domain's batches, newest first, optionally only those in `status`."""
+        return await PostgresBatchRepository(self._pool).list_batches(
+            domain, status=status, limit=limit, offset=offset
+        )
+
+    async def list_batch_commands(
+        self,
+        domain: str,
+        batch_id: UUID,
+        *,
+        status: CommandStatus | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[CommandMetadata]:
+        """Return the batch's commands in the order they were sent, optionally only those in
+        `status`."""
+        for field, value in (("limit", limit), ("offset", offset)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValidationError(field, value, "must be an integer >= 0")
+        try:
+            status_text = None if status is None else CommandStatus(status).value
+        except ValueError:
+            raise ValidationError("status", status, "is not a CommandStatus") from None
+        rows = await self._fetch(
+            "batch_list_commands",
+            [domain, validate_uuid(batch_id, "batch_id"), status_text, limit, offset],
+        )
+        return [_row_to_metadata(r) for r in rows]
+
+    async def _close_batch_listener(self) -> None:
+        """Drop the batch callbacks this bus registered that are still pending and stop the
+        batch listener when no other callback of its database waits. `close()` calls it."""
+        await release_batch_callbacks(self)
 
 
 __all__ = ["DEFAULT_BATCH_CHUNK_SIZE", "CommandBus"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import logging
 import signal
@@ -17,6 +18,7 @@ import orjson
 from psycopg_pool import AsyncConnectionPool
 
 from commandbus import _native
+from commandbus._bridge import call
 from commandbus._dsn import native_dsn, pool_conninfo
 from commandbus._sql import command_queue
 from commandbus._validation import decode_json, encode_json, validate_domain
@@ -61,12 +63,17 @@ class _LeaseExtender:
         self._attempt = attempt
 
     async def extend(self, seconds: int) -> None:
-        if not await self._native.extend(self._msg_id, self._attempt, int(seconds)):
+        native, msg_id, attempt = self._native, self._msg_id, self._attempt
+        if not await call(lambda c: native.extend(c, msg_id, attempt, int(seconds))):
             logger.warning(
                 "lease of msg %s (attempt %s) is no longer held: visibility not extended",
                 self._msg_id,
                 self._attempt,
             )
+
+
+def _next_batch(native: _native.NativeWorker, free: int, completions: _native.Completions) -> int:
+    return native.next_batch(completions, free)
 
 
 def _details_json(details: dict[str, Any]) -> str | None:
@@ -130,6 +137,7 @@ class Worker:
         self._running = False
         self._stop_requested = False
         self._stop_timeout: float | None = None
+        self._signal_stop_timeout = 30.0
         self._stopped = asyncio.Event()
         self._wake = asyncio.Event()
         self._in_flight: set[asyncio.Task[None]] = set()
@@ -261,7 +269,13 @@ class Worker:
                 raise PermanentCommandError("RESULT_NOT_SERIALIZABLE", str(exc)) from exc
             native.report(msg_id, attempt, "SUCCESS", result_json)
         except asyncio.CancelledError:
-            raise  # no outcome: the lease is released at shutdown
+            # Cut off at stop: the attempt was made (side effects may be half done), so it
+            # counts: a transient failure retried at once, and the poison guard still applies.
+            native.report(
+                msg_id, attempt, "TRANSIENT", None, "TRANSIENT", "WORKER_STOPPED",
+                "handler cancelled when its worker stopped", None, 0,
+            )  # fmt: skip
+            raise
         except (TransientCommandError, PermanentCommandError, BusinessRuleException) as exc:
             logger.info("command msg_id=%s attempt=%s failed: %s", msg_id, attempt, exc)
             native.report(msg_id, attempt, *self._outcome_args(exc, attempt))
@@ -281,8 +295,11 @@ class Worker:
         use_notify: bool = True,
         *,
         handle_signals: bool = False,
+        signal_stop_timeout: float = 30.0,
     ) -> None:
-        """Process commands until `stop()` (or SIGTERM/SIGINT with `handle_signals=True`).
+        """Process commands until `stop()` (or SIGTERM/SIGINT with `handle_signals=True`: the
+        first signal stops gracefully, waiting up to `signal_stop_timeout` seconds for running
+        handlers; a second one cancels them at once).
 
         Up to `concurrency` handlers run at once: async handlers as asyncio tasks, plain
         `def` handlers in a bounded thread pool. NOTIFY wakes the worker when commands arrive;
@@ -298,6 +315,7 @@ class Worker:
             raise RuntimeError(f"worker for {self._domain} is already running")
         if self._sync_threads is None:
             self._sync_threads = min(concurrency, 32)
+        self._signal_stop_timeout = signal_stop_timeout
         native = self._new_native(use_notify, float(poll_interval))
         self._native = native
         self._running = True
@@ -306,10 +324,10 @@ class Worker:
         loop = asyncio.get_running_loop()
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self._request_stop)
+                loop.add_signal_handler(sig, self._on_signal)
         logger.info("worker for %s starting (concurrency=%d)", self._domain, concurrency)
         try:
-            await native.start()
+            await call(native.start)
             reported_errors = 0
             # Claim when half the slots are free (or nothing runs): one claim per many
             # handlers instead of one per finished handler; each claim is a round trip.
@@ -320,7 +338,7 @@ class Worker:
                     self._wake.clear()
                     await self._wake.wait()
                     continue
-                batch = await native.next_batch(free)
+                batch: list[ClaimedTuple] = await call(functools.partial(_next_batch, native, free))
                 for item in batch:
                     task = asyncio.create_task(self._execute(native, item))
                     self._in_flight.add(task)
@@ -339,6 +357,18 @@ class Worker:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(sig)
             await self._shutdown(native)
+
+    def _on_signal(self) -> None:
+        if self._stop_requested:
+            logger.warning(
+                "worker for %s: second signal, cancelling running handlers", self._domain
+            )
+            for task in list(self._in_flight):
+                task.cancel()
+            return
+        logger.info("worker for %s: signal received, stopping", self._domain)
+        self._stop_timeout = self._signal_stop_timeout
+        self._request_stop()
 
     def _request_stop(self) -> None:
         self._stop_requested = True
@@ -362,7 +392,7 @@ class Worker:
                         "worker for %s: %d handlers cancelled at stop", self._domain, len(pending)
                     )
                     await asyncio.wait(pending)
-            released = await native.shutdown()
+            released = await call(native.shutdown)
             if released:
                 logger.info("worker for %s released %d unfinished commands", self._domain, released)
         finally:
@@ -395,11 +425,13 @@ class Worker:
     ) -> list[ReceivedCommand]:
         """Claim up to `batch_size` commands now (no waiting)."""
         native = self._step()
-        items = await native.receive(batch_size, visibility_timeout or self._visibility_timeout)
+        vt = visibility_timeout or self._visibility_timeout
+        items = await call(lambda c: native.receive(c, batch_size, vt))
         return [self._received(native, item) for item in items]
 
     async def _finish(self, received: ReceivedCommand, args: tuple[Any, ...]) -> bool:
-        applied = await self._step().finish_now(received.msg_id, received.context.attempt, *args)
+        native, msg_id, attempt = self._step(), received.msg_id, received.context.attempt
+        applied: bool = await call(lambda c: native.finish_now(c, msg_id, attempt, *args))
         if not applied:
             logger.warning(
                 "outcome for command %s ignored: its lease (msg %s, attempt %s) is no longer held",
@@ -440,7 +472,7 @@ class Worker:
         """Release the step API's unfinished leases and close its connections."""
         if self._step_native is not None:
             with contextlib.suppress(Exception):
-                await self._step_native.shutdown()
+                await call(self._step_native.shutdown)
             self._step_native = None
 
 

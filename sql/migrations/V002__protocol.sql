@@ -42,7 +42,9 @@ CREATE OR REPLACE FUNCTION commandbus.send_commands_v1(
 LANGUAGE plpgsql
 -- Row lookups must be unique-index probes whatever the statistics say (right after a bulk
 -- send the planner believed the table tiny and scanned a whole domain per claim: 10x slower).
-SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off SET enable_seqscan = off
+-- Hash joins stay on: without them the input arrays were rescanned per row (a flush of 1,000
+-- took 430 ms instead of 40 ms).
+SET enable_bitmapscan = off SET enable_mergejoin = off SET enable_seqscan = off
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -152,7 +154,9 @@ CREATE OR REPLACE FUNCTION commandbus.claim_commands_v1(
 LANGUAGE plpgsql
 -- Row lookups must be unique-index probes whatever the statistics say (right after a bulk
 -- send the planner believed the table tiny and scanned a whole domain per claim: 10x slower).
-SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off SET enable_seqscan = off
+-- Hash joins stay on: without them the input arrays were rescanned per row (a flush of 1,000
+-- took 430 ms instead of 40 ms).
+SET enable_bitmapscan = off SET enable_mergejoin = off SET enable_seqscan = off
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -249,7 +253,8 @@ BEGIN
             ) AS e(ev, details)
         )
         SELECT count(commandbus.apply_batch_delta_v1(p_domain, x.batch_id, 0, 0, 0, x.n)) INTO v_n
-        FROM (SELECT u.batch_id, count(*)::int AS n FROM upd u WHERE u.batch_id IS NOT NULL GROUP BY 1) x;
+        FROM (SELECT u.batch_id, count(*)::int AS n FROM upd u WHERE u.batch_id IS NOT NULL
+              GROUP BY 1 ORDER BY 1) x;
         PERFORM pgmq.archive(v_queue, v_poison);
     END IF;
 
@@ -285,7 +290,8 @@ BEGIN
     )
     SELECT u.mid, u.attempts, u.ma, u.command_id, u.command_type, coalesce(u.msg->'data', '{}'::jsonb),
            u.correlation_id, nullif(u.reply_queue, ''), u.batch_id, u.created_at
-    FROM upd u;
+    FROM upd u
+    ORDER BY u.mid;  -- queue order
 END $$;
 
 -- Applies handler outcomes of one domain in one call (the worker's flush). Outcome codes:
@@ -313,7 +319,9 @@ CREATE OR REPLACE FUNCTION commandbus.finish_commands_v1(
 LANGUAGE plpgsql
 -- Row lookups must be unique-index probes whatever the statistics say (right after a bulk
 -- send the planner believed the table tiny and scanned a whole domain per claim: 10x slower).
-SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off SET enable_seqscan = off
+-- Hash joins stay on: without them the input arrays were rescanned per row (a flush of 1,000
+-- took 430 ms instead of 40 ms).
+SET enable_bitmapscan = off SET enable_mergejoin = off SET enable_seqscan = off
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -384,7 +392,8 @@ BEGIN
                      count(*) FILTER (WHERE u.status = 'FAILED')::int AS failed,
                      count(*) FILTER (WHERE u.status = 'IN_TROUBLESHOOTING_QUEUE')::int AS tsq
               FROM upd u WHERE u.batch_id IS NOT NULL AND u.status <> 'PENDING'
-              GROUP BY u.batch_id) x
+              GROUP BY u.batch_id
+              ORDER BY u.batch_id) x  -- batch rows locked in one order: no deadlock between flushes
     )
     SELECT array_agg(u.command_id), array_agg(u.status),
            array_agg(u.mid) FILTER (WHERE u.status = 'COMPLETED'),
@@ -433,7 +442,9 @@ CREATE OR REPLACE FUNCTION commandbus.extend_leases_v1(
 LANGUAGE plpgsql
 -- Row lookups must be unique-index probes whatever the statistics say (right after a bulk
 -- send the planner believed the table tiny and scanned a whole domain per claim: 10x slower).
-SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off SET enable_seqscan = off
+-- Hash joins stay on: without them the input arrays were rescanned per row (a flush of 1,000
+-- took 430 ms instead of 40 ms).
+SET enable_bitmapscan = off SET enable_mergejoin = off SET enable_seqscan = off
 AS $$
 #variable_conflict use_column
 DECLARE
@@ -459,7 +470,9 @@ CREATE OR REPLACE FUNCTION commandbus.release_commands_v1(
 LANGUAGE plpgsql
 -- Row lookups must be unique-index probes whatever the statistics say (right after a bulk
 -- send the planner believed the table tiny and scanned a whole domain per claim: 10x slower).
-SET enable_bitmapscan = off SET enable_hashjoin = off SET enable_mergejoin = off SET enable_seqscan = off
+-- Hash joins stay on: without them the input arrays were rescanned per row (a flush of 1,000
+-- took 430 ms instead of 40 ms).
+SET enable_bitmapscan = off SET enable_mergejoin = off SET enable_seqscan = off
 AS $$
 #variable_conflict use_column
 DECLARE

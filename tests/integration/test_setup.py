@@ -81,7 +81,9 @@ async def test_concurrent_setup_creates_once(empty_db: str) -> None:
         async with await psycopg.AsyncConnection.connect(empty_db) as conn:
             assert await setup_database(conn) is False  # a plain connection works too
         rows = await _execute(pool, "SELECT version FROM commandbus.schema_migrations ORDER BY 1")
-        assert rows == [(v,) for v, _, _ in __import__("commandbus._sql", fromlist=["x"]).migrations()]
+        assert rows == [
+            (v,) for v, _, _ in __import__("commandbus._sql", fromlist=["x"]).migrations()
+        ]
     finally:
         await pool.close()
 

@@ -337,10 +337,11 @@ async def test_stop_finishes_in_flight_and_releases_the_rest(
     assert not worker.is_running
     for cid in quick_ids:  # outcomes applied before stop() returned
         assert await status_of(pool, "orders", cid) == "COMPLETED"
-    for cid in stuck_ids:  # released: attempt undone, visible again at once
+    for cid in stuck_ids:  # cut off: the attempt counts, retried at once (visible again)
         meta = await bus.get_command("orders", cid)
-        assert meta is not None and meta.status.value == "PENDING" and meta.attempts == 0
-        assert (await events(pool, cid))[-1] == "RELEASED"
+        assert meta is not None and meta.status.value == "PENDING" and meta.attempts == 1
+        assert meta.last_error_code == "WORKER_STOPPED"
+        assert (await events(pool, cid))[-2:] == ["FAILED", "RETRY_SCHEDULED"]
     [(visible,)] = await fetch(
         pool, "SELECT count(*) FROM pgmq.q_orders__commands WHERE vt <= clock_timestamp()"
     )

@@ -4,6 +4,7 @@ use pyo3::prelude::*;
 use rcmd_core::{Engine, EngineConfig, SendBatch};
 use uuid::Uuid;
 
+use crate::bridge::{Completions, Ready};
 use crate::errors::to_pyerr;
 use crate::runtime::runtime;
 
@@ -26,11 +27,11 @@ impl NativeBus {
         Ok(NativeBus { engine })
     }
 
-    /// Sends the commands of one domain atomically. Returns [(command_id, msg_id, correlation_id)].
+    /// Sends the commands of one domain atomically; resolves to [(command_id, msg_id, correlation_id)].
     #[allow(clippy::too_many_arguments)]
-    fn send<'py>(
+    fn send(
         &self,
-        py: Python<'py>,
+        completions: &Completions,
         domain: String,
         command_ids: Vec<Uuid>,
         command_types: Vec<String>,
@@ -39,8 +40,7 @@ impl NativeBus {
         reply_tos: Vec<Option<String>>,
         max_attempts: Vec<Option<i32>>,
         batch_ids: Vec<Option<Uuid>>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        runtime()?;
+    ) -> PyResult<u64> {
         let engine = self.engine.clone();
         let batch = SendBatch {
             command_ids,
@@ -51,28 +51,30 @@ impl NativeBus {
             max_attempts,
             batch_ids,
         };
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            engine
-                .send(&domain, batch)
-                .await
-                .map_err(|e| to_pyerr(e, Some(&domain)))
+        completions.spawn(async move {
+            match engine.send(&domain, batch).await {
+                Ok(rows) => Ready::Sent(rows),
+                Err(e) => Ready::Failed(e, Some(domain)),
+            }
         })
     }
 
-    fn ensure_queue<'py>(&self, py: Python<'py>, queue: String) -> PyResult<Bound<'py, PyAny>> {
-        runtime()?;
+    /// Creates a PGMQ queue if missing; resolves to whether it was created.
+    fn ensure_queue(&self, completions: &Completions, queue: String) -> PyResult<u64> {
         let engine = self.engine.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            engine.ensure_queue(&queue).await.map_err(|e| to_pyerr(e, None))
+        completions.spawn(async move {
+            match engine.ensure_queue(&queue).await {
+                Ok(created) => Ready::Bool(created),
+                Err(e) => Ready::Failed(e, None),
+            }
         })
     }
 
-    fn close<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        runtime()?;
+    fn close(&self, completions: &Completions) -> PyResult<u64> {
         let engine = self.engine.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        completions.spawn(async move {
             engine.close().await;
-            Ok(())
+            Ready::Unit
         })
     }
 }

@@ -2,6 +2,7 @@
 
 use pyo3::prelude::*;
 
+mod bridge;
 mod bus;
 mod errors;
 mod runtime;
@@ -24,6 +25,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(migrations, m)?)?;
     m.add_function(wrap_pyfunction!(statements, m)?)?;
+    m.add_class::<bridge::Completions>()?;
     m.add_class::<bus::NativeBus>()?;
     m.add_class::<worker::NativeWorker>()?;
     Ok(())

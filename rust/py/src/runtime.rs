@@ -1,5 +1,4 @@
-//! The one tokio runtime of the process, built lazily on first use, shared with
-//! pyo3-async-runtimes. A runtime does not survive `fork()`: a child that inherited one gets a
+//! The one tokio runtime of the process, built lazily on first use. A runtime does not survive `fork()`: a child that inherited one gets a
 //! clear error instead of a hang.
 
 use std::sync::OnceLock;
@@ -29,6 +28,5 @@ pub fn runtime() -> PyResult<&'static Runtime> {
             "commandbus's native runtime was created before fork(); create CommandBus and Worker objects in the child process",
         ));
     }
-    let _ = pyo3_async_runtimes::tokio::init_with_runtime(rt);
     Ok(rt)
 }

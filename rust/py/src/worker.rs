@@ -6,45 +6,18 @@ use std::time::Duration;
 
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
-use rcmd_core::{Claimed, Engine, EngineConfig, Lease, Outcome, OutcomeKind, WorkerConfig, WorkerCore};
+use rcmd_core::{CoreResult, Engine, EngineConfig, Lease, Outcome, OutcomeKind, WorkerConfig, WorkerCore};
 use uuid::Uuid;
 
+use crate::bridge::{Completions, Ready};
 use crate::errors::to_pyerr;
 use crate::runtime::runtime;
 
-/// (msg_id, attempt, max_attempts, command_id, command_type, data_json, correlation_id,
-///  reply_to, batch_id, created_at_us)
-type ClaimedTuple = (
-    i64,
-    i32,
-    i32,
-    Uuid,
-    String,
-    String,
-    Option<Uuid>,
-    Option<String>,
-    Option<Uuid>,
-    i64,
-);
-
-fn to_tuples(batch: Vec<Claimed>) -> Vec<ClaimedTuple> {
-    batch
-        .into_iter()
-        .map(|c| {
-            (
-                c.lease.msg_id,
-                c.lease.attempt,
-                c.max_attempts,
-                c.lease.command_id,
-                c.command_type,
-                c.data,
-                c.correlation_id,
-                c.reply_to,
-                c.batch_id,
-                c.created_at_us,
-            )
-        })
-        .collect()
+fn ready<T>(result: CoreResult<T>, domain: &str, ok: impl FnOnce(T) -> Ready) -> Ready {
+    match result {
+        Ok(v) => ok(v),
+        Err(e) => Ready::Failed(e, Some(domain.to_owned())),
+    }
 }
 
 #[pyclass(frozen, module = "commandbus._native")]
@@ -116,35 +89,26 @@ impl NativeWorker {
         })
     }
 
-    fn start<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        runtime()?;
+    fn start(&self, completions: &Completions) -> PyResult<u64> {
         let core = Arc::clone(&self.core);
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            core.start().await.map_err(|e| to_pyerr(e, Some(&core.config().domain)))
-        })
+        completions.spawn(async move { ready(core.start().await, &core.config().domain, |()| Ready::Unit) })
     }
 
     /// Waits for work and claims up to `max` commands; empty once the worker is stopping.
-    fn next_batch<'py>(&self, py: Python<'py>, max: usize) -> PyResult<Bound<'py, PyAny>> {
-        runtime()?;
+    fn next_batch(&self, completions: &Completions, max: usize) -> PyResult<u64> {
         let core = Arc::clone(&self.core);
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            core.next_batch(max)
-                .await
-                .map(to_tuples)
-                .map_err(|e| to_pyerr(e, Some(&core.config().domain)))
-        })
+        completions.spawn(async move { ready(core.next_batch(max).await, &core.config().domain, Ready::Claimed) })
     }
 
     /// Claims up to `max` commands now, without waiting (step API).
-    fn receive<'py>(&self, py: Python<'py>, max: usize, visibility_timeout: i32) -> PyResult<Bound<'py, PyAny>> {
-        runtime()?;
+    fn receive(&self, completions: &Completions, max: usize, visibility_timeout: i32) -> PyResult<u64> {
         let core = Arc::clone(&self.core);
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            core.claim_now(max, visibility_timeout)
-                .await
-                .map(to_tuples)
-                .map_err(|e| to_pyerr(e, Some(&core.config().domain)))
+        completions.spawn(async move {
+            ready(
+                core.claim_now(max, visibility_timeout).await,
+                &core.config().domain,
+                Ready::Claimed,
+            )
         })
     }
 
@@ -178,11 +142,11 @@ impl NativeWorker {
     }
 
     /// Applies one outcome now (step API); resolves to whether the fence let it through.
-    #[pyo3(signature = (msg_id, attempt, kind, result=None, error_type=None, error_code=None, error_msg=None, error_details=None, backoff=0))]
+    #[pyo3(signature = (completions, msg_id, attempt, kind, result=None, error_type=None, error_code=None, error_msg=None, error_details=None, backoff=0))]
     #[allow(clippy::too_many_arguments)]
-    fn finish_now<'py>(
+    fn finish_now(
         &self,
-        py: Python<'py>,
+        completions: &Completions,
         msg_id: i64,
         attempt: i32,
         kind: &str,
@@ -192,8 +156,7 @@ impl NativeWorker {
         error_msg: Option<String>,
         error_details: Option<String>,
         backoff: i32,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        runtime()?;
+    ) -> PyResult<u64> {
         let o = outcome(
             msg_id,
             attempt,
@@ -206,29 +169,25 @@ impl NativeWorker {
             backoff,
         )?;
         let core = Arc::clone(&self.core);
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            core.finish_now(o)
-                .await
-                .map_err(|e| to_pyerr(e, Some(&core.config().domain)))
-        })
+        completions.spawn(async move { ready(core.finish_now(o).await, &core.config().domain, Ready::Bool) })
     }
 
     /// Extends a held lease by `seconds`; resolves to False when the lease is no longer ours.
-    fn extend<'py>(&self, py: Python<'py>, msg_id: i64, attempt: i32, seconds: i32) -> PyResult<Bound<'py, PyAny>> {
-        runtime()?;
+    fn extend(&self, completions: &Completions, msg_id: i64, attempt: i32, seconds: i32) -> PyResult<u64> {
         let core = Arc::clone(&self.core);
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            core.extend(msg_id, attempt, seconds)
-                .await
-                .map_err(|e| to_pyerr(e, Some(&core.config().domain)))
+        completions.spawn(async move {
+            ready(
+                core.extend(msg_id, attempt, seconds).await,
+                &core.config().domain,
+                Ready::Bool,
+            )
         })
     }
 
     /// Resolves once every outcome reported so far has been applied.
-    fn flush<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        runtime()?;
+    fn flush(&self, completions: &Completions) -> PyResult<u64> {
         let core = Arc::clone(&self.core);
-        pyo3_async_runtimes::tokio::future_into_py(py, async move { core.flush().await.map_err(|e| to_pyerr(e, None)) })
+        completions.spawn(async move { ready(core.flush().await, &core.config().domain, |()| Ready::Unit) })
     }
 
     /// Stops claiming: a pending `next_batch` resolves (empty) at once. Reports still work.
@@ -237,14 +196,9 @@ impl NativeWorker {
     }
 
     /// Graceful stop: flush, release unreported leases, close. Resolves to the released count.
-    fn shutdown<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        runtime()?;
+    fn shutdown(&self, completions: &Completions) -> PyResult<u64> {
         let core = Arc::clone(&self.core);
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            core.shutdown()
-                .await
-                .map_err(|e| to_pyerr(e, Some(&core.config().domain)))
-        })
+        completions.spawn(async move { ready(core.shutdown().await, &core.config().domain, Ready::Int) })
     }
 
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {

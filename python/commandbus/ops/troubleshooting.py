@@ -1,0 +1,336 @@
+"""The troubleshooting queue (TSQ): commands that failed permanently or used up their retries,
+waiting for an operator to retry, cancel or complete them.
+
+Every operator action is one SQL function call in one transaction (sql/migrations/V004): it locks
+the command row, checks that the command is still in the TSQ, writes the audit row with the
+operator's name, sends the reply and moves the batch counters. When two operators act on one
+command at once, exactly one succeeds; the other gets :class:`InvalidOperationError`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import psycopg
+from psycopg import AsyncRawCursor
+from psycopg_pool import AsyncConnectionPool
+
+from commandbus import _sql
+from commandbus._errors import map_psycopg_error
+from commandbus._validation import encode_json, validate_domain, validate_uuid
+from commandbus.exceptions import (
+    CommandBusError,
+    CommandNotFoundError,
+    InvalidOperationError,
+    ValidationError,
+)
+from commandbus.models import TroubleshootingItem
+from commandbus.policies import DEFAULT_RETRY_POLICY
+
+logger = logging.getLogger(__name__)
+
+#: Called after each chunk of a bulk action with the number of commands handled so far.
+ProgressCallback = Callable[[int], None]
+
+DEFAULT_BULK_CHUNK_SIZE = 500
+# The same ceiling the worker puts on a handler's result.
+_MAX_RESULT_BYTES = 8 * 1_048_576
+
+# SQLSTATEs raised by the V004 functions.
+_NOT_IN_TSQ = "CB004"
+_UNKNOWN_COMMAND = "CB005"
+_NOT_RETRYABLE = "CB006"
+
+
+def _map_error(
+    err: psycopg.Error, domain: str | None, command_id: UUID | None = None
+) -> CommandBusError:
+    """Map the TSQ SQLSTATEs to typed errors; anything else as the rest of the package does."""
+    message = err.diag.message_primary if err.diag is not None else None
+    if err.sqlstate == _UNKNOWN_COMMAND:
+        return CommandNotFoundError(domain or "", str(command_id))
+    if err.sqlstate in (_NOT_IN_TSQ, _NOT_RETRYABLE):
+        return InvalidOperationError(message or str(err))
+    return map_psycopg_error(err, domain)
+
+
+def _check_count(name: str, value: int, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValidationError(name, value, f"must be an integer >= {minimum}")
+    return value
+
+
+def _check_optional_text(name: str, value: str | None) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise ValidationError(name, value, "must be a str or None")
+    return value
+
+
+def _row_to_item(row: Sequence[Any]) -> TroubleshootingItem:
+    (domain, command_id, command_type, attempts, max_attempts, etype, ecode, emsg,
+     correlation_id, reply_to, payload, created_at, updated_at) = row  # fmt: skip
+    return TroubleshootingItem(
+        domain=domain,
+        command_id=command_id,
+        command_type=command_type,
+        attempts=attempts,
+        # NULL: the worker's RetryPolicy decides; report its default as the bus does.
+        max_attempts=max_attempts
+        if max_attempts is not None
+        else DEFAULT_RETRY_POLICY.max_attempts,
+        last_error_type=etype,
+        last_error_code=ecode,
+        last_error_msg=emsg,
+        correlation_id=correlation_id,
+        reply_to=reply_to,
+        payload=payload,
+        created_at=created_at,
+        updated_at=updated_at,
+    )
+
+
+class TroubleshootingQueue:
+    """Operations on the commands in the troubleshooting queue.
+
+    Example:
+        tsq = TroubleshootingQueue(pool)
+        for item in await tsq.list_troubleshooting("payments"):
+            print(item.command_type, item.last_error_msg)
+        await tsq.operator_retry("payments", item.command_id, operator="alice")
+    """
+
+    def __init__(self, pool: AsyncConnectionPool[Any]) -> None:
+        """Args:
+        pool: the psycopg async pool; each call takes one connection (one transaction).
+        """
+        self._pool = pool
+
+    async def _fetch(
+        self, name: str, params: list[Any], domain: str | None, command_id: UUID | None = None
+    ) -> list[tuple[Any, ...]]:
+        """Run one statement of `sql/statements/` in its own transaction."""
+        try:
+            async with self._pool.connection() as conn, AsyncRawCursor(conn) as cur:
+                await cur.execute(_sql.statement(name), params)
+                return await cur.fetchall() if cur.description is not None else []
+        except psycopg.Error as err:
+            raise _map_error(err, domain, command_id) from err
+
+    # -- listing -------------------------------------------------------------------------
+
+    async def list_troubleshooting(
+        self,
+        domain: str,
+        command_type: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> list[TroubleshootingItem]:
+        """List a domain's TSQ commands, most recently failed first, each with its archived
+        queue message (`payload`, None when the archive no longer has it) and last error."""
+        validate_domain(domain)
+        _check_optional_text("command_type", command_type)
+        _check_count("limit", limit, 0)
+        _check_count("offset", offset, 0)
+        rows = await self._fetch("tsq_list", [domain, command_type, limit, offset], domain)
+        return [_row_to_item(r) for r in rows]
+
+    async def count_troubleshooting(self, domain: str, command_type: str | None = None) -> int:
+        """Count a domain's TSQ commands (optionally of one command type)."""
+        validate_domain(domain)
+        _check_optional_text("command_type", command_type)
+        rows = await self._fetch("tsq_count", [domain, command_type], domain)
+        return int(rows[0][0])
+
+    async def list_domains(self) -> list[str]:
+        """List the domains that have commands in the TSQ, in name order."""
+        rows = await self._fetch("tsq_domains", [], None)
+        return [str(r[0]) for r in rows]
+
+    async def get_command_domain(self, command_id: UUID) -> str:
+        """Return the domain of a command (one in the TSQ first, should the id exist in
+        several domains).
+
+        Raises:
+            CommandNotFoundError: no domain has the command (domain reported as "unknown").
+        """
+        cid = validate_uuid(command_id, "command_id")
+        rows = await self._fetch("tsq_command_domain", [cid], None, cid)
+        if not rows:
+            raise CommandNotFoundError("unknown", str(cid))
+        return str(rows[0][0])
+
+    async def list_command_ids(self, domain: str | None = None) -> list[UUID]:
+        """Return the ids of all TSQ commands (of one domain, or all), newest first."""
+        if domain is not None:
+            validate_domain(domain)
+        rows = await self._fetch("tsq_command_ids", [domain], domain)
+        return [r[0] for r in rows]
+
+    async def list_all_troubleshooting(
+        self,
+        limit: int = 50,
+        offset: int = 0,
+        domain: str | None = None,
+    ) -> tuple[list[TroubleshootingItem], int, list[UUID]]:
+        """List TSQ commands across domains (or of one), most recently failed first.
+
+        Returns:
+            (the page of items, the total number of TSQ commands, all their command ids).
+        """
+        if domain is not None:
+            validate_domain(domain)
+        _check_count("limit", limit, 0)
+        _check_count("offset", offset, 0)
+        rows = await self._fetch("tsq_list_all", [domain, limit, offset], domain)
+        command_ids = await self.list_command_ids(domain)
+        return [_row_to_item(r) for r in rows], len(command_ids), command_ids
+
+    # -- operator actions ----------------------------------------------------------------
+
+    async def operator_retry(
+        self, domain: str, command_id: UUID, operator: str | None = None
+    ) -> int:
+        """Send the command's archived message again: status PENDING, attempts 0, a new
+        msg_id; workers are woken. Returns the new msg_id.
+
+        Raises:
+            CommandNotFoundError: the domain has no such command.
+            InvalidOperationError: the command is not in the TSQ, or its archived message is
+                gone (cancel or complete it instead).
+        """
+        validate_domain(domain)
+        cid = validate_uuid(command_id, "command_id")
+        _check_optional_text("operator", operator)
+        rows = await self._fetch("tsq_retry", [domain, cid, operator], domain, cid)
+        new_msg_id = int(rows[0][0])
+        logger.info(
+            "operator retry of %s.%s by %s: new msg_id %s", domain, cid, operator, new_msg_id
+        )
+        return new_msg_id
+
+    async def operator_cancel(
+        self, domain: str, command_id: UUID, reason: str, operator: str | None = None
+    ) -> None:
+        """Cancel the command: status CANCELED, a CANCELED reply (with `reason`) where the
+        command has a reply queue; a batch counts it as canceled.
+
+        Raises:
+            CommandNotFoundError: the domain has no such command.
+            InvalidOperationError: the command is not in the TSQ.
+        """
+        validate_domain(domain)
+        cid = validate_uuid(command_id, "command_id")
+        if not isinstance(reason, str):
+            raise ValidationError("reason", reason, "must be a str")
+        _check_optional_text("operator", operator)
+        await self._fetch("tsq_cancel", [domain, cid, reason, operator], domain, cid)
+        logger.info("operator cancel of %s.%s by %s: %s", domain, cid, operator, reason)
+
+    async def operator_complete(
+        self,
+        domain: str,
+        command_id: UUID,
+        result_data: dict[str, Any] | None = None,
+        operator: str | None = None,
+    ) -> None:
+        """Complete the command by hand: status COMPLETED with `result_data` stored as its
+        result, a SUCCESS reply carrying it where the command has a reply queue; a batch
+        counts it as completed.
+
+        Raises:
+            CommandNotFoundError: the domain has no such command.
+            InvalidOperationError: the command is not in the TSQ.
+            ValidationError: `result_data` is not a dict or not JSON-serialisable.
+        """
+        validate_domain(domain)
+        cid = validate_uuid(command_id, "command_id")
+        _check_optional_text("operator", operator)
+        result_json: str | None = None
+        if result_data is not None:
+            if not isinstance(result_data, dict):
+                raise ValidationError("result_data", result_data, "must be a dict or None")
+            result_json = encode_json(result_data, "result_data", _MAX_RESULT_BYTES)
+        await self._fetch("tsq_complete", [domain, cid, result_json, operator], domain, cid)
+        logger.info("operator complete of %s.%s by %s", domain, cid, operator)
+
+    # -- bulk actions --------------------------------------------------------------------
+
+    async def _bulk(
+        self,
+        name: str,
+        domain: str,
+        head: list[Any],
+        chunk_size: int,
+        on_progress: ProgressCallback | None,
+    ) -> int:
+        """Call a chunked bulk function until it finds nothing more; one transaction per chunk.
+        Only commands already in the TSQ when the first chunk ran are handled."""
+        cutoff: datetime | None = None
+        after: UUID | None = None
+        done = 0
+        while True:
+            rows = await self._fetch(name, [*head, chunk_size, cutoff, after], domain)
+            examined, affected, cutoff, after = rows[0]
+            if examined == 0:
+                return done
+            done += int(affected)
+            if on_progress is not None:
+                on_progress(done)
+
+    async def retry_all(
+        self,
+        domain: str,
+        command_type: str | None = None,
+        operator: str | None = None,
+        chunk_size: int = DEFAULT_BULK_CHUNK_SIZE,
+        *,
+        on_progress: ProgressCallback | None = None,
+    ) -> int:
+        """Retry every TSQ command of the domain (optionally of one type), `chunk_size` per
+        transaction. Commands whose archived message is gone are left in the TSQ. Returns how
+        many were retried; `on_progress(retried_so_far)` runs after each chunk."""
+        validate_domain(domain)
+        _check_optional_text("command_type", command_type)
+        _check_optional_text("operator", operator)
+        _check_count("chunk_size", chunk_size, 1)
+        total = await self._bulk(
+            "tsq_retry_all", domain, [domain, command_type, operator], chunk_size, on_progress
+        )
+        logger.info("operator bulk retry in %s by %s: %d commands", domain, operator, total)
+        return total
+
+    async def cancel_all(
+        self,
+        domain: str,
+        reason: str,
+        command_type: str | None = None,
+        operator: str | None = None,
+        chunk_size: int = DEFAULT_BULK_CHUNK_SIZE,
+        *,
+        on_progress: ProgressCallback | None = None,
+    ) -> int:
+        """Cancel every TSQ command of the domain (optionally of one type), `chunk_size` per
+        transaction, with CANCELED replies as `operator_cancel` sends them. Returns how many
+        were canceled; `on_progress(canceled_so_far)` runs after each chunk."""
+        validate_domain(domain)
+        if not isinstance(reason, str):
+            raise ValidationError("reason", reason, "must be a str")
+        _check_optional_text("command_type", command_type)
+        _check_optional_text("operator", operator)
+        _check_count("chunk_size", chunk_size, 1)
+        total = await self._bulk(
+            "tsq_cancel_all",
+            domain,
+            [domain, reason, command_type, operator],
+            chunk_size,
+            on_progress,
+        )
+        logger.info("operator bulk cancel in %s by %s: %d commands", domain, operator, total)
+        return total
+
+
+__all__ = ["DEFAULT_BULK_CHUNK_SIZE", "ProgressCallback", "TroubleshootingQueue"]
