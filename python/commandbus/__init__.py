@@ -1,6 +1,15 @@
 """rcmd: reliable commands for Python services, a command bus over PostgreSQL + PGMQ whose hot
 path is Rust. Drop-in successor of `reliable-cmd` 0.2.2 (same names, same database objects)."""
 
+from commandbus.batch import (
+    BatchCompletionCallback,
+    DuplicateBatchError,
+    check_and_invoke_batch_callback,
+    clear_all_callbacks,
+    get_batch_callback,
+    register_batch_callback,
+    remove_batch_callback,
+)
 from commandbus.bus import CommandBus
 from commandbus.exceptions import (
     BatchNotFoundError,
@@ -33,12 +42,23 @@ from commandbus.models import (
     CommandStatus,
     CreateBatchResult,
     HandlerContext,
+    Reply,
     ReplyOutcome,
     SendRequest,
     SendResult,
     TroubleshootingItem,
 )
+from commandbus.ops.troubleshooting import TroubleshootingQueue
+from commandbus.pgmq.client import PgmqClient, PgmqMessage
 from commandbus.policies import DEFAULT_RETRY_POLICY, RetryPolicy
+from commandbus.replies import ReplyConsumer, wait_for_reply
+from commandbus.repositories import (
+    AuditEventType,
+    PostgresAuditLogger,
+    PostgresBatchRepository,
+    PostgresCommandRepository,
+)
+from commandbus.retention import PruneResult, RetentionPolicy
 from commandbus.setup import check_schema_exists, get_schema_sql, setup_database
 from commandbus.worker import ReceivedCommand, Worker
 
@@ -52,7 +72,9 @@ except Exception:  # pragma: no cover - not installed (source tree)
 __all__ = [
     "DEFAULT_RETRY_POLICY",
     "AuditEvent",
+    "AuditEventType",
     "BatchCommand",
+    "BatchCompletionCallback",
     "BatchMetadata",
     "BatchNotFoundError",
     "BatchSendResult",
@@ -66,6 +88,7 @@ __all__ = [
     "CommandStatus",
     "CreateBatchResult",
     "DatabaseError",
+    "DuplicateBatchError",
     "DuplicateCommandError",
     "HandlerAlreadyRegisteredError",
     "HandlerContext",
@@ -76,8 +99,17 @@ __all__ = [
     "InvalidOperationError",
     "PayloadTooLargeError",
     "PermanentCommandError",
+    "PgmqClient",
+    "PgmqMessage",
+    "PostgresAuditLogger",
+    "PostgresBatchRepository",
+    "PostgresCommandRepository",
+    "PruneResult",
     "ReceivedCommand",
+    "Reply",
+    "ReplyConsumer",
     "ReplyOutcome",
+    "RetentionPolicy",
     "RetryPolicy",
     "SchemaNotInstalledError",
     "SendRequest",
@@ -85,12 +117,19 @@ __all__ = [
     "SerializationError",
     "TransientCommandError",
     "TroubleshootingItem",
+    "TroubleshootingQueue",
     "ValidationError",
     "Worker",
     "WorkerStoppedError",
     "__version__",
+    "check_and_invoke_batch_callback",
     "check_schema_exists",
+    "clear_all_callbacks",
+    "get_batch_callback",
     "get_schema_sql",
     "handler",
+    "register_batch_callback",
+    "remove_batch_callback",
     "setup_database",
+    "wait_for_reply",
 ]

@@ -18,8 +18,11 @@ import uuid
 from typing import Any
 from uuid import UUID
 
+from psycopg import AsyncRawCursor
+from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool
 
+from commandbus import _sql
 from commandbus.bus import CommandBus
 from commandbus.handler import HandlerRegistry
 from commandbus.models import Command, HandlerContext, SendRequest
@@ -31,19 +34,11 @@ DOMAIN = "demo"
 COMMAND_TYPE = "Noop"
 POLL_SECONDS = 0.2
 
-_STATUS_SQL = (
-    "SELECT status, count(*) FROM commandbus.command"
-    " WHERE domain = %s AND command_id = ANY(%s) GROUP BY status ORDER BY status"
-)
-# The last completion in the database's clock: the work time is not rounded up to a poll.
-_LAST_DONE_SQL = (
-    "SELECT extract(epoch FROM max(updated_at) - %s) FROM commandbus.command"
-    " WHERE domain = %s AND command_id = ANY(%s)"
-)
-_AUDIT_SQL = (
-    "SELECT count(*), count(DISTINCT command_id) FROM commandbus.audit"
-    " WHERE domain = %s AND event_type = 'COMPLETED' AND command_id = ANY(%s)"
-)
+
+async def _query(pool: AsyncConnectionPool[Any], name: str, *params: Any) -> list[tuple[Any, ...]]:
+    async with pool.connection() as conn, AsyncRawCursor(conn, row_factory=tuple_row) as cur:
+        await cur.execute(_sql.statement(name), list(params) or None)
+        return await cur.fetchall()
 
 
 async def _noop(command: Command, context: HandlerContext) -> dict[str, Any]:
@@ -56,16 +51,13 @@ def _progress(text: str) -> None:
 
 
 async def _statuses(pool: AsyncConnectionPool[Any], ids: list[UUID]) -> dict[str, int]:
-    async with pool.connection() as conn:
-        cur = await conn.execute(_STATUS_SQL, (DOMAIN, ids))
-        return {str(status): int(n) for status, n in await cur.fetchall()}
+    rows = await _query(pool, "demo_statuses", DOMAIN, ids)
+    return {str(status): int(n) for status, n in rows}
 
 
 async def _audit_completed(pool: AsyncConnectionPool[Any], ids: list[UUID]) -> tuple[int, int]:
-    async with pool.connection() as conn:
-        cur = await conn.execute(_AUDIT_SQL, (DOMAIN, ids))
-        row = await cur.fetchone()
-    return (int(row[0]), int(row[1])) if row is not None else (0, 0)
+    rows = await _query(pool, "demo_audit_completed", DOMAIN, ids)
+    return (int(rows[0][0]), int(rows[0][1])) if rows else (0, 0)
 
 
 async def _stop_worker(worker: Worker, task: asyncio.Task[None]) -> None:
@@ -82,8 +74,7 @@ async def _work(pool: AsyncConnectionPool[Any], ids: list[UUID], args: argparse.
     registry.register(DOMAIN, COMMAND_TYPE, _noop)
     worker = Worker(pool, DOMAIN, registry)
     n = len(ids)
-    async with pool.connection() as conn:
-        started = await (await conn.execute("SELECT clock_timestamp()")).fetchone()
+    [(started,)] = await _query(pool, "demo_clock")
     t0 = time.perf_counter()
     task = asyncio.create_task(worker.run(concurrency=args.concurrency, poll_interval=1.0))
     try:
@@ -92,12 +83,8 @@ async def _work(pool: AsyncConnectionPool[Any], ids: list[UUID], args: argparse.
             done = (await _statuses(pool, ids)).get("COMPLETED", 0)
             _progress(f"worked {done}/{n}")
             if done >= n:
-                async with pool.connection() as conn:
-                    cur = await conn.execute(
-                        _LAST_DONE_SQL, (started[0] if started else None, DOMAIN, ids)
-                    )
-                    last = await cur.fetchone()
-                return float(last[0]) if last and last[0] else time.perf_counter() - t0
+                [(last,)] = await _query(pool, "demo_last_done", started, DOMAIN, ids)
+                return float(last) if last else time.perf_counter() - t0
             if task.done():
                 task.result()  # raises the worker's error
                 raise RuntimeError("the worker stopped before all commands completed")

@@ -11,11 +11,20 @@ from commandbus.exceptions import (
     DatabaseError,
     DuplicateCommandError,
     InvalidNameError,
+    InvalidOperationError,
     SchemaNotInstalledError,
+    ValidationError,
 )
 
-# invalid_schema_name, undefined_function, undefined_table: setup_database() never ran.
-_SCHEMA_MISSING = {"3F000", "42883", "42P01"}
+# invalid_schema_name, undefined_function: setup_database() never ran. An undefined_table
+# (42P01) means that too only when it is one of ours (a missing queue table is another matter).
+_SCHEMA_MISSING = {"3F000", "42883"}
+
+
+def _schema_missing(sqlstate: str | None, message: str) -> bool:
+    if sqlstate in _SCHEMA_MISSING:
+        return True
+    return sqlstate == "42P01" and ("commandbus." in message or "pgmq.meta" in message)
 
 
 def map_psycopg_error(err: psycopg.Error, domain: str | None = None) -> CommandBusError:
@@ -29,8 +38,12 @@ def map_psycopg_error(err: psycopg.Error, domain: str | None = None) -> CommandB
     if sqlstate == "CB002":
         return BatchNotFoundError(domain or "", detail or "")
     if sqlstate == "CB003":
-        return InvalidNameError("queue", detail, message)
-    if sqlstate in _SCHEMA_MISSING:
+        if message.startswith("invalid queue name"):
+            return InvalidNameError("queue", detail, message)
+        return ValidationError("input", detail, message)
+    if sqlstate == "CB008":
+        return InvalidOperationError(message)
+    if _schema_missing(sqlstate, message):
         return SchemaNotInstalledError(
             f"commandbus schema or PGMQ missing ({message})", sqlstate, detail
         )

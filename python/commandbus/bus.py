@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID, uuid4
 
 import psycopg
 from psycopg import AsyncConnection, AsyncRawCursor
+from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool
 
-from commandbus import _native, _sql
+from commandbus import _native, _sql, retention
 from commandbus._bridge import call
 from commandbus._dsn import native_dsn, pool_conninfo
 from commandbus._errors import map_psycopg_error
@@ -47,6 +48,7 @@ from commandbus.models import (
 )
 from commandbus.policies import DEFAULT_RETRY_POLICY
 from commandbus.repositories.batch import PostgresBatchRepository
+from commandbus.retention import DEFAULT_PRUNE_CHUNK_SIZE, PruneResult
 
 logger = logging.getLogger(__name__)
 
@@ -152,8 +154,25 @@ class CommandBus:
         return self._pool
 
     async def close(self) -> None:
-        """Close the Rust engine's connections (the caller's pool stays open)."""
+        """Stop this bus's batch-completion listener (dropping callbacks still pending) and
+        close the Rust engine's connections (the caller's pool stays open)."""
+        await self._close_batch_listener()
         await call(self._native.close)
+
+    async def prune(
+        self,
+        older_than: datetime | timedelta,
+        domain: str | None = None,
+        *,
+        chunk_size: int = DEFAULT_PRUNE_CHUNK_SIZE,
+        on_progress: Callable[[PruneResult], None] | None = None,
+    ) -> PruneResult:
+        """Delete terminal commands (COMPLETED, FAILED, CANCELED) last updated before the
+        cutoff, with their audit rows and archived messages, in chunks of `chunk_size` (one
+        transaction each). Nothing in flight or in the TSQ is touched."""
+        return await retention.prune(
+            self._pool, older_than, domain, chunk_size=chunk_size, on_progress=on_progress
+        )
 
     # -- sending -------------------------------------------------------------------------
 
@@ -190,7 +209,7 @@ class CommandBus:
             cols.batch_ids,
         ]
         try:
-            async with AsyncRawCursor(conn) as cur:
+            async with AsyncRawCursor(conn, row_factory=tuple_row) as cur:
                 await cur.execute(_sql.statement("send_commands"), params)
                 rows = await cur.fetchall()
         except psycopg.Error as err:
@@ -289,7 +308,10 @@ class CommandBus:
 
     async def _fetch(self, name: str, params: list[Any]) -> list[tuple[Any, ...]]:
         try:
-            async with self._pool.connection() as conn, AsyncRawCursor(conn) as cur:
+            async with (
+                self._pool.connection() as conn,
+                AsyncRawCursor(conn, row_factory=tuple_row) as cur,
+            ):
                 await cur.execute(_sql.statement(name), params)
                 return await cur.fetchall()
         except psycopg.Error as err:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from psycopg import AsyncConnection
+import psycopg
+from psycopg import AsyncConnection, AsyncRawCursor
+from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool
 
 from commandbus import _sql
@@ -25,40 +27,29 @@ def get_schema_sql() -> str:
     `setup_database()` once, or PGMQ's own SQL install, before it.
     """
     parts = [
-        "-- commandbus schema (reliable-commands): all migrations in order.",
-        "-- Requires PGMQ: CREATE EXTENSION pgmq, or PGMQ's SQL-only install.",
-        "DO $$ BEGIN\n"
-        "  IF to_regclass('pgmq.meta') IS NULL\n"
-        "     AND EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'pgmq') THEN\n"
-        "    CREATE EXTENSION IF NOT EXISTS pgmq;\n"
-        "  END IF;\n"
-        "END $$;",
+        "-- commandbus schema (reliable-commands): every migration in order.",
+        _sql.statement("schema_prelude").rstrip() + ";",
     ]
-    for version, name, text in _sql.migrations():
-        parts.append(f"-- V{version:03d}__{name}\n{text}")
-        parts.append(
-            "INSERT INTO commandbus.schema_migrations (version, name) "
-            f"VALUES ({version}, '{name}') ON CONFLICT (version) DO NOTHING;"
-        )
+    parts += [f"-- V{version:03d}__{name}\n{text}" for version, name, text in _sql.migrations()]
     return "\n\n".join(parts) + "\n"
 
 
+async def _one(conn: AsyncConnection[Any], name: str, *params: Any) -> Any:
+    async with AsyncRawCursor(conn, row_factory=tuple_row) as cur:
+        await cur.execute(_sql.statement(name), list(params) or None)
+        row = await cur.fetchone() if cur.description else None
+    return row[0] if row else None
+
+
 async def _schema_exists(conn: AsyncConnection[Any]) -> bool:
-    cur = await conn.execute(
-        "SELECT EXISTS (SELECT 1 FROM information_schema.schemata WHERE schema_name = 'commandbus')"
-    )
-    row = await cur.fetchone()
-    return bool(row and row[0])
+    return bool(await _one(conn, "schema_exists"))
 
 
 async def _install_pgmq(conn: AsyncConnection[Any]) -> str:
-    cur = await conn.execute("SELECT to_regclass('pgmq.meta') IS NOT NULL")
-    row = await cur.fetchone()
-    if row and row[0]:
+    if await _one(conn, "setup_pgmq_installed"):
         return "present"
-    cur = await conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'pgmq'")
-    if await cur.fetchone():
-        await conn.execute("CREATE EXTENSION IF NOT EXISTS pgmq")
+    if await _one(conn, "setup_pgmq_available"):
+        await _one(conn, "setup_pgmq_extension")
         return "extension"
     from pgmq.install import get_embedded_install_sql
 
@@ -66,30 +57,28 @@ async def _install_pgmq(conn: AsyncConnection[Any]) -> str:
     return "sql"
 
 
+async def _applied(conn: AsyncConnection[Any]) -> set[int]:
+    """Versions recorded in commandbus.schema_migrations (empty before V001 ran)."""
+    try:
+        async with conn.transaction(), AsyncRawCursor(conn, row_factory=tuple_row) as cur:
+            await cur.execute(_sql.statement("setup_migrations_applied"))
+            return {int(r[0]) for r in await cur.fetchall()}
+    except psycopg.errors.UndefinedTable:
+        return set()
+
+
 async def _setup(conn: AsyncConnection[Any], *, skip_if_exists: bool) -> bool:
     async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SETUP_LOCK_KEY,))
+        await _one(conn, "setup_lock", _SETUP_LOCK_KEY)
         existed = await _schema_exists(conn)
         pgmq_how = await _install_pgmq(conn)
-        applied: set[int] = set()
-        if existed:
-            cur = await conn.execute(
-                "SELECT to_regclass('commandbus.schema_migrations') IS NOT NULL"
-            )
-            row = await cur.fetchone()
-            if row and row[0]:
-                cur = await conn.execute("SELECT version FROM commandbus.schema_migrations")
-                applied = {int(r[0]) for r in await cur.fetchall()}
+        applied = await _applied(conn) if existed else set()
         for version, name, text in _sql.migrations():
             if version in applied and skip_if_exists:
                 continue
             logger.info("applying commandbus migration V%03d__%s", version, name)
             await conn.execute(text)
-            await conn.execute(
-                "INSERT INTO commandbus.schema_migrations (version, name) VALUES (%s, %s) "
-                "ON CONFLICT (version) DO NOTHING",
-                (version, name),
-            )
+            await _one(conn, "setup_migration_record", version, name)
         logger.info("commandbus schema ready (PGMQ: %s, created: %s)", pgmq_how, not existed)
     return not existed
 

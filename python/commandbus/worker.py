@@ -33,6 +33,7 @@ from commandbus.exceptions import (
 from commandbus.handler import HandlerRegistry
 from commandbus.models import Command, CommandMetadata, CommandStatus, HandlerContext
 from commandbus.policies import DEFAULT_RETRY_POLICY, RetryPolicy
+from commandbus.retention import RetentionPolicy, run_retention
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,7 @@ class Worker:
         auto_extend_leases: bool = False,
         max_flush: int = 1000,
         sync_handler_threads: int | None = None,
+        retention: RetentionPolicy | None = None,
     ) -> None:
         """Args:
         pool: the psycopg async pool (its conninfo is what the Rust engine connects with).
@@ -115,6 +117,7 @@ class Worker:
         max_flush: most outcomes applied per flush.
         sync_handler_threads: size of the thread pool for plain `def` handlers
             (default: min(concurrency, 32)).
+        retention: prune this domain's old terminal commands periodically while running.
         """
         self._pool = pool
         self._domain = validate_domain(domain)
@@ -132,6 +135,7 @@ class Worker:
         self._auto_extend = auto_extend_leases
         self._max_flush = max_flush
         self._sync_threads = sync_handler_threads
+        self._retention = retention
         self._queue_name = command_queue(domain)
         self._dsn = native_dsn(pool_conninfo(pool))
         self._running = False
@@ -326,8 +330,17 @@ class Worker:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._on_signal)
         logger.info("worker for %s starting (concurrency=%d)", self._domain, concurrency)
+        retention_stop = asyncio.Event()
+        retention_task: asyncio.Task[None] | None = None
         try:
             await call(native.start)
+            if self._retention is not None:
+                retention_task = asyncio.create_task(
+                    run_retention(
+                        self._pool, self._retention.for_domain(self._domain), retention_stop
+                    ),
+                    name=f"rcmd-retention-{self._domain}",
+                )
             reported_errors = 0
             # Claim when half the slots are free (or nothing runs): one claim per many
             # handlers instead of one per finished handler; each claim is a round trip.
@@ -356,6 +369,9 @@ class Worker:
             if handle_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(sig)
+            if retention_task is not None:
+                retention_stop.set()
+                await retention_task  # logs and swallows prune errors itself
             await self._shutdown(native)
 
     def _on_signal(self) -> None:

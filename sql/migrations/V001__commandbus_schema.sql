@@ -112,3 +112,6 @@ CREATE TABLE IF NOT EXISTS commandbus.process_audit (
 );
 CREATE INDEX IF NOT EXISTS ix_process_audit_process ON commandbus.process_audit(domain, process_id, sent_at);
 CREATE INDEX IF NOT EXISTS ix_process_audit_command ON commandbus.process_audit(command_id);
+
+-- Recorded by the migration itself, so get_schema_sql() output run by any tool is tracked too.
+INSERT INTO commandbus.schema_migrations (version, name) VALUES (1, 'commandbus_schema') ON CONFLICT (version) DO NOTHING;

@@ -4,7 +4,8 @@
 -- statements inside), never one statement per command.
 -- Errors raised here use SQLSTATE class 'CB' so drivers can map them to typed exceptions:
 --   CB001 duplicate command_id (DETAIL = the id), CB002 unknown batch_id (DETAIL = the id),
---   CB003 invalid input (DETAIL = the offending value).
+--   CB003 invalid input (DETAIL = the offending value), CB008 batch already complete (DETAIL = id).
+-- (V004 adds CB004-CB006 for operator actions, V005 CB007 for a duplicate batch id.)
 
 -- Creates a PGMQ queue on demand, idempotently and safely under concurrent first use.
 CREATE OR REPLACE FUNCTION commandbus.ensure_queue_v1(p_queue TEXT) RETURNS BOOLEAN
@@ -73,6 +74,23 @@ BEGIN
     IF v_bad IS NOT NULL THEN
         RAISE EXCEPTION USING ERRCODE = 'CB002',
             MESSAGE = format('batch %s not found in domain %s', v_bad, p_domain), DETAIL = v_bad;
+    END IF;
+    -- Every command sent into a batch counts in its total (one row update per batch per call);
+    -- a batch that already completed takes no more commands (CB008).
+    WITH added AS (
+        SELECT b AS batch_id, count(*)::int AS n FROM unnest(p_batch_ids) b
+        WHERE b IS NOT NULL GROUP BY b ORDER BY b
+    ), upd AS (
+        UPDATE commandbus.batch x SET total_count = x.total_count + a.n, updated_at = now()
+        FROM added a
+        WHERE x.domain = p_domain AND x.batch_id = a.batch_id AND x.completed_at IS NULL
+        RETURNING x.batch_id
+    )
+    SELECT a.batch_id::text INTO v_bad FROM added a
+    WHERE a.batch_id NOT IN (SELECT u.batch_id FROM upd u) LIMIT 1;
+    IF v_bad IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'CB008',
+            MESSAGE = format('batch %s of domain %s is already complete', v_bad, p_domain), DETAIL = v_bad;
     END IF;
 
     PERFORM commandbus.ensure_queue_v1(r) FROM (SELECT DISTINCT r FROM unnest(p_reply_tos) r WHERE r IS NOT NULL AND r <> '') q;
@@ -518,3 +536,6 @@ BEGIN
 EXCEPTION WHEN insufficient_privilege THEN
     RETURN FALSE;
 END $$;
+
+-- Recorded by the migration itself, so get_schema_sql() output run by any tool is tracked too.
+INSERT INTO commandbus.schema_migrations (version, name) VALUES (2, 'protocol') ON CONFLICT (version) DO NOTHING;

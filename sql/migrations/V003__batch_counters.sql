@@ -46,3 +46,6 @@ BEGIN
     PERFORM pg_notify('commandbus_batch', p_domain || ':' || p_batch_id);
     RETURN TRUE;
 END $$;
+
+-- Recorded by the migration itself, so get_schema_sql() output run by any tool is tracked too.
+INSERT INTO commandbus.schema_migrations (version, name) VALUES (3, 'batch_counters') ON CONFLICT (version) DO NOTHING;

@@ -291,3 +291,6 @@ BEGIN
     v_n := commandbus.tsq_cancel_locked_v1(p_domain, v_ids, p_reason, p_operator);
     RETURN QUERY SELECT array_length(v_ids, 1), v_n, v_cutoff, v_ids[array_length(v_ids, 1)];
 END $$;
+
+-- Recorded by the migration itself, so get_schema_sql() output run by any tool is tracked too.
+INSERT INTO commandbus.schema_migrations (version, name) VALUES (4, 'tsq') ON CONFLICT (version) DO NOTHING;

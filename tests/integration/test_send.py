@@ -239,7 +239,7 @@ async def test_unknown_batch_id_raises_batch_not_found(pool: AsyncConnectionPool
     assert info.value.batch_id == str(batch_id)
     async with pool.connection() as conn:
         await conn.execute(
-            "INSERT INTO commandbus.batch (domain, batch_id, total_count) VALUES ('orders', %s, 1)",
+            "INSERT INTO commandbus.batch (domain, batch_id) VALUES ('orders', %s)",
             (batch_id,),
         )
     cid = uuid4()
@@ -266,3 +266,31 @@ async def test_query_commands_filters_and_pages(pool: AsyncConnectionPool[Any]) 
     assert len(await bus.query_commands(created_before=future)) == 5
     with pytest.raises(ValidationError):
         await bus.query_commands(limit=-1)
+
+
+async def test_sends_into_a_batch_count_and_a_complete_batch_takes_no_more(
+    pool: AsyncConnectionPool[Any],
+) -> None:
+    from commandbus import InvalidOperationError
+
+    bus = CommandBus(pool)
+    batch_id = uuid4()
+    async with pool.connection() as conn:
+        await conn.execute(
+            "INSERT INTO commandbus.batch (domain, batch_id) VALUES ('orders', %s)", (batch_id,)
+        )
+    for _ in range(3):
+        await bus.send("orders", "T", uuid4(), {}, batch_id=batch_id)
+    assert await fetch(
+        pool, "SELECT total_count FROM commandbus.batch WHERE batch_id = %s", batch_id
+    ) == [(3,)]
+    async with pool.connection() as conn:
+        await conn.execute(
+            "UPDATE commandbus.batch SET status = 'COMPLETED', completed_at = now()"
+            " WHERE batch_id = %s",
+            (batch_id,),
+        )
+    late = uuid4()
+    with pytest.raises(InvalidOperationError, match="already complete"):
+        await bus.send("orders", "T", late, {}, batch_id=batch_id)
+    assert not await bus.command_exists("orders", late)

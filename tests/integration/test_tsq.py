@@ -52,8 +52,9 @@ async def new_batch(pool: Pool, domain: str, total: int) -> UUID:
     batch_id = uuid4()
     async with pool.connection() as conn:
         await conn.execute(
-            "INSERT INTO commandbus.batch (domain, batch_id, total_count) VALUES (%s, %s, %s)",
-            (domain, batch_id, total),
+            # total_count grows with every command sent into the batch
+            "INSERT INTO commandbus.batch (domain, batch_id, total_count) VALUES (%s, %s, 0)",
+            (domain, batch_id),
         )
     return batch_id
 

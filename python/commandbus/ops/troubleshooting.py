@@ -17,6 +17,7 @@ from uuid import UUID
 
 import psycopg
 from psycopg import AsyncRawCursor
+from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool
 
 from commandbus import _sql
@@ -114,7 +115,10 @@ class TroubleshootingQueue:
     ) -> list[tuple[Any, ...]]:
         """Run one statement of `sql/statements/` in its own transaction."""
         try:
-            async with self._pool.connection() as conn, AsyncRawCursor(conn) as cur:
+            async with (
+                self._pool.connection() as conn,
+                AsyncRawCursor(conn, row_factory=tuple_row) as cur,
+            ):
                 await cur.execute(_sql.statement(name), params)
                 return await cur.fetchall() if cur.description is not None else []
         except psycopg.Error as err:

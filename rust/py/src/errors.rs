@@ -10,12 +10,15 @@ pyo3::import_exception!(commandbus.exceptions, PostgresError);
 pyo3::import_exception!(commandbus.exceptions, DuplicateCommandError);
 pyo3::import_exception!(commandbus.exceptions, BatchNotFoundError);
 pyo3::import_exception!(commandbus.exceptions, InvalidNameError);
+pyo3::import_exception!(commandbus.exceptions, InvalidOperationError);
+pyo3::import_exception!(commandbus.exceptions, ValidationError);
 pyo3::import_exception!(commandbus.exceptions, SchemaNotInstalledError);
 pyo3::import_exception!(commandbus.exceptions, WorkerStoppedError);
 
-/// SQLSTATEs meaning "the commandbus schema or PGMQ is not there".
-fn schema_missing(sqlstate: &str) -> bool {
-    matches!(sqlstate, "3F000" | "42883" | "42P01")
+/// Errors meaning "the commandbus schema or PGMQ is not there" (as python/commandbus/_errors.py).
+fn schema_missing(sqlstate: &str, message: &str) -> bool {
+    matches!(sqlstate, "3F000" | "42883")
+        || (sqlstate == "42P01" && (message.contains("commandbus.") || message.contains("pgmq.meta")))
 }
 
 /// Maps a core error; `domain` names the domain of the call for the typed errors that carry it.
@@ -31,8 +34,12 @@ pub fn to_pyerr(err: CoreError, domain: Option<&str>) -> PyErr {
             let main = match sqlstate.as_str() {
                 "CB001" => DuplicateCommandError::new_err((domain, detail_s)),
                 "CB002" => BatchNotFoundError::new_err((domain, detail_s)),
-                "CB003" => InvalidNameError::new_err(("queue", detail_s, message.clone())),
-                s if schema_missing(s) => SchemaNotInstalledError::new_err((
+                "CB003" if message.starts_with("invalid queue name") => {
+                    InvalidNameError::new_err(("queue", detail_s, message.clone()))
+                }
+                "CB003" => ValidationError::new_err(("input", detail_s, message.clone())),
+                "CB008" => InvalidOperationError::new_err((message.clone(),)),
+                s if schema_missing(s, &message) => SchemaNotInstalledError::new_err((
                     format!("commandbus schema or PGMQ missing ({message})"),
                     sqlstate.clone(),
                     detail.clone(),

@@ -1,0 +1,144 @@
+"""Audit log: the predecessor's `PostgresAuditLogger` and `AuditEventType`.
+
+The protocol functions write the audit rows of the hot path themselves (V002-V005); this logger
+is for code that records its own events (it writes the same table and keys).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from enum import Enum
+from typing import Any, Protocol
+from uuid import UUID
+
+import orjson
+import psycopg
+from psycopg import AsyncConnection, AsyncRawCursor
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from commandbus import _sql
+from commandbus._errors import map_psycopg_error
+from commandbus._validation import validate_uuid
+from commandbus.models import AuditEvent
+
+logger = logging.getLogger(__name__)
+
+
+class AuditEventType(str, Enum):
+    """Types of audit events (the predecessor's, and those rcmd adds)."""
+
+    SENT = "SENT"
+    RECEIVED = "RECEIVED"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    RETRY_SCHEDULED = "RETRY_SCHEDULED"
+    RETRY_EXHAUSTED = "RETRY_EXHAUSTED"
+    MOVED_TO_TSQ = "MOVED_TO_TSQ"
+    BUSINESS_RULE_FAILED = "BUSINESS_RULE_FAILED"
+    OPERATOR_RETRY = "OPERATOR_RETRY"
+    OPERATOR_CANCEL = "OPERATOR_CANCEL"
+    OPERATOR_COMPLETE = "OPERATOR_COMPLETE"
+    # rcmd: an unstarted lease given back at graceful stop (release_commands_v1).
+    RELEASED = "RELEASED"
+    # rcmd: batch transitions, recorded with the batch_id in the command_id column.
+    BATCH_STARTED = "BATCH_STARTED"
+    BATCH_COMPLETED = "BATCH_COMPLETED"
+
+
+AuditRecord = tuple[str, UUID, AuditEventType | str, dict[str, Any] | None]
+
+
+class AuditLogger(Protocol):
+    """Protocol for audit logging."""
+
+    async def log(
+        self,
+        domain: str,
+        command_id: UUID,
+        event_type: AuditEventType,
+        details: dict[str, Any] | None = None,
+        conn: AsyncConnection[Any] | None = None,
+    ) -> None: ...
+
+
+def _details(details: dict[str, Any] | None) -> str | None:
+    return orjson.dumps(details, default=str).decode() if details else None
+
+
+def _event(value: AuditEventType | str) -> str:
+    return value.value if isinstance(value, AuditEventType) else str(value)
+
+
+class PostgresAuditLogger:
+    """PostgreSQL implementation of `AuditLogger`."""
+
+    def __init__(self, pool: AsyncConnectionPool[Any]) -> None:
+        """Args:
+        pool: the psycopg async pool used when no `conn=` is given.
+        """
+        self._pool = pool
+
+    async def log(
+        self,
+        domain: str,
+        command_id: UUID,
+        event_type: AuditEventType,
+        details: dict[str, Any] | None = None,
+        conn: AsyncConnection[Any] | None = None,
+    ) -> None:
+        """Write one audit row (in the caller's transaction with `conn=`)."""
+        await self.log_batch([(domain, command_id, event_type, details)], conn)
+
+    async def log_batch(
+        self, events: Sequence[AuditRecord], conn: AsyncConnection[Any] | None = None
+    ) -> None:
+        """Write many audit rows in one statement: (domain, command_id, event_type, details)."""
+        if not events:
+            return
+        params = [
+            [e[0] for e in events],
+            [validate_uuid(e[1], "command_id") for e in events],
+            [_event(e[2]) for e in events],
+            [_details(e[3]) for e in events],
+        ]
+        await self._run("repo_audit_insert", params, conn)
+        logger.debug("logged %d audit events", len(events))
+
+    async def get_events(self, command_id: UUID, domain: str | None = None) -> list[AuditEvent]:
+        """The command's audit events, oldest first (empty when unknown)."""
+        rows = await self._run("audit_trail", [validate_uuid(command_id, "command_id"), domain])
+        return [
+            AuditEvent(
+                audit_id=r["audit_id"],
+                domain=r["domain"],
+                command_id=r["command_id"],
+                event_type=r["event_type"],
+                timestamp=r["ts"],
+                details=r["details_json"] or None,
+            )
+            for r in rows
+        ]
+
+    async def _run(
+        self, name: str, params: Sequence[Any], conn: AsyncConnection[Any] | None = None
+    ) -> list[dict[str, Any]]:
+        try:
+            if conn is not None:
+                return await _fetch(conn, name, params)
+            async with self._pool.connection() as acquired:
+                return await _fetch(acquired, name, params)
+        except psycopg.Error as err:
+            raise map_psycopg_error(err) from err
+
+
+async def _fetch(
+    conn: AsyncConnection[Any], name: str, params: Sequence[Any]
+) -> list[dict[str, Any]]:
+    async with AsyncRawCursor(conn, row_factory=dict_row) as cur:
+        await cur.execute(_sql.statement(name), params)
+        return await cur.fetchall() if cur.description is not None else []
+
+
+__all__ = ["AuditEventType", "AuditLogger", "AuditRecord", "PostgresAuditLogger"]

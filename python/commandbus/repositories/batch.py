@@ -1,0 +1,176 @@
+"""Batch rows: the predecessor's ``PostgresBatchRepository``, on the statements of `sql/`.
+
+Counters and completion move only in ``commandbus.apply_batch_delta_v1`` (V003): the TSQ
+methods and ``refresh_stats`` call it, so BATCH_COMPLETED and the completion NOTIFY are written
+the same way whichever path completes a batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+from uuid import UUID
+
+import orjson
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
+
+from commandbus.batch import batch_from_row, execute
+from commandbus.exceptions import ValidationError
+from commandbus.models import BatchMetadata, BatchStatus
+
+logger = logging.getLogger(__name__)
+
+
+def _status_text(status: BatchStatus | str | None) -> str | None:
+    if status is None:
+        return None
+    try:
+        return BatchStatus(status).value
+    except ValueError:
+        raise ValidationError("status", status, "is not a BatchStatus") from None
+
+
+def _check_page(limit: int, offset: int) -> None:
+    for name, value in (("limit", limit), ("offset", offset)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValidationError(name, value, "must be an integer >= 0")
+
+
+class PostgresBatchRepository:
+    """Reads and writes ``commandbus.batch`` rows. Every method takes an optional `conn` (the
+    caller's transaction); without it a connection of the pool is used and committed."""
+
+    def __init__(self, pool: AsyncConnectionPool[Any]) -> None:
+        self._pool = pool
+
+    async def _rows(
+        self,
+        name: str,
+        params: Sequence[Any],
+        conn: AsyncConnection[Any] | None,
+        domain: str | None = None,
+        batch_id: UUID | None = None,
+    ) -> list[tuple[Any, ...]]:
+        if conn is not None:
+            return await execute(conn, name, params, domain=domain, batch_id=batch_id)
+        async with self._pool.connection() as own:
+            return await execute(own, name, params, domain=domain, batch_id=batch_id)
+
+    async def create(
+        self,
+        domain: str,
+        batch_id: UUID,
+        batch_type: str,
+        name: str | None,
+        custom_data_json: str | None,
+        columns: Sequence[Sequence[Any]],
+        conn: AsyncConnection[Any] | None = None,
+    ) -> list[tuple[UUID, int, UUID]]:
+        """Write a batch and its commands in one call (`create_batch_v1`). `columns` are the
+        command arrays of `send_commands_v1` without the batch ids: ids, types, data (JSON
+        text), correlation ids, reply queues, max attempts. Returns (command_id, msg_id,
+        correlation_id) per command, in order."""
+        rows = await self._rows(
+            "batch_create",
+            [domain, batch_id, batch_type, name, custom_data_json, *columns],
+            conn,
+            domain,
+            batch_id,
+        )
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    async def save(self, metadata: BatchMetadata, conn: AsyncConnection[Any] | None = None) -> None:
+        """Insert a batch row as given (no commands). Raises DuplicateBatchError."""
+        custom = None if metadata.custom_data is None else orjson.dumps(metadata.custom_data)
+        await self._rows(
+            "batch_save",
+            [
+                metadata.domain, metadata.batch_id, metadata.batch_type, metadata.name,
+                None if custom is None else custom.decode(), BatchStatus(metadata.status).value,
+                metadata.total_count, metadata.completed_count, metadata.failed_count,
+                metadata.canceled_count, metadata.in_troubleshooting_count, metadata.created_at,
+                metadata.started_at, metadata.completed_at,
+            ],
+            conn,
+            metadata.domain,
+            metadata.batch_id,
+        )  # fmt: skip
+        logger.debug("saved batch %s.%s", metadata.domain, metadata.batch_id)
+
+    async def get(
+        self, domain: str, batch_id: UUID, conn: AsyncConnection[Any] | None = None
+    ) -> BatchMetadata | None:
+        """The batch, or None when it does not exist."""
+        rows = await self._rows("batch_get", [domain, batch_id], conn, domain)
+        return batch_from_row(rows[0]) if rows else None
+
+    async def exists(
+        self, domain: str, batch_id: UUID, conn: AsyncConnection[Any] | None = None
+    ) -> bool:
+        """True when the batch exists in the domain."""
+        rows = await self._rows("batch_exists", [domain, batch_id], conn, domain)
+        return bool(rows[0][0])
+
+    async def list_batches(
+        self,
+        domain: str,
+        *,
+        status: BatchStatus | str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+        conn: AsyncConnection[Any] | None = None,
+    ) -> list[BatchMetadata]:
+        """The domain's batches, newest first, optionally of one status."""
+        _check_page(limit, offset)
+        rows = await self._rows(
+            "batch_list", [domain, _status_text(status), limit, offset], conn, domain
+        )
+        return [batch_from_row(r) for r in rows]
+
+    async def _delta(
+        self,
+        domain: str,
+        batch_id: UUID,
+        deltas: tuple[int, int, int, int],
+        conn: AsyncConnection[Any] | None,
+    ) -> bool:
+        rows = await self._rows("batch_apply_delta", [domain, batch_id, *deltas], conn, domain)
+        return bool(rows[0][0])
+
+    async def tsq_complete(
+        self, domain: str, batch_id: UUID, conn: AsyncConnection[Any] | None = None
+    ) -> bool:
+        """An operator completed a command of the batch from the TSQ: in_troubleshooting - 1,
+        completed + 1. True when this completed the batch."""
+        return await self._delta(domain, batch_id, (1, 0, 0, -1), conn)
+
+    async def tsq_cancel(
+        self, domain: str, batch_id: UUID, conn: AsyncConnection[Any] | None = None
+    ) -> bool:
+        """An operator canceled a command of the batch from the TSQ: in_troubleshooting - 1,
+        canceled + 1. True when this completed the batch."""
+        return await self._delta(domain, batch_id, (0, 0, 1, -1), conn)
+
+    async def tsq_retry(
+        self, domain: str, batch_id: UUID, conn: AsyncConnection[Any] | None = None
+    ) -> None:
+        """An operator sent a command of the batch back to the queue: in_troubleshooting - 1
+        (a retry never completes a batch)."""
+        await self._delta(domain, batch_id, (0, 0, 0, -1), conn)
+
+    async def refresh_stats(
+        self, domain: str, batch_id: UUID, conn: AsyncConnection[Any] | None = None
+    ) -> BatchMetadata | None:
+        """Recount the batch's counters from its commands (repair tool) and return the batch,
+        or None when it does not exist."""
+        if conn is not None:
+            await execute(conn, "batch_refresh_stats", [domain, batch_id], domain=domain)
+            return await self.get(domain, batch_id, conn)
+        async with self._pool.connection() as own:
+            await execute(own, "batch_refresh_stats", [domain, batch_id], domain=domain)
+            return await self.get(domain, batch_id, own)
+
+
+__all__ = ["PostgresBatchRepository"]

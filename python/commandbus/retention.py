@@ -1,0 +1,245 @@
+"""Retention: prune old terminal commands, their audit trail, archived payloads and queue
+messages, and the completed batches left empty, in bounded chunks.
+
+`prune()` deletes COMPLETED, FAILED and CANCELED commands whose `updated_at` is older than the
+cutoff, one transaction per chunk (`commandbus.prune_v1`, V006), until nothing is left. PENDING,
+IN_PROGRESS and IN_TROUBLESHOOTING_QUEUE commands are never touched. A batch is pruned once it
+is complete since before the cutoff and none of its commands (or processes) is left.
+Concurrent pruners are safe: rows locked by another one are skipped.
+
+`run_retention()` repeats it on a schedule (`RetentionPolicy`), e.g. inside a worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Any
+
+import psycopg
+from psycopg import AsyncRawCursor
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from commandbus import _sql
+from commandbus._errors import map_psycopg_error
+from commandbus._validation import validate_domain
+from commandbus.exceptions import ValidationError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PRUNE_CHUNK_SIZE = 1_000
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    """What a prune deleted (totals over all chunks).
+
+    Attributes:
+        commands: command rows.
+        audit_events: audit rows (of the commands and of the pruned batches).
+        payloads: payload_archive rows.
+        messages: PGMQ messages (archived, and stale ones of the live queue).
+        batches: batch rows.
+        chunks: calls of `commandbus.prune_v1` (one transaction each).
+        cutoff: the cutoff used (rows last updated before it were eligible).
+    """
+
+    commands: int = 0
+    audit_events: int = 0
+    payloads: int = 0
+    messages: int = 0
+    batches: int = 0
+    chunks: int = 0
+    cutoff: datetime | None = field(default=None, compare=False)
+
+
+ProgressCallback = Callable[[PruneResult], None]
+
+
+def _check_chunk_size(chunk_size: int) -> int:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValidationError("chunk_size", chunk_size, "must be an integer >= 1")
+    return chunk_size
+
+
+def _check_age(older_than: object) -> timedelta:
+    if not isinstance(older_than, timedelta) or older_than < timedelta(0):
+        raise ValidationError("older_than", older_than, "must be a timedelta >= 0")
+    return older_than
+
+
+async def _fetch_one(
+    pool: AsyncConnectionPool[Any], name: str, params: Sequence[Any]
+) -> dict[str, Any]:
+    """Run a one-row statement in its own transaction (committed on return)."""
+    try:
+        async with pool.connection() as conn, AsyncRawCursor(conn, row_factory=dict_row) as cur:
+            await cur.execute(_sql.statement(name), params)
+            row = await cur.fetchone()
+    except psycopg.Error as err:
+        raise map_psycopg_error(err) from err
+    assert row is not None
+    return row
+
+
+async def _cutoff(pool: AsyncConnectionPool[Any], older_than: datetime | timedelta) -> datetime:
+    if isinstance(older_than, datetime):
+        if older_than.tzinfo is None or older_than.utcoffset() is None:
+            raise ValidationError("older_than", older_than, "must be a timezone-aware datetime")
+        return older_than
+    # The database clock decides "now", as for updated_at.
+    row = await _fetch_one(pool, "retention_cutoff", [_check_age(older_than)])
+    cutoff = row["cutoff"]
+    assert isinstance(cutoff, datetime)
+    return cutoff
+
+
+async def prune(
+    pool: AsyncConnectionPool[Any],
+    older_than: datetime | timedelta,
+    domain: str | None = None,
+    *,
+    chunk_size: int = DEFAULT_PRUNE_CHUNK_SIZE,
+    on_progress: ProgressCallback | None = None,
+) -> PruneResult:
+    """Delete terminal commands last updated before the cutoff, with their audit rows,
+    payload_archive rows and queue messages, and the complete batches left empty.
+
+    Args:
+        pool: the psycopg async pool.
+        older_than: the cutoff (a timezone-aware datetime), or an age (a timedelta: the cutoff
+            is the database's now() minus it).
+        domain: prune one domain only (None: all domains).
+        chunk_size: most commands (and batches) deleted per transaction.
+        on_progress: called with the running totals after each chunk.
+
+    Raises:
+        ValidationError: bad cutoff, domain or chunk size (nothing deleted).
+        DatabaseError: the database failed; chunks already committed stay deleted.
+    """
+    return await _prune(pool, older_than, domain, chunk_size, on_progress, None)
+
+
+async def _prune(
+    pool: AsyncConnectionPool[Any],
+    older_than: datetime | timedelta,
+    domain: str | None,
+    chunk_size: int,
+    on_progress: ProgressCallback | None,
+    stop_event: asyncio.Event | None,
+) -> PruneResult:
+    """`prune`, stopping between chunks once `stop_event` is set."""
+    _check_chunk_size(chunk_size)
+    if domain is not None:
+        validate_domain(domain)
+    cutoff = await _cutoff(pool, older_than)
+    total = PruneResult(cutoff=cutoff)
+    while True:
+        row = await _fetch_one(pool, "retention_prune", [cutoff, domain, chunk_size])
+        total = PruneResult(
+            commands=total.commands + row["commands"],
+            audit_events=total.audit_events + row["audit_events"],
+            payloads=total.payloads + row["payloads"],
+            messages=total.messages + row["messages"],
+            batches=total.batches + row["batches"],
+            chunks=total.chunks + 1,
+            cutoff=cutoff,
+        )
+        if on_progress is not None:
+            on_progress(total)
+        if row["commands"] == 0 and row["batches"] == 0:
+            break
+        if stop_event is not None and stop_event.is_set():
+            break
+    logger.info(
+        "pruned %d commands, %d audit rows, %d payloads, %d messages, %d batches "
+        "(domain %s, before %s, %d chunks)",
+        total.commands, total.audit_events, total.payloads, total.messages, total.batches,
+        domain or "*", cutoff.isoformat(), total.chunks,
+    )  # fmt: skip
+    return total
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    """How long terminal commands are kept, and how often `run_retention` prunes.
+
+    Attributes:
+        older_than: keep terminal commands this long after their last update.
+        interval: seconds between prunes.
+        chunk_size: most commands deleted per transaction.
+        domain: prune this domain only (None: all domains).
+    """
+
+    older_than: timedelta
+    interval: float = 3600.0
+    chunk_size: int = DEFAULT_PRUNE_CHUNK_SIZE
+    domain: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_age(self.older_than)
+        if (
+            isinstance(self.interval, bool)
+            or not isinstance(self.interval, int | float)
+            or self.interval <= 0
+        ):
+            raise ValidationError("interval", self.interval, "must be a number > 0 (seconds)")
+        _check_chunk_size(self.chunk_size)
+        if self.domain is not None:
+            validate_domain(self.domain)
+
+    def for_domain(self, domain: str) -> RetentionPolicy:
+        """This policy restricted to `domain` unless it names one already."""
+        return self if self.domain is not None else replace(self, domain=domain)
+
+
+async def run_retention(
+    pool: AsyncConnectionPool[Any],
+    policy: RetentionPolicy,
+    stop_event: asyncio.Event,
+    *,
+    initial_delay: float | None = None,
+) -> None:
+    """Prune per `policy` every `policy.interval` seconds until `stop_event` is set.
+
+    The first prune runs after `initial_delay` seconds (default: a random delay of up to
+    min(interval, 30) s, so workers started together do not prune at the same moment). A
+    failed prune is logged and retried at the next interval. Returns soon after `stop_event`
+    is set (between two chunks of a prune).
+    """
+    delay = (
+        random.uniform(0, min(policy.interval, 30.0)) if initial_delay is None else initial_delay
+    )
+    while not await _stopped_within(stop_event, delay):
+        try:
+            await _prune(
+                pool, policy.older_than, policy.domain, policy.chunk_size, None, stop_event
+            )
+        except Exception:
+            logger.exception("retention prune failed (domain %s)", policy.domain or "*")
+        delay = policy.interval
+
+
+async def _stopped_within(stop_event: asyncio.Event, seconds: float) -> bool:
+    """Wait up to `seconds`; True as soon as `stop_event` is set."""
+    if stop_event.is_set():
+        return True
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop_event.wait(), timeout=max(0.0, seconds))
+    return stop_event.is_set()
+
+
+__all__ = [
+    "DEFAULT_PRUNE_CHUNK_SIZE",
+    "ProgressCallback",
+    "PruneResult",
+    "RetentionPolicy",
+    "prune",
+    "run_retention",
+]

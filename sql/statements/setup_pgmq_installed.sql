@@ -1,0 +1,1 @@
+SELECT to_regclass('pgmq.meta') IS NOT NULL AS installed
