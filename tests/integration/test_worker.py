@@ -447,3 +447,23 @@ async def test_auto_extended_leases_outlive_the_visibility_timeout(
         await other.close()
     meta = await bus.get_command("orders", cid)
     assert meta is not None and meta.attempts == 1
+
+
+async def test_step_api_close_releases_unfinished_leases(pool: AsyncConnectionPool[Any]) -> None:
+    """A claimed command with no outcome is given back on close: attempt undone, visible now."""
+    bus = CommandBus(pool)
+    cid = uuid4()
+    await bus.send("orders", "T", cid, {})
+    worker = Worker(pool, "orders")
+    [received] = await worker.receive(visibility_timeout=300)
+    assert received.context.attempt == 1
+    await worker.close()
+    meta = await bus.get_command("orders", cid)
+    assert meta is not None and meta.status.value == "PENDING" and meta.attempts == 0
+    assert (await events(pool, cid))[-1] == "RELEASED"
+    other = Worker(pool, "orders")
+    try:
+        [again] = await other.receive(visibility_timeout=30)  # no 300 s wait
+        assert again.command.command_id == cid and again.context.attempt == 1
+    finally:
+        await other.close()
