@@ -46,8 +46,9 @@ from commandbus.models import (
     SendRequest,
     SendResult,
 )
-from commandbus.policies import DEFAULT_RETRY_POLICY
+from commandbus.repositories.audit import PostgresAuditLogger
 from commandbus.repositories.batch import PostgresBatchRepository
+from commandbus.repositories.command import PostgresCommandRepository
 from commandbus.retention import DEFAULT_PRUNE_CHUNK_SIZE, PruneResult
 
 logger = logging.getLogger(__name__)
@@ -91,31 +92,6 @@ class _Columns:
         )
 
 
-def _row_to_metadata(row: Sequence[Any]) -> CommandMetadata:
-    (domain, command_id, command_type, status, attempts, max_attempts, msg_id, correlation_id,
-     reply_to, etype, ecode, emsg, created_at, updated_at, batch_id, result) = row  # fmt: skip
-    return CommandMetadata(
-        domain=domain,
-        command_id=command_id,
-        command_type=command_type,
-        status=CommandStatus(status),
-        attempts=attempts,
-        max_attempts=max_attempts
-        if max_attempts is not None
-        else DEFAULT_RETRY_POLICY.max_attempts,
-        msg_id=msg_id,
-        correlation_id=correlation_id,
-        reply_to=reply_to,
-        last_error_type=etype,
-        last_error_code=ecode,
-        last_error_msg=emsg,
-        created_at=created_at,
-        updated_at=updated_at,
-        batch_id=batch_id,
-        result=result,
-    )
-
-
 class CommandBus:
     """Sends commands and answers questions about them.
 
@@ -148,6 +124,8 @@ class CommandBus:
         self._default_max_attempts = validate_max_attempts(default_max_attempts)
         self._max_payload_bytes = max_payload_bytes
         self._native = _native.NativeBus(native_dsn(pool_conninfo(pool)), native_max_connections)
+        self._commands = PostgresCommandRepository(pool)
+        self._audit = PostgresAuditLogger(pool)
 
     @property
     def pool(self) -> AsyncConnectionPool[Any]:
@@ -304,47 +282,21 @@ class CommandBus:
             logger.debug("send_batch: %d/%d commands sent", len(results), total)
         return BatchSendResult(results=results, chunks_processed=chunks, total_commands=total)
 
-    # -- queries -------------------------------------------------------------------------
-
-    async def _fetch(self, name: str, params: list[Any]) -> list[tuple[Any, ...]]:
-        try:
-            async with (
-                self._pool.connection() as conn,
-                AsyncRawCursor(conn, row_factory=tuple_row) as cur,
-            ):
-                await cur.execute(_sql.statement(name), params)
-                return await cur.fetchall()
-        except psycopg.Error as err:
-            raise map_psycopg_error(err) from err
+    # -- queries (the predecessor's repositories do the reading) -------------------------
 
     async def get_command(self, domain: str, command_id: UUID) -> CommandMetadata | None:
         """Return the command's metadata, or None when it does not exist."""
-        rows = await self._fetch("get_command", [domain, validate_uuid(command_id, "command_id")])
-        return _row_to_metadata(rows[0]) if rows else None
+        return await self._commands.get(domain, validate_uuid(command_id, "command_id"))
 
     async def command_exists(self, domain: str, command_id: UUID) -> bool:
         """Return True when the command exists in the domain."""
-        rows = await self._fetch(
-            "command_exists", [domain, validate_uuid(command_id, "command_id")]
-        )
-        return bool(rows[0][0])
+        return await self._commands.exists(domain, validate_uuid(command_id, "command_id"))
 
     async def get_audit_trail(
         self, command_id: UUID, domain: str | None = None
     ) -> list[AuditEvent]:
         """Return the command's audit events in chronological order (empty when unknown)."""
-        rows = await self._fetch("audit_trail", [validate_uuid(command_id, "command_id"), domain])
-        return [
-            AuditEvent(
-                audit_id=r[0],
-                domain=r[1],
-                command_id=r[2],
-                event_type=r[3],
-                timestamp=r[4],
-                details=r[5],
-            )
-            for r in rows
-        ]
+        return await self._audit.get_events(command_id, domain)
 
     async def query_commands(
         self,
@@ -357,15 +309,9 @@ class CommandBus:
         offset: int = 0,
     ) -> list[CommandMetadata]:
         """Return commands matching the filters, newest first."""
-        for name, value in (("limit", limit), ("offset", offset)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValidationError(name, value, "must be an integer >= 0")
-        status_text = None if status is None else CommandStatus(status).value
-        rows = await self._fetch(
-            "query_commands",
-            [status_text, domain, command_type, created_after, created_before, limit, offset],
+        return await self._commands.query(
+            status, domain, command_type, created_after, created_before, limit, offset
         )
-        return [_row_to_metadata(r) for r in rows]
 
     # -- batches -------------------------------------------------------------------------
 
@@ -473,18 +419,10 @@ class CommandBus:
     ) -> list[CommandMetadata]:
         """Return the batch's commands in the order they were sent, optionally only those in
         `status`."""
-        for field, value in (("limit", limit), ("offset", offset)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValidationError(field, value, "must be an integer >= 0")
-        try:
-            status_text = None if status is None else CommandStatus(status).value
-        except ValueError:
-            raise ValidationError("status", status, "is not a CommandStatus") from None
-        rows = await self._fetch(
-            "batch_list_commands",
-            [domain, validate_uuid(batch_id, "batch_id"), status_text, limit, offset],
+        bid = validate_uuid(batch_id, "batch_id")
+        return await self._commands.list_by_batch(
+            domain, bid, status=status, limit=limit, offset=offset
         )
-        return [_row_to_metadata(r) for r in rows]
 
     async def _close_batch_listener(self) -> None:
         """Drop the batch callbacks this bus registered that are still pending and stop the

@@ -92,7 +92,10 @@ def metadata_from_row(row: Row) -> CommandMetadata:
 
 
 def _status(value: CommandStatus | str) -> str:
-    return CommandStatus(value).value
+    try:
+        return CommandStatus(value).value
+    except ValueError:
+        raise ValidationError("status", value, "is not a CommandStatus") from None
 
 
 class PostgresCommandRepository:
