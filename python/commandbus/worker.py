@@ -189,9 +189,12 @@ class Worker:
 
     # -- decoding ------------------------------------------------------------------------
 
-    def _received(self, native: _native.NativeWorker, item: ClaimedTuple) -> ReceivedCommand:
+    def _decode(
+        self, native: _native.NativeWorker, item: ClaimedTuple
+    ) -> tuple[Command, HandlerContext]:
+        """The handler's arguments from one claimed row (the run loop's per-command work)."""
         (msg_id, attempt, max_attempts, command_id, command_type, data_json, correlation_id,
-         reply_to, batch_id, created_us) = item  # fmt: skip
+         reply_to, _batch_id, created_us) = item  # fmt: skip
         created_at = datetime.fromtimestamp(created_us / 1_000_000, UTC)
         data = decode_json(data_json)
         command = Command(
@@ -210,6 +213,13 @@ class Worker:
             msg_id=msg_id,
             visibility_extender=_LeaseExtender(native, msg_id, attempt),
         )
+        return command, context
+
+    def _received(self, native: _native.NativeWorker, item: ClaimedTuple) -> ReceivedCommand:
+        """A claimed row for the step API, with its metadata."""
+        command, context = self._decode(native, item)
+        msg_id, attempt, max_attempts, command_id, command_type = item[:5]
+        correlation_id, reply_to, batch_id = item[6:9]
         metadata = CommandMetadata(
             domain=self._domain,
             command_id=command_id,
@@ -220,7 +230,7 @@ class Worker:
             msg_id=msg_id,
             correlation_id=correlation_id,
             reply_to=reply_to,
-            created_at=created_at,
+            created_at=command.created_at,
             updated_at=datetime.now(UTC),
             batch_id=batch_id,
         )
@@ -242,20 +252,19 @@ class Worker:
 
     # -- the run loop --------------------------------------------------------------------
 
-    async def _call_handler(self, received: ReceivedCommand) -> Any:
+    async def _call_handler(self, cmd: Command, ctx: HandlerContext) -> Any:
         assert self._registry is not None
-        cmd = received.command
         resolved = self._registry.resolve(cmd.domain, cmd.command_type)
         if resolved is None:
             raise HandlerNotFoundError(cmd.domain, cmd.command_type)
         if resolved.is_async:
-            return await resolved.fn(cmd, received.context)
+            return await resolved.fn(cmd, ctx)
         if self._executor is None:
             self._executor = ThreadPoolExecutor(
                 max_workers=self._sync_threads or 8, thread_name_prefix=f"rcmd-{self._domain}"
             )
         loop = asyncio.get_running_loop()
-        result = await loop.run_in_executor(self._executor, resolved.fn, cmd, received.context)
+        result = await loop.run_in_executor(self._executor, resolved.fn, cmd, ctx)
         if inspect.isawaitable(result):
             result = await result
         return result
@@ -263,8 +272,7 @@ class Worker:
     async def _execute(self, native: _native.NativeWorker, item: ClaimedTuple) -> None:
         msg_id, attempt = item[0], item[1]
         try:
-            received = self._received(native, item)
-            result = await self._call_handler(received)
+            result = await self._call_handler(*self._decode(native, item))
             try:
                 result_json = (
                     None if result is None else encode_json(result, "result", _MAX_RESULT_BYTES)
