@@ -467,3 +467,38 @@ async def test_step_api_close_releases_unfinished_leases(pool: AsyncConnectionPo
         assert again.command.command_id == cid and again.context.attempt == 1
     finally:
         await other.close()
+
+
+async def test_step_api_fail_variants(pool: AsyncConnectionPool[Any]) -> None:
+    """The predecessor's step API: fail (retry / TSQ when exhausted), fail_permanent,
+    fail_business_rule."""
+    bus = CommandBus(pool)
+    retry, last, perm, rule = uuid4(), uuid4(), uuid4(), uuid4()
+    await bus.send("orders", "T", retry, {})
+    await bus.send("orders", "T", last, {}, max_attempts=1)
+    await bus.send("orders", "T", perm, {})
+    await bus.send("orders", "T", rule, {}, reply_to="orders__replies")
+    worker = Worker(pool, "orders", retry_policy=RetryPolicy(max_attempts=3, backoff_schedule=[45]))
+    try:
+        got = {r.command.command_id: r for r in await worker.receive(batch_size=10)}
+        assert set(got) == {retry, last, perm, rule}
+        await worker.fail(got[retry], TransientCommandError("BUSY", "busy"))
+        await worker.fail(got[last], RuntimeError("boom"))
+        await worker.fail_permanent(got[perm], PermanentCommandError("BAD", "bad input"))
+        await worker.fail_business_rule(got[rule], BusinessRuleException("RULE", "no"))
+    finally:
+        await worker.close()
+    assert await status_of(pool, "orders", retry) == "PENDING"
+    assert (await events(pool, retry))[-2:] == ["FAILED", "RETRY_SCHEDULED"]
+    assert await status_of(pool, "orders", last) == "IN_TROUBLESHOOTING_QUEUE"
+    assert (await events(pool, last))[-2:] == ["RETRY_EXHAUSTED", "MOVED_TO_TSQ"]
+    assert await status_of(pool, "orders", perm) == "IN_TROUBLESHOOTING_QUEUE"
+    assert await status_of(pool, "orders", rule) == "FAILED"
+    [reply] = await read_queue(pool, "orders__replies")
+    assert reply["outcome"] == "FAILED" and reply["result"]["error_code"] == "RULE"
+    # The retried one waits out its 45 s backoff: not claimable now.
+    other = Worker(pool, "orders")
+    try:
+        assert await other.receive(batch_size=10) == []
+    finally:
+        await other.close()
