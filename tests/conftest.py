@@ -21,6 +21,7 @@ import asyncio
 import itertools
 import os
 import re
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Coroutine, Iterator
@@ -192,6 +193,36 @@ def _drop_stale_databases(admin_dsn: str) -> None:
             drop_database(admin_dsn, name)
 
 
+def _docker_answers() -> bool:
+    """True when a Docker engine answers its ping (unix socket of DOCKER_HOST or the default)."""
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    if not host.startswith("unix://"):
+        return False  # a remote engine: set RCMD_TESTCONTAINERS and let testcontainers try
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(2)
+            sock.connect(host.removeprefix("unix://"))
+            sock.sendall(b"GET /_ping HTTP/1.0\r\n\r\n")
+            return b"OK" in sock.recv(4096)
+    except OSError:
+        return False
+
+
+def _container_dsn() -> Iterator[str]:
+    """RCMD_TESTCONTAINERS=1: a PostgreSQL container via testcontainers (Docker machines only;
+    the default everywhere else is the embedded server). RCMD_TESTCONTAINERS_IMAGE picks the
+    image (default postgres:16; PGMQ is installed from SQL when the image lacks the extension)."""
+    if not _docker_answers():
+        pytest.fail("RCMD_TESTCONTAINERS is set but no Docker engine answers", pytrace=False)
+    from testcontainers.postgres import PostgresContainer
+
+    image = os.environ.get("RCMD_TESTCONTAINERS_IMAGE", "postgres:16")
+    with PostgresContainer(image, driver=None) as container:
+        url = container.get_connection_url()
+        _STATS.server = f"testcontainers {image} at {_redact(url)}"
+        yield url
+
+
 @pytest.fixture(scope="session")
 def pg_admin_dsn() -> Iterator[str]:
     """DSN of a role that may CREATE DATABASE: $DATABASE_URL or an embedded server."""
@@ -200,6 +231,9 @@ def pg_admin_dsn() -> Iterator[str]:
         _STATS.server = f"DATABASE_URL={_redact(url)}"
         _drop_stale_databases(url)
         yield url
+        return
+    if os.environ.get("RCMD_TESTCONTAINERS"):
+        yield from _container_dsn()
         return
     t0 = time.monotonic()
     server = EmbeddedServer(in_memory=True)
