@@ -525,10 +525,12 @@ END $$;
 CREATE OR REPLACE FUNCTION commandbus.refresh_statistics_v1() RETURNS BOOLEAN
 LANGUAGE plpgsql AS $$
 BEGIN
-    IF EXISTS (SELECT 1 FROM pg_stat_user_tables s
-               WHERE s.schemaname = 'commandbus' AND s.relname = 'command'
-                 AND s.last_analyze IS NULL AND s.last_autoanalyze IS NULL
-                 AND (s.n_live_tup > 0 OR s.n_mod_since_analyze > 0)) THEN
+    -- Workers starting together: one of them analyzes, the others go on at once.
+    IF pg_try_advisory_xact_lock(hashtext('commandbus.refresh_statistics'))
+       AND EXISTS (SELECT 1 FROM pg_stat_user_tables s
+                   WHERE s.schemaname = 'commandbus' AND s.relname = 'command'
+                     AND s.last_analyze IS NULL AND s.last_autoanalyze IS NULL
+                     AND (s.n_live_tup > 0 OR s.n_mod_since_analyze > 0)) THEN
         ANALYZE commandbus.command;
         RETURN TRUE;
     END IF;
