@@ -24,8 +24,10 @@ from commandbus._sql import command_queue
 from commandbus._validation import decode_json, encode_json, validate_domain
 from commandbus.exceptions import (
     BusinessRuleException,
+    DatabaseError,
     HandlerNotFoundError,
     PermanentCommandError,
+    SchemaNotInstalledError,
     SerializationError,
     TransientCommandError,
     ValidationError,
@@ -350,6 +352,7 @@ class Worker:
                     name=f"rcmd-retention-{self._domain}",
                 )
             reported_errors = 0
+            claim_failures = 0
             # Claim when half the slots are free (or nothing runs): one claim per many
             # handlers instead of one per finished handler; each claim is a round trip.
             low_water = max(1, concurrency // 2)
@@ -359,7 +362,25 @@ class Worker:
                     self._wake.clear()
                     await self._wake.wait()
                     continue
-                batch: list[ClaimedTuple] = await call(functools.partial(_next_batch, native, free))
+                try:
+                    batch: list[ClaimedTuple] = await call(
+                        functools.partial(_next_batch, native, free)
+                    )
+                except SchemaNotInstalledError:
+                    raise
+                except DatabaseError as exc:
+                    # The database went away for a moment (restart, failover, network): keep
+                    # the worker alive, retry with backoff; sqlx reconnects underneath.
+                    claim_failures += 1
+                    delay = min(0.1 * 2**claim_failures, 5.0)
+                    logger.warning(
+                        "worker for %s: claim failed (%s), retrying in %.1f s",
+                        self._domain, exc, delay,
+                    )  # fmt: skip
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wait_stop(), delay)
+                    continue
+                claim_failures = 0
                 for item in batch:
                     task = asyncio.create_task(self._execute(native, item))
                     self._in_flight.add(task)
@@ -393,6 +414,11 @@ class Worker:
         logger.info("worker for %s: signal received, stopping", self._domain)
         self._stop_timeout = self._signal_stop_timeout
         self._request_stop()
+
+    async def _wait_stop(self) -> None:
+        while not self._stop_requested:
+            self._wake.clear()
+            await self._wake.wait()
 
     def _request_stop(self) -> None:
         self._stop_requested = True

@@ -502,3 +502,26 @@ async def test_step_api_fail_variants(pool: AsyncConnectionPool[Any]) -> None:
         assert await other.receive(batch_size=10) == []
     finally:
         await other.close()
+
+
+async def test_worker_survives_its_connections_being_killed(pool: AsyncConnectionPool[Any]) -> None:
+    """A database restart or failover drops every connection: the worker retries and goes on."""
+    registry = HandlerRegistry()
+
+    @registry.handler("orders", "Ping")
+    async def ping(cmd: Command, ctx: HandlerContext) -> None:
+        return None
+
+    bus = CommandBus(pool)
+    first, second = uuid4(), uuid4()
+    await bus.send("orders", "Ping", first, {})
+    async with running(Worker(pool, "orders", registry)):
+        await wait_status(pool, "orders", first, "COMPLETED")
+        killed = await fetch(
+            pool,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name LIKE 'rcmd-worker%%' AND datname = current_database()",
+        )
+        assert killed and all(row[0] for row in killed)
+        await bus.send("orders", "Ping", second, {})
+        await wait_status(pool, "orders", second, "COMPLETED")
