@@ -41,11 +41,8 @@ CREATE OR REPLACE FUNCTION commandbus.send_commands_v1(
     p_batch_ids UUID[]
 ) RETURNS TABLE (command_id UUID, msg_id BIGINT, correlation_id UUID)
 LANGUAGE plpgsql
--- Row lookups must be unique-index probes whatever the statistics say (right after a bulk
--- send the planner believed the table tiny and scanned a whole domain per claim: 10x slower).
--- Hash joins stay on: without them the input arrays were rescanned per row (a flush of 1,000
--- took 430 ms instead of 40 ms).
-SET enable_bitmapscan = off SET enable_mergejoin = off SET enable_seqscan = off
+-- No planner flags here (unlike claim/finish): every lookup is a unique-index probe anyway,
+-- and the flags' save/restore cost a fifth of a single send (305 -> 240 us in a loop).
 AS $$
 #variable_conflict use_column
 DECLARE
