@@ -147,6 +147,8 @@ class Worker:
         self._stopped = asyncio.Event()
         self._wake = asyncio.Event()
         self._in_flight: set[asyncio.Task[None]] = set()
+        # Claims sent and not yet answered (future -> slots reserved for it).
+        self._claims: dict[asyncio.Future[list[ClaimedTuple]], int] = {}
         self._native: _native.NativeWorker | None = None
         self._step_native: _native.NativeWorker | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -353,38 +355,47 @@ class Worker:
                 )
             reported_errors = 0
             claim_failures = 0
-            # Claim when half the slots are free (or nothing runs): one claim per many
-            # handlers instead of one per finished handler; each claim is a round trip.
-            low_water = max(1, concurrency // 2)
+            # Two claims of half the slots each may be in flight: the next batch is already
+            # being claimed while the current one runs (one claim at a time left the loop
+            # idle for a whole claim round trip per batch). A claim is sent once half the
+            # slots are free (or nothing runs): one round trip per many handlers.
+            chunk = max(1, concurrency // 2)
+            claims = self._claims
+            claims.clear()
             while not self._stop_requested:
-                free = concurrency - len(self._in_flight)
-                if free < low_water and self._in_flight:
-                    self._wake.clear()
-                    await self._wake.wait()
+                free = concurrency - len(self._in_flight) - sum(claims.values())
+                if len(claims) < 2 and (free >= chunk or (free > 0 and not self._in_flight)):
+                    size = min(free, chunk)
+                    claims[call(functools.partial(_next_batch, native, size))] = size
                     continue
-                try:
-                    batch: list[ClaimedTuple] = await call(
-                        functools.partial(_next_batch, native, free)
-                    )
-                except SchemaNotInstalledError:
-                    raise
-                except DatabaseError as exc:
-                    # The database went away for a moment (restart, failover, network): keep
-                    # the worker alive, retry with backoff; sqlx reconnects underneath.
-                    claim_failures += 1
-                    delay = min(0.1 * 2**claim_failures, 5.0)
-                    logger.warning(
-                        "worker for %s: claim failed (%s), retrying in %.1f s",
-                        self._domain, exc, delay,
-                    )  # fmt: skip
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wait_stop(), delay)
-                    continue
-                claim_failures = 0
-                for item in batch:
-                    task = asyncio.create_task(self._execute(native, item))
-                    self._in_flight.add(task)
-                    task.add_done_callback(self._task_done)
+                self._wake.clear()
+                woken: asyncio.Future[Any] = asyncio.ensure_future(self._wake.wait())
+                waiting: list[asyncio.Future[Any]] = [*claims, woken]
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                woken.cancel()
+                for fut in [f for f in claims if f in done]:
+                    del claims[fut]
+                    try:
+                        batch: list[ClaimedTuple] = fut.result()
+                    except SchemaNotInstalledError:
+                        raise
+                    except DatabaseError as exc:
+                        # The database went away for a moment (restart, failover, network):
+                        # keep the worker alive, retry with backoff; sqlx reconnects underneath.
+                        claim_failures += 1
+                        delay = min(0.1 * 2**claim_failures, 5.0)
+                        logger.warning(
+                            "worker for %s: claim failed (%s), retrying in %.1f s",
+                            self._domain, exc, delay,
+                        )  # fmt: skip
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self._wait_stop(), delay)
+                        continue
+                    claim_failures = 0
+                    for item in batch:
+                        task = asyncio.create_task(self._execute(native, item))
+                        self._in_flight.add(task)
+                        task.add_done_callback(self._task_done)
                 stats = native.stats()
                 errors = int(stats.get("flush_errors") or 0)
                 if errors > reported_errors:
@@ -431,6 +442,11 @@ class Worker:
         timeout), cancel the rest; flush every outcome; release unreported leases; close."""
         native.stop_claiming()
         try:
+            if self._claims:
+                # They answer at once now; what they claimed was never started and is
+                # released by native.shutdown() below (attempt undone).
+                await asyncio.wait(list(self._claims))
+                self._claims.clear()
             if self._in_flight:
                 _done, pending = await asyncio.wait(
                     set(self._in_flight), timeout=self._stop_timeout
