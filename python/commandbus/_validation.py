@@ -31,7 +31,9 @@ __all__ = [
     "validate_command_type",
     "validate_data",
     "validate_domain",
+    "validate_int",
     "validate_max_attempts",
+    "validate_page",
     "validate_queue_name",
     "validate_uuid",
 ]
@@ -144,6 +146,23 @@ def validate_max_attempts(value: int | None) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValidationError("max_attempts", value, "must be None or an integer >= 1")
     return value
+
+
+def validate_int(field: str, value: object, minimum: int) -> int:
+    """Return ``value`` if it is an int (not a bool) of at least ``minimum``.
+
+    Raises:
+        ValidationError: Otherwise.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValidationError(field, value, f"must be an integer >= {minimum}")
+    return value
+
+
+def validate_page(limit: object, offset: object) -> None:
+    """Check the ``limit`` / ``offset`` of a paged query (both integers >= 0)."""
+    validate_int("limit", limit, 0)
+    validate_int("offset", offset, 0)
 
 
 def validate_data(data: object) -> dict[str, Any]:

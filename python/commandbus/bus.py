@@ -23,6 +23,7 @@ from commandbus._validation import (
     validate_command_type,
     validate_data,
     validate_domain,
+    validate_int,
     validate_max_attempts,
     validate_queue_name,
     validate_uuid,
@@ -249,8 +250,7 @@ class CommandBus:
             BatchNotFoundError. Chunks sent before a failing chunk stay sent (unless `conn` is
             given: then everything is in the caller's transaction).
         """
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValidationError("chunk_size", chunk_size, "must be an integer >= 1")
+        validate_int("chunk_size", chunk_size, 1)
         total = len(requests)
         if total == 0:
             return BatchSendResult(results=[], chunks_processed=0, total_commands=0)

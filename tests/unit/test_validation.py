@@ -249,3 +249,17 @@ def test_decode_json_accepts_str_and_bytes() -> None:
     assert decode_json(b'{"a": null}') == {"a": None}
     with pytest.raises(orjson.JSONDecodeError):
         decode_json("{not json")
+
+
+def test_validate_int_and_page() -> None:
+    from commandbus._validation import validate_int, validate_page
+
+    assert validate_int("chunk_size", 1, 1) == 1
+    for bad in (0, True, 1.5, "3"):
+        with pytest.raises(ValidationError, match="chunk_size"):
+            validate_int("chunk_size", bad, 1)
+    validate_page(0, 0)
+    with pytest.raises(ValidationError, match="offset"):
+        validate_page(10, -1)
+    with pytest.raises(ValidationError, match="limit"):
+        validate_page(-1, 0)

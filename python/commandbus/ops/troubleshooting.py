@@ -22,7 +22,13 @@ from psycopg_pool import AsyncConnectionPool
 
 from commandbus import _sql
 from commandbus._errors import map_psycopg_error
-from commandbus._validation import encode_json, validate_domain, validate_uuid
+from commandbus._validation import (
+    encode_json,
+    validate_domain,
+    validate_int,
+    validate_page,
+    validate_uuid,
+)
 from commandbus.exceptions import (
     CommandBusError,
     CommandNotFoundError,
@@ -57,12 +63,6 @@ def _map_error(
     if err.sqlstate in (_NOT_IN_TSQ, _NOT_RETRYABLE):
         return InvalidOperationError(message or str(err))
     return map_psycopg_error(err, domain)
-
-
-def _check_count(name: str, value: int, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValidationError(name, value, f"must be an integer >= {minimum}")
-    return value
 
 
 def _check_optional_text(name: str, value: str | None) -> str | None:
@@ -137,8 +137,7 @@ class TroubleshootingQueue:
         queue message (`payload`, None when the archive no longer has it) and last error."""
         validate_domain(domain)
         _check_optional_text("command_type", command_type)
-        _check_count("limit", limit, 0)
-        _check_count("offset", offset, 0)
+        validate_page(limit, offset)
         rows = await self._fetch("tsq_list", [domain, command_type, limit, offset], domain)
         return [_row_to_item(r) for r in rows]
 
@@ -187,8 +186,7 @@ class TroubleshootingQueue:
         """
         if domain is not None:
             validate_domain(domain)
-        _check_count("limit", limit, 0)
-        _check_count("offset", offset, 0)
+        validate_page(limit, offset)
         rows = await self._fetch("tsq_list_all", [domain, limit, offset], domain)
         command_ids = await self.list_command_ids(domain)
         return [_row_to_item(r) for r in rows], len(command_ids), command_ids
@@ -300,7 +298,7 @@ class TroubleshootingQueue:
         validate_domain(domain)
         _check_optional_text("command_type", command_type)
         _check_optional_text("operator", operator)
-        _check_count("chunk_size", chunk_size, 1)
+        validate_int("chunk_size", chunk_size, 1)
         total = await self._bulk(
             "tsq_retry_all", domain, [domain, command_type, operator], chunk_size, on_progress
         )
@@ -325,7 +323,7 @@ class TroubleshootingQueue:
             raise ValidationError("reason", reason, "must be a str")
         _check_optional_text("command_type", command_type)
         _check_optional_text("operator", operator)
-        _check_count("chunk_size", chunk_size, 1)
+        validate_int("chunk_size", chunk_size, 1)
         total = await self._bulk(
             "tsq_cancel_all",
             domain,

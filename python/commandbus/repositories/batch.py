@@ -16,6 +16,7 @@ import orjson
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
+from commandbus._validation import validate_page
 from commandbus.batch import batch_from_row, execute
 from commandbus.exceptions import ValidationError
 from commandbus.models import BatchMetadata, BatchStatus
@@ -30,12 +31,6 @@ def _status_text(status: BatchStatus | str | None) -> str | None:
         return BatchStatus(status).value
     except ValueError:
         raise ValidationError("status", status, "is not a BatchStatus") from None
-
-
-def _check_page(limit: int, offset: int) -> None:
-    for name, value in (("limit", limit), ("offset", offset)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValidationError(name, value, "must be an integer >= 0")
 
 
 class PostgresBatchRepository:
@@ -123,7 +118,7 @@ class PostgresBatchRepository:
         conn: AsyncConnection[Any] | None = None,
     ) -> list[BatchMetadata]:
         """The domain's batches, newest first, optionally of one status."""
-        _check_page(limit, offset)
+        validate_page(limit, offset)
         rows = await self._rows(
             "batch_list", [domain, _status_text(status), limit, offset], conn, domain
         )

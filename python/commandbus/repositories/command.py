@@ -23,7 +23,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from commandbus import _sql
 from commandbus._errors import map_psycopg_error
-from commandbus._validation import validate_uuid
+from commandbus._validation import validate_page, validate_uuid
 from commandbus.exceptions import DuplicateCommandError, ValidationError
 from commandbus.models import CommandMetadata, CommandStatus
 from commandbus.policies import DEFAULT_RETRY_POLICY
@@ -293,7 +293,7 @@ class PostgresCommandRepository:
         offset: int = 0,
     ) -> list[CommandMetadata]:
         """The commands of a batch (optionally of one status), oldest first."""
-        _check_page(limit, offset)
+        validate_page(limit, offset)
         status_text = None if status is None else _status(status)
         rows = await self._run(
             "batch_list_commands", [domain, batch_id, status_text, limit, offset], None, domain
@@ -311,7 +311,7 @@ class PostgresCommandRepository:
         offset: int = 0,
     ) -> list[CommandMetadata]:
         """Commands matching the filters, newest first."""
-        _check_page(limit, offset)
+        validate_page(limit, offset)
         status_text = None if status is None else _status(status)
         params = [status_text, domain, command_type, created_after, created_before, limit, offset]
         rows = await self._run("query_commands", params, None, domain)
@@ -375,12 +375,6 @@ class PostgresCommandRepository:
                   msg_id]  # fmt: skip
         rows = await self._run("repo_sp_fail_command", params, conn, domain)
         return bool(rows and rows[0]["found"])
-
-
-def _check_page(limit: int, offset: int) -> None:
-    for name, value in (("limit", limit), ("offset", offset)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValidationError(name, value, "must be an integer >= 0")
 
 
 async def _fetch(conn: AsyncConnection[Any], name: str, params: Sequence[Any]) -> list[Row]:
