@@ -3,7 +3,6 @@ path is Rust. Drop-in successor of `reliable-cmd` 0.2.2 (same names, same databa
 
 from commandbus.batch import (
     BatchCompletionCallback,
-    DuplicateBatchError,
     check_and_invoke_batch_callback,
     clear_all_callbacks,
     get_batch_callback,
@@ -17,6 +16,7 @@ from commandbus.exceptions import (
     CommandBusError,
     CommandNotFoundError,
     DatabaseError,
+    DuplicateBatchError,
     DuplicateCommandError,
     HandlerAlreadyRegisteredError,
     HandlerNotFoundError,

@@ -1,5 +1,6 @@
 """Maps psycopg errors of the pure-Python path to our exceptions, as the Rust path does
-(rust/py/src/errors.rs): the same SQLSTATEs, the driver error kept as the cause."""
+(rust/py/src/errors.rs): the same SQLSTATEs, the driver error kept as the cause. Every `CB`
+SQLSTATE of sql/ (listed in V002) is mapped here and only here."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import psycopg
 from commandbus.exceptions import (
     BatchNotFoundError,
     CommandBusError,
+    CommandNotFoundError,
     DatabaseError,
+    DuplicateBatchError,
     DuplicateCommandError,
     InvalidNameError,
     InvalidOperationError,
@@ -41,8 +44,14 @@ def map_psycopg_error(err: psycopg.Error, domain: str | None = None) -> CommandB
         if message.startswith("invalid queue name"):
             return InvalidNameError("queue", detail, message)
         return ValidationError("input", detail, message)
-    if sqlstate == "CB008":
+    if sqlstate == "CB005":
+        return CommandNotFoundError(domain or "", detail or "")
+    if sqlstate in ("CB004", "CB006", "CB008"):
         return InvalidOperationError(message)
+    if sqlstate == "CB007" or (
+        sqlstate == "23505" and err.diag is not None and err.diag.constraint_name == "batch_pkey"
+    ):
+        return DuplicateBatchError(domain or "", detail or "")
     if _schema_missing(sqlstate, message):
         return SchemaNotInstalledError(
             f"commandbus schema or PGMQ missing ({message})", sqlstate, detail

@@ -35,7 +35,10 @@ from psycopg_pool import AsyncConnectionPool
 from commandbus import _sql
 from commandbus._dsn import pool_conninfo
 from commandbus._errors import map_psycopg_error
-from commandbus.exceptions import CommandBusError, InvalidOperationError
+from commandbus.exceptions import (
+    CommandBusError,
+    DuplicateBatchError,  # re-exported: its old home
+)
 from commandbus.models import BatchMetadata, BatchStatus
 
 logger = logging.getLogger(__name__)
@@ -65,16 +68,6 @@ SyncBatchCompletionCallback = Callable[[BatchMetadata], Any]
 BatchKey = tuple[str, UUID]
 
 
-class DuplicateBatchError(InvalidOperationError):
-    """A batch with this batch_id already exists in the domain (SQLSTATE CB007)."""
-
-    def __init__(self, domain: str, batch_id: str) -> None:
-        self.domain = domain
-        self.batch_id = batch_id
-        super().__init__(f"Batch {batch_id} already exists in domain {domain}")
-        self._remember_args(DuplicateBatchError, domain, batch_id)
-
-
 class _BatchGetter(Protocol):
     async def get(self, domain: str, batch_id: UUID) -> BatchMetadata | None: ...
 
@@ -84,20 +77,6 @@ class _SyncBatchGetter(Protocol):
 
 
 # -- SQL plumbing shared with repositories/batch.py --------------------------------------------
-
-
-def map_batch_error(
-    err: psycopg.Error, domain: str | None = None, batch_id: UUID | None = None
-) -> CommandBusError:
-    """``map_psycopg_error`` plus the batch errors: CB007 (and a raw insert's primary key
-    violation) -> DuplicateBatchError."""
-    diag = err.diag
-    if err.sqlstate == "CB007" or (
-        err.sqlstate == "23505" and diag is not None and diag.constraint_name == "batch_pkey"
-    ):
-        detail = diag.message_detail if err.sqlstate == "CB007" and diag is not None else None
-        return DuplicateBatchError(domain or "", detail or str(batch_id))
-    return map_psycopg_error(err, domain)
 
 
 async def execute(
@@ -114,7 +93,7 @@ async def execute(
             await cur.execute(_sql.statement(name), params)
             return await cur.fetchall() if cur.description is not None else []
     except psycopg.Error as err:
-        raise map_batch_error(err, domain, batch_id) from err
+        raise map_psycopg_error(err, domain) from err
 
 
 def batch_from_row(row: Sequence[Any]) -> BatchMetadata:

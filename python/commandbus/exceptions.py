@@ -16,6 +16,7 @@ __all__ = [
     "CommandBusError",
     "CommandNotFoundError",
     "DatabaseError",
+    "DuplicateBatchError",
     "DuplicateCommandError",
     "HandlerAlreadyRegisteredError",
     "HandlerNotFoundError",
@@ -220,6 +221,16 @@ class SchemaNotInstalledError(DatabaseError):
             message = f"{message}; {_SETUP_HINT}"
         super().__init__(message, sqlstate, detail)
         self._remember_args(SchemaNotInstalledError, message, sqlstate, detail)
+
+
+class DuplicateBatchError(InvalidOperationError):
+    """A batch with this batch_id already exists in the domain (SQLSTATE CB007)."""
+
+    def __init__(self, domain: str, batch_id: str) -> None:
+        self.domain = domain
+        self.batch_id = batch_id
+        super().__init__(f"Batch {batch_id} already exists in domain {domain}")
+        self._remember_args(DuplicateBatchError, domain, batch_id)
 
 
 class WorkerStoppedError(CommandBusError):

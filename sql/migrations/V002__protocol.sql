@@ -5,7 +5,9 @@
 -- Errors raised here use SQLSTATE class 'CB' so drivers can map them to typed exceptions:
 --   CB001 duplicate command_id (DETAIL = the id), CB002 unknown batch_id (DETAIL = the id),
 --   CB003 invalid input (DETAIL = the offending value), CB008 batch already complete (DETAIL = id).
--- (V004 adds CB004-CB006 for operator actions, V005 CB007 for a duplicate batch id.)
+-- V004 adds CB004 not in the TSQ, CB005 unknown command (DETAIL = id), CB006 archived message
+-- missing; V005 CB007 duplicate batch id (DETAIL = id). Both drivers map them in one place each
+-- (python/commandbus/_errors.py, rust/py/src/errors.rs).
 
 -- Creates a PGMQ queue on demand, idempotently and safely under concurrent first use.
 CREATE OR REPLACE FUNCTION commandbus.ensure_queue_v1(p_queue TEXT) RETURNS BOOLEAN

@@ -30,9 +30,7 @@ from commandbus._validation import (
     validate_uuid,
 )
 from commandbus.exceptions import (
-    CommandBusError,
     CommandNotFoundError,
-    InvalidOperationError,
     ValidationError,
 )
 from commandbus.models import TroubleshootingItem
@@ -46,23 +44,6 @@ ProgressCallback = Callable[[int], None]
 DEFAULT_BULK_CHUNK_SIZE = 500
 # The same ceiling the worker puts on a handler's result.
 _MAX_RESULT_BYTES = 8 * 1_048_576
-
-# SQLSTATEs raised by the V004 functions.
-_NOT_IN_TSQ = "CB004"
-_UNKNOWN_COMMAND = "CB005"
-_NOT_RETRYABLE = "CB006"
-
-
-def _map_error(
-    err: psycopg.Error, domain: str | None, command_id: UUID | None = None
-) -> CommandBusError:
-    """Map the TSQ SQLSTATEs to typed errors; anything else as the rest of the package does."""
-    message = err.diag.message_primary if err.diag is not None else None
-    if err.sqlstate == _UNKNOWN_COMMAND:
-        return CommandNotFoundError(domain or "", str(command_id))
-    if err.sqlstate in (_NOT_IN_TSQ, _NOT_RETRYABLE):
-        return InvalidOperationError(message or str(err))
-    return map_psycopg_error(err, domain)
 
 
 def _check_optional_text(name: str, value: str | None) -> str | None:
@@ -122,7 +103,7 @@ class TroubleshootingQueue:
                 await cur.execute(_sql.statement(name), params)
                 return await cur.fetchall() if cur.description is not None else []
         except psycopg.Error as err:
-            raise _map_error(err, domain, command_id) from err
+            raise map_psycopg_error(err, domain) from err
 
     # -- listing -------------------------------------------------------------------------
 

@@ -8,6 +8,8 @@ use rcmd_core::CoreError;
 pyo3::import_exception!(commandbus.exceptions, DatabaseError);
 pyo3::import_exception!(commandbus.exceptions, PostgresError);
 pyo3::import_exception!(commandbus.exceptions, DuplicateCommandError);
+pyo3::import_exception!(commandbus.exceptions, DuplicateBatchError);
+pyo3::import_exception!(commandbus.exceptions, CommandNotFoundError);
 pyo3::import_exception!(commandbus.exceptions, BatchNotFoundError);
 pyo3::import_exception!(commandbus.exceptions, InvalidNameError);
 pyo3::import_exception!(commandbus.exceptions, InvalidOperationError);
@@ -38,7 +40,9 @@ pub fn to_pyerr(err: CoreError, domain: Option<&str>) -> PyErr {
                     InvalidNameError::new_err(("queue", detail_s, message.clone()))
                 }
                 "CB003" => ValidationError::new_err(("input", detail_s, message.clone())),
-                "CB008" => InvalidOperationError::new_err((message.clone(),)),
+                "CB004" | "CB006" | "CB008" => InvalidOperationError::new_err((message.clone(),)),
+                "CB005" => CommandNotFoundError::new_err((domain, detail_s)),
+                "CB007" => DuplicateBatchError::new_err((domain, detail_s)),
                 s if schema_missing(s, &message) => SchemaNotInstalledError::new_err((
                     format!("commandbus schema or PGMQ missing ({message})"),
                     sqlstate.clone(),
