@@ -781,7 +781,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--skip-predecessor", action="store_true", help="ours and raw PGMQ only")
     p.add_argument("--timeout", type=float, default=900.0, help="per phase, seconds")
+    p.add_argument(
+        "--pg-setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        type=_pg_setting,
+        help="extra postgresql.conf setting of the embedded server (repeatable), e.g. "
+        "shared_preload_libraries=pg_stat_statements,auto_explain",
+    )
     return p
+
+
+def _pg_setting(text: str) -> str:
+    name, sep, _value = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return text
 
 
 def run(args: argparse.Namespace) -> int:
@@ -799,6 +815,7 @@ def run(args: argparse.Namespace) -> int:
                 settings={
                     "shared_preload_libraries": "pg_stat_statements",
                     "pg_stat_statements.track": "all",
+                    **dict(kv.split("=", 1) for kv in args.pg_setting),
                 }
             ).start()
             admin_dsn = server.dsn

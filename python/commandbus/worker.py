@@ -41,6 +41,9 @@ logger = logging.getLogger(__name__)
 
 # Results and error details are stored in the command row: keep them bounded.
 _MAX_RESULT_BYTES = 8 * 1_048_576
+# Outcomes allowed to wait for their flush before claims pause (at least: small workers keep
+# claiming while one flush runs).
+_MIN_UNFLUSHED = 64
 
 ClaimedTuple = tuple[int, int, int, Any, str, str, Any, str | None, Any, int]
 
@@ -173,7 +176,9 @@ class Worker:
         """Counters of the engine of the current (or last) run: claimed, applied, fenced..."""
         return self._native.stats() if self._native is not None else {}
 
-    def _new_native(self, use_notify: bool, poll_interval: float) -> _native.NativeWorker:
+    def _new_native(
+        self, use_notify: bool, poll_interval: float, concurrency: int = 1
+    ) -> _native.NativeWorker:
         return _native.NativeWorker(
             self._dsn,
             self._domain,
@@ -183,6 +188,9 @@ class Worker:
             poll_interval=poll_interval,
             max_flush=self._max_flush,
             auto_extend=self._auto_extend,
+            # Claims pause while more outcomes than this wait for their flush: a worker holds
+            # at most about 2 x concurrency + this many leases, however slow the database.
+            max_unflushed=max(concurrency, _MIN_UNFLUSHED),
         )
 
     def _backoff(self, attempt: int) -> int:
@@ -332,7 +340,7 @@ class Worker:
         if self._sync_threads is None:
             self._sync_threads = min(concurrency, 32)
         self._signal_stop_timeout = signal_stop_timeout
-        native = self._new_native(use_notify, float(poll_interval))
+        native = self._new_native(use_notify, float(poll_interval), concurrency)
         self._native = native
         self._running = True
         self._stop_requested = False

@@ -3,7 +3,7 @@
 //! `next_batch`, and reports each outcome with `report`, a non-blocking push into a channel.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,6 +27,11 @@ pub struct WorkerConfig {
     pub poll_interval: Duration,
     /// Most outcomes applied in one flush.
     pub max_flush: usize,
+    /// `next_batch` claims nothing while more outcomes than this wait for their flush, so the
+    /// leases a worker holds stay bounded when the database applies outcomes more slowly than
+    /// handlers produce them (unbounded, the claimed-but-unfinished messages piled up, every
+    /// claim had to scan past them, and their leases could expire into redeliveries).
+    pub max_unflushed: usize,
     /// Keep extending the leases of running handlers (for handlers longer than the timeout).
     pub auto_extend: bool,
 }
@@ -40,6 +45,7 @@ impl WorkerConfig {
             use_notify: true,
             poll_interval: Duration::from_secs(1),
             max_flush: 1000,
+            max_unflushed: 1000,
             auto_extend: false,
         }
     }
@@ -65,6 +71,8 @@ pub struct WorkerStats {
     pub flush_errors: u64,
     pub released: u64,
     pub in_flight: u64,
+    /// Outcomes reported and not yet applied (queued or in the running flush).
+    pub unflushed: u64,
     pub last_error: Option<String>,
 }
 
@@ -80,6 +88,10 @@ pub struct WorkerCore {
     /// Leases claimed and not yet reported, keyed by (msg_id, attempt).
     in_flight: Mutex<HashMap<(i64, i32), Uuid>>,
     outcomes: Mutex<Option<mpsc::UnboundedSender<FlushMsg>>>,
+    /// Outcomes reported and not yet through `flush_with_retry`.
+    unflushed: AtomicUsize,
+    /// Notified after every flush (wakes a `next_batch` held back by `max_unflushed`).
+    flushed: Notify,
     stop_tx: watch::Sender<bool>,
     wake: Arc<Notify>,
     counters: Arc<Counters>,
@@ -102,6 +114,8 @@ impl WorkerCore {
             queue,
             in_flight: Mutex::new(HashMap::new()),
             outcomes: Mutex::new(None),
+            unflushed: AtomicUsize::new(0),
+            flushed: Notify::new(),
             stop_tx,
             wake: Arc::new(Notify::new()),
             counters: Arc::new(Counters::default()),
@@ -183,6 +197,17 @@ impl WorkerCore {
             if *stop_rx.borrow_and_update() {
                 return Ok(Vec::new());
             }
+            // Backpressure: no new leases while the flusher is behind.
+            let flushed = self.flushed.notified();
+            if self.unflushed.load(Ordering::Acquire) > self.cfg.max_unflushed {
+                tokio::select! {
+                    _ = flushed => {}
+                    // A flush ends with notify_waiters; re-check now and then regardless.
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    _ = stop_rx.changed() => {}
+                }
+                continue;
+            }
             let claimed = self.claim_now(max, self.cfg.visibility_timeout).await?;
             if !claimed.is_empty() {
                 return Ok(claimed);
@@ -221,9 +246,11 @@ impl WorkerCore {
             return Ok(false);
         };
         outcome.lease = lease;
-        sender
-            .send(FlushMsg::Outcome(outcome))
-            .map_err(|_| CoreError::Closed("worker"))?;
+        self.unflushed.fetch_add(1, Ordering::AcqRel);
+        if sender.send(FlushMsg::Outcome(outcome)).is_err() {
+            self.unflushed.fetch_sub(1, Ordering::AcqRel);
+            return Err(CoreError::Closed("worker"));
+        }
         Ok(true)
     }
 
@@ -305,6 +332,7 @@ impl WorkerCore {
             flush_errors: c.flush_errors.load(Ordering::Relaxed),
             released: c.released.load(Ordering::Relaxed),
             in_flight: lock(&self.in_flight).len() as u64,
+            unflushed: self.unflushed.load(Ordering::Acquire) as u64,
             last_error: lock(&self.last_error).clone(),
         }
     }
@@ -327,7 +355,10 @@ impl WorkerCore {
                 }
             }
             if !batch.is_empty() {
+                let n = batch.len();
                 self.flush_with_retry(batch).await;
+                self.unflushed.fetch_sub(n, Ordering::AcqRel);
+                self.flushed.notify_waiters();
             }
             for b in barriers {
                 let _ = b.send(());

@@ -58,7 +58,8 @@ fn outcome(
 impl NativeWorker {
     #[new]
     #[pyo3(signature = (dsn, domain, visibility_timeout = 30, default_max_attempts = 3, use_notify = true,
-                        poll_interval = 1.0, max_flush = 1000, auto_extend = false, max_connections = 4))]
+                        poll_interval = 1.0, max_flush = 1000, auto_extend = false, max_connections = 4,
+                        max_unflushed = 1000))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         dsn: String,
@@ -70,6 +71,7 @@ impl NativeWorker {
         max_flush: usize,
         auto_extend: bool,
         max_connections: u32,
+        max_unflushed: usize,
     ) -> PyResult<Self> {
         let rt = runtime()?;
         let _guard = rt.enter();
@@ -83,6 +85,7 @@ impl NativeWorker {
         cfg.use_notify = use_notify;
         cfg.poll_interval = Duration::from_secs_f64(poll_interval.max(0.001));
         cfg.max_flush = max_flush;
+        cfg.max_unflushed = max_unflushed;
         cfg.auto_extend = auto_extend;
         Ok(NativeWorker {
             core: WorkerCore::new(engine, cfg),
@@ -211,6 +214,7 @@ impl NativeWorker {
         d.set_item("flush_errors", s.flush_errors)?;
         d.set_item("released", s.released)?;
         d.set_item("in_flight", s.in_flight)?;
+        d.set_item("unflushed", s.unflushed)?;
         d.set_item("last_error", s.last_error)?;
         Ok(d)
     }
