@@ -53,32 +53,6 @@ BEGIN
     END IF;
 END $$;
 
--- Locks the next page of a domain's TSQ commands (keyset on command_id after p_after), only
--- those that were in the TSQ at p_cutoff: a command that a bulk retry sent back and that failed
--- again later is not picked up a second time by the same run. Returns the ids in order.
-CREATE OR REPLACE FUNCTION commandbus.tsq_lock_page_v1(
-    p_domain TEXT, p_command_type TEXT, p_limit INT, p_cutoff TIMESTAMPTZ, p_after UUID
-) RETURNS UUID[]
-LANGUAGE plpgsql AS $$
-DECLARE
-    v_ids UUID[];
-BEGIN
-    SELECT array_agg(x.command_id ORDER BY x.command_id) INTO v_ids
-    FROM (
-        SELECT c.command_id
-        FROM commandbus.command c
-        WHERE c.domain = p_domain
-          AND c.status = 'IN_TROUBLESHOOTING_QUEUE'
-          AND (p_command_type IS NULL OR c.command_type = p_command_type)
-          AND c.updated_at <= p_cutoff
-          AND (p_after IS NULL OR c.command_id > p_after)
-        ORDER BY c.command_id
-        LIMIT p_limit
-        FOR UPDATE
-    ) x;
-    RETURN v_ids;
-END $$;
-
 -- Re-sends the archived messages of TSQ commands the caller has locked: status PENDING,
 -- attempts 0, msg_id = the new message (nothing else is cleared), OPERATOR_RETRY audit rows,
 -- batch in_troubleshooting - 1, NOTIFY for the workers. The message keeps every archived key;

@@ -1,4 +1,4 @@
 SELECT DISTINCT domain
 FROM commandbus.command
-WHERE status = 'IN_TROUBLESHOOTING_QUEUE'
+WHERE in_tsq AND status = 'IN_TROUBLESHOOTING_QUEUE'
 ORDER BY domain

@@ -3,7 +3,7 @@ SELECT c.domain, c.command_id, c.command_type, c.attempts, c.max_attempts, c.las
        commandbus.tsq_archived_message_v1(c.domain, c.msg_id) AS payload, c.created_at, c.updated_at
 FROM commandbus.command c
 WHERE c.domain = $1::text
-  AND c.status = 'IN_TROUBLESHOOTING_QUEUE'
+  AND c.in_tsq AND c.status = 'IN_TROUBLESHOOTING_QUEUE'
   AND ($2::text IS NULL OR c.command_type = $2::text)
 ORDER BY c.updated_at DESC, c.command_id
 LIMIT $3::int OFFSET $4::int

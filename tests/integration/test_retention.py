@@ -30,10 +30,12 @@ OLD = "now() - interval '2 days'"
 
 
 async def age(pool: AsyncConnectionPool[Any], *ids: UUID) -> None:
-    """Make commands look last updated two days ago (test-only SQL)."""
+    """Make commands look created and last updated two days ago (test-only SQL; a real row is
+    never updated before it was created, which prune relies on)."""
     await fetch(
         pool,
-        f"UPDATE commandbus.command SET updated_at = {OLD} WHERE command_id = ANY(%s) RETURNING 1",
+        f"UPDATE commandbus.command SET created_at = {OLD}, updated_at = {OLD}"
+        " WHERE command_id = ANY(%s) RETURNING 1",
         list(ids),
     )
 

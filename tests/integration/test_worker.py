@@ -257,6 +257,11 @@ async def test_malformed_messages_go_to_tsq_without_stalling(
             "SELECT pgmq.send('orders__commands', %s::jsonb)",
             (f'{{"command_id": "{orphan}", "command_type": "Ghost"}}',),
         )
+        # Not a UUID: the claim's bulk cast fails and it falls back to checking each message.
+        await conn.execute(
+            "SELECT pgmq.send('orders__commands', %s::jsonb)",
+            ('{"command_id": "nope", "command_type": "Bad"}',),
+        )
     good_id = uuid4()
     await bus.send("orders", "Good", good_id, {})
     async with running(Worker(pool, "orders", registry, retry_policy=FAST)):
@@ -268,6 +273,7 @@ async def test_malformed_messages_go_to_tsq_without_stalling(
         "WHERE last_error_code = 'MALFORMED_MESSAGE' ORDER BY command_type",
     )
     assert rows == [
+        ("Bad", "MALFORMED_MESSAGE", "queue message has no valid command_id"),
         ("Ghost", "MALFORMED_MESSAGE", "queue message has no command row"),
         ("UNKNOWN", "MALFORMED_MESSAGE", "queue message has no valid command_id"),
     ]
@@ -576,3 +582,23 @@ async def test_claims_pause_while_outcomes_wait_for_a_slow_flush(
     # claim that crossed the line); without the pause, claims ran ahead to most of the 400.
     assert max(held) <= 80, max(held)
     assert len(held) > 10  # the flushes were slow enough to be sampled many times
+
+
+async def test_no_index_covers_a_column_the_hot_path_writes(pool: AsyncConnectionPool[Any]) -> None:
+    """Claims and flushes update command rows in place (HOT) only while no index, nor any
+    partial index's predicate, uses a column they change (V007); an index on one of them
+    would silently cost every command a write into every index of the table."""
+    hot = {"status", "attempts", "updated_at", "last_error_type", "last_error_code",
+           "last_error_msg", "result"}  # fmt: skip
+    rows = await fetch(
+        pool,
+        "SELECT i.indexrelid::regclass::text, a.attname, pg_get_expr(i.indpred, i.indrelid)"
+        " FROM pg_index i"
+        " LEFT JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)"
+        " WHERE i.indrelid = 'commandbus.command'::regclass",
+    )
+    names = {r[0] for r in rows}
+    assert {"commandbus.ix_command_tsq", "commandbus.ix_command_created"} <= names
+    assert [r for r in rows if r[1] in hot] == []
+    predicates = {r[2] for r in rows if r[2]}
+    assert predicates and all(not any(col in p for col in hot) for p in predicates), predicates
