@@ -758,9 +758,12 @@ def _parser() -> argparse.ArgumentParser:
         description="rcmd throughput: this library vs reliable-cmd 0.2.2 vs PGMQ alone",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--commands", "-n", type=int, default=20_000, help="N, per bulk/e2e run")
+    p.add_argument("--commands", "-n", type=int, default=100_000, help="N, per bulk/e2e run")
     p.add_argument(
-        "--concurrency", type=_csv, default=[16, 64, 256], help="comma-separated: 1-process sweep"
+        "--concurrency",
+        type=_csv,
+        default=[16, 64, 256, 1024],
+        help="comma-separated: 1-process sweep",
     )
     p.add_argument(
         "--processes", type=_csv, default=[1, 2, 4], help="comma-separated: worker processes"
