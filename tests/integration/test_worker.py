@@ -602,3 +602,29 @@ async def test_no_index_covers_a_column_the_hot_path_writes(pool: AsyncConnectio
     assert [r for r in rows if r[1] in hot] == []
     predicates = {r[2] for r in rows if r[2]}
     assert predicates and all(not any(col in p for col in hot) for p in predicates), predicates
+
+
+async def test_claims_take_messages_in_the_order_they_became_visible(
+    pool: AsyncConnectionPool[Any],
+) -> None:
+    """Sending order first; a retried command queues up behind what was already waiting
+    (instead of jumping ahead by its older msg_id); a leased message is never handed out."""
+    bus = CommandBus(pool)
+    ids = [uuid4() for _ in range(3)]
+    for i, cid in enumerate(ids):
+        await bus.send("orders", f"C{i}", cid, {})
+    worker = Worker(pool, "orders", retry_policy=FAST)
+    other = Worker(pool, "orders", retry_policy=FAST)
+    try:
+        [first] = await worker.receive()
+        assert first.command.command_id == ids[0]
+        [second] = await other.receive()  # the leased first one is skipped
+        assert second.command.command_id == ids[1]
+        await worker.fail(first, TransientCommandError("TIMEOUT", "later"))  # backoff 0
+        order = [(await worker.receive())[0] for _ in range(2)]
+        assert [r.command.command_id for r in order] == [ids[2], ids[0]]
+        assert order[1].context.attempt == 2
+        assert await worker.receive() == []  # all three are leased now
+    finally:
+        await worker.close()
+        await other.close()
