@@ -200,6 +200,28 @@ def encode_json(value: object, field: str, max_bytes: int) -> str:
     return encoded.decode("utf-8")
 
 
+def command_message(
+    domain: str,
+    command_type: str,
+    command_id: UUID,
+    correlation_id: UUID,
+    reply_to: str | None,
+    data_json: str,
+) -> str:
+    """The JSON text of a command's queue message, with the predecessor's keys: `domain`,
+    `command_type`, `command_id`, `correlation_id`, `reply_to` (only when set) and `data`,
+    where `data_json` (from `encode_json`) is spliced in as it is, not encoded again."""
+    head: dict[str, object] = {
+        "domain": domain,
+        "command_type": command_type,
+        "command_id": command_id,
+        "correlation_id": correlation_id,
+    }
+    if reply_to:
+        head["reply_to"] = reply_to
+    return f'{orjson.dumps(head)[:-1].decode()},"data":{data_json}}}'
+
+
 def decode_json(text: str | bytes) -> Any:
     """Decode JSON text or bytes with orjson."""
     return orjson.loads(text)

@@ -19,6 +19,7 @@ from commandbus._dsn import native_dsn, pool_conninfo
 from commandbus._errors import map_psycopg_error
 from commandbus._validation import (
     DEFAULT_MAX_PAYLOAD_BYTES,
+    command_message,
     encode_json,
     validate_command_type,
     validate_data,
@@ -60,23 +61,24 @@ ProgressCallback = Callable[[int, int], None]
 
 
 class _Columns:
-    """The validated commands of one domain as the columns `send_commands_v1` takes."""
+    """The validated commands of one domain as the columns `send_commands_v2` takes: each
+    command's queue message is built here, with its correlation id (generated when absent)."""
 
     __slots__ = (
         "batch_ids",
         "command_ids",
         "command_types",
         "correlation_ids",
-        "data",
         "max_attempts",
+        "messages",
         "reply_tos",
     )
 
     def __init__(self) -> None:
         self.command_ids: list[UUID] = []
         self.command_types: list[str] = []
-        self.data: list[str] = []
-        self.correlation_ids: list[UUID | None] = []
+        self.messages: list[str] = []
+        self.correlation_ids: list[UUID] = []
         self.reply_tos: list[str | None] = []
         self.max_attempts: list[int | None] = []
         self.batch_ids: list[UUID | None] = []
@@ -85,7 +87,7 @@ class _Columns:
         return (
             self.command_ids,
             self.command_types,
-            self.data,
+            self.messages,
             self.correlation_ids,
             self.reply_tos,
             self.max_attempts,
@@ -156,15 +158,23 @@ class CommandBus:
     # -- sending -------------------------------------------------------------------------
 
     def _add(self, cols: _Columns, req: SendRequest) -> None:
-        cols.command_ids.append(validate_uuid(req.command_id, "command_id"))
-        cols.command_types.append(validate_command_type(req.command_type))
-        cols.data.append(encode_json(validate_data(req.data), "data", self._max_payload_bytes))
-        cols.correlation_ids.append(
-            None
+        """Validate one request (its domain already validated) and append it to `cols`."""
+        command_id = validate_uuid(req.command_id, "command_id")
+        command_type = validate_command_type(req.command_type)
+        data = encode_json(validate_data(req.data), "data", self._max_payload_bytes)
+        correlation_id = (
+            uuid4()
             if req.correlation_id is None
             else validate_uuid(req.correlation_id, "correlation_id")
         )
-        cols.reply_tos.append(None if req.reply_to is None else validate_queue_name(req.reply_to))
+        reply_to = None if req.reply_to is None else validate_queue_name(req.reply_to)
+        cols.command_ids.append(command_id)
+        cols.command_types.append(command_type)
+        cols.messages.append(
+            command_message(req.domain, command_type, command_id, correlation_id, reply_to, data)
+        )
+        cols.correlation_ids.append(correlation_id)
+        cols.reply_tos.append(reply_to)
         ma = validate_max_attempts(req.max_attempts)
         cols.max_attempts.append(ma if ma is not None else self._default_max_attempts)
         cols.batch_ids.append(
@@ -173,7 +183,8 @@ class CommandBus:
 
     async def _send_columns(
         self, domain: str, cols: _Columns, conn: AsyncConnection[Any] | None
-    ) -> list[tuple[UUID, int, UUID]]:
+    ) -> list[int]:
+        """Send one domain's columns in one call; return the msg_ids in input order."""
         if conn is None:
             args = cols.as_args()
             return await call(lambda c: self._native.send(c, domain, *args))  # type: ignore[no-any-return]
@@ -181,7 +192,7 @@ class CommandBus:
             domain,
             cols.command_ids,
             cols.command_types,
-            cols.data,
+            cols.messages,
             cols.correlation_ids,
             cols.reply_tos,
             cols.max_attempts,
@@ -193,7 +204,7 @@ class CommandBus:
                 rows = await cur.fetchall()
         except psycopg.Error as err:
             raise map_psycopg_error(err, domain) from err
-        return [(r[0], r[1], r[2]) for r in rows]
+        return [r[0] for r in rows]
 
     async def send(
         self,
@@ -229,8 +240,8 @@ class CommandBus:
                 batch_id=batch_id,
             ),
         )
-        rows = await self._send_columns(domain, cols, conn)
-        return SendResult(command_id=rows[0][0], msg_id=rows[0][1])
+        (msg_id,) = await self._send_columns(domain, cols, conn)
+        return SendResult(command_id=cols.command_ids[0], msg_id=msg_id)
 
     async def send_batch(
         self,
@@ -254,33 +265,35 @@ class CommandBus:
         total = len(requests)
         if total == 0:
             return BatchSendResult(results=[], chunks_processed=0, total_commands=0)
+        # Validate and encode everything first: a bad request anywhere writes nothing.
+        chunks: list[tuple[list[tuple[str, UUID]], dict[str, _Columns]]] = []
         seen: set[tuple[str, UUID]] = set()
-        for req in requests:
-            validate_domain(req.domain)
-            key = (req.domain, validate_uuid(req.command_id, "command_id"))
-            if key in seen:
-                raise DuplicateCommandError(req.domain, str(req.command_id))
-            seen.add(key)
-        results: list[SendResult] = []
-        chunks = 0
         for start in range(0, total, chunk_size):
-            chunk = requests[start : start + chunk_size]
+            keys: list[tuple[str, UUID]] = []
             by_domain: dict[str, _Columns] = {}
-            for req in chunk:
-                self._add(by_domain.setdefault(req.domain, _Columns()), req)
+            for req in requests[start : start + chunk_size]:
+                cols = by_domain.get(req.domain)
+                if cols is None:
+                    validate_domain(req.domain)
+                    cols = by_domain[req.domain] = _Columns()
+                self._add(cols, req)
+                key = (req.domain, cols.command_ids[-1])
+                if key in seen:
+                    raise DuplicateCommandError(req.domain, str(req.command_id))
+                seen.add(key)
+                keys.append(key)
+            chunks.append((keys, by_domain))
+        results: list[SendResult] = []
+        for keys, by_domain in chunks:
             sent: dict[tuple[str, UUID], int] = {}
             for domain, cols in by_domain.items():
-                for cid, msg_id, _corr in await self._send_columns(domain, cols, conn):
-                    sent[(domain, cid)] = msg_id
-            results.extend(
-                SendResult(command_id=r.command_id, msg_id=sent[(r.domain, r.command_id)])
-                for r in chunk
-            )
-            chunks += 1
+                msg_ids = await self._send_columns(domain, cols, conn)
+                sent.update(zip([(domain, c) for c in cols.command_ids], msg_ids, strict=True))
+            results.extend(SendResult(command_id=k[1], msg_id=sent[k]) for k in keys)
             if on_progress is not None:
                 on_progress(len(results), total)
             logger.debug("send_batch: %d/%d commands sent", len(results), total)
-        return BatchSendResult(results=results, chunks_processed=chunks, total_commands=total)
+        return BatchSendResult(results=results, chunks_processed=len(chunks), total_commands=total)
 
     # -- queries (the predecessor's repositories do the reading) -------------------------
 
@@ -327,7 +340,7 @@ class CommandBus:
         batch_type: str = "COMMAND",
         conn: AsyncConnection[Any] | None = None,
     ) -> CreateBatchResult:
-        """Create a batch and send its commands atomically (one SQL call, `create_batch_v1`).
+        """Create a batch and send its commands atomically (one SQL call, `create_batch_v2`).
 
         The batch row (status PENDING, `total_count = len(commands)`), the commands, their
         queue messages and SENT audit rows commit together, or nothing does. With `conn` it
@@ -376,7 +389,7 @@ class CommandBus:
             if cols.command_ids[-1] in seen:
                 raise DuplicateCommandError(domain, str(cols.command_ids[-1]))
             seen.add(cols.command_ids[-1])
-        columns = (cols.command_ids, cols.command_types, cols.data, cols.correlation_ids,
+        columns = (cols.command_ids, cols.command_types, cols.messages, cols.correlation_ids,
                    cols.reply_tos, cols.max_attempts)  # fmt: skip
         rows = await PostgresBatchRepository(self._pool).create(
             domain, bid, batch_type, name, custom_json, columns, conn

@@ -294,3 +294,130 @@ async def test_sends_into_a_batch_count_and_a_complete_batch_takes_no_more(
     with pytest.raises(InvalidOperationError, match="already complete"):
         await bus.send("orders", "T", late, {}, batch_id=batch_id)
     assert not await bus.command_exists("orders", late)
+
+
+async def test_send_batch_writes_nothing_when_a_later_chunk_is_bad(
+    pool: AsyncConnectionPool[Any],
+) -> None:
+    bus = CommandBus(pool)
+    good = [SendRequest("orders", "T", uuid4(), {"i": i}) for i in range(25)]
+    bad = SendRequest("orders", "T", uuid4(), {"when": object()})
+    with pytest.raises(SerializationError) as info:
+        await bus.send_batch([*good, bad], chunk_size=10)
+    assert info.value.field == "data"
+    assert await fetch(pool, "SELECT count(*) FROM commandbus.command") == [(0,)]
+    # Not even the queue was created: the first chunk never went out.
+    assert await fetch(pool, "SELECT count(*) FROM pgmq.meta") == [(0,)]
+
+
+async def test_send_batch_messages_take_queue_ids_in_request_order(
+    pool: AsyncConnectionPool[Any],
+) -> None:
+    """The send path inserts into PGMQ's table itself: same row shape as pgmq.send_batch, ids in
+    request order, command ids given as strings come back as UUIDs."""
+    bus = CommandBus(pool)
+    ids = [uuid4() for _ in range(30)]
+    requests = [
+        SendRequest("orders", "T", str(cid) if i % 2 else cid, {"i": i})  # type: ignore[arg-type]
+        for i, cid in enumerate(ids)
+    ]
+    result = await bus.send_batch(requests, chunk_size=7)
+    assert [r.command_id for r in result.results] == ids
+    msg_ids = [r.msg_id for r in result.results]
+    assert msg_ids == sorted(msg_ids) and len(set(msg_ids)) == 30
+    rows = await fetch(
+        pool,
+        "SELECT msg_id, message->>'command_id', (message->'data'->>'i')::int, read_ct,"
+        " vt <= clock_timestamp(), enqueued_at IS NOT NULL, headers IS NULL"
+        " FROM pgmq.q_orders__commands ORDER BY msg_id",
+    )
+    expected = [
+        (m, str(c), i, 0, True, True, True)
+        for i, (m, c) in enumerate(zip(msg_ids, ids, strict=True))
+    ]
+    assert rows == expected
+    stored = await fetch(pool, "SELECT command_id, msg_id FROM commandbus.command ORDER BY msg_id")
+    assert stored == list(zip(ids, msg_ids, strict=True))
+
+
+async def test_send_recovers_when_its_connections_were_killed(
+    pool: AsyncConnectionPool[Any],
+) -> None:
+    """The send path skips sqlx's ping for connections busy within the last second; one idle
+    longer is pinged first, so a connection the server ended is replaced, not reported."""
+    bus = CommandBus(pool)
+    try:
+        await bus.send("orders", "T", uuid4(), {})
+        killed = await fetch(
+            pool,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name = 'rcmd-bus' AND datname = current_database()",
+        )
+        assert killed and all(ok for (ok,) in killed)
+        await asyncio.sleep(1.2)
+        cid = uuid4()
+        result = await bus.send("orders", "T", cid, {})
+        assert result.command_id == cid
+        assert await bus.command_exists("orders", cid)
+    finally:
+        await bus.close()
+
+
+async def test_version_1_sql_entry_points_still_send(pool: AsyncConnectionPool[Any]) -> None:
+    """send_commands_v1 / create_batch_v1 (`data`, NULL correlation ids: what a client of an
+    older version calls during an upgrade) build the same messages the library builds."""
+    cid, bcid, batch_id = uuid4(), uuid4(), uuid4()
+    [(msg_id, corr)] = await fetch(
+        pool,
+        "SELECT msg_id, correlation_id FROM commandbus.send_commands_v1('orders', %s,"
+        " ARRAY['T'], ARRAY['{\"n\": 1}'::jsonb], ARRAY[NULL::uuid], ARRAY['orders__replies'],"
+        " ARRAY[3], ARRAY[NULL::uuid])",
+        [cid],
+    )
+    [(bmsg_id, bcorr)] = await fetch(
+        pool,
+        "SELECT msg_id, correlation_id FROM commandbus.create_batch_v1('orders', %s, 'COMMAND',"
+        " 'old', NULL, %s, ARRAY['T'], ARRAY[NULL::jsonb], ARRAY[NULL::uuid], ARRAY[NULL::text],"
+        " ARRAY[NULL::int])",
+        batch_id,
+        [bcid],
+    )
+    assert corr is not None and bcorr is not None and corr != bcorr
+    messages = {
+        r[0]: r[1] for r in await fetch(pool, "SELECT msg_id, message FROM pgmq.q_orders__commands")
+    }
+    assert messages == {
+        msg_id: {
+            "domain": "orders", "command_type": "T", "command_id": str(cid),
+            "correlation_id": str(corr), "reply_to": "orders__replies", "data": {"n": 1},
+        },
+        bmsg_id: {
+            "domain": "orders", "command_type": "T", "command_id": str(bcid),
+            "correlation_id": str(bcorr), "data": {},
+        },
+    }  # fmt: skip
+    rows = await fetch(
+        pool, "SELECT command_id, correlation_id, batch_id FROM commandbus.command ORDER BY msg_id"
+    )
+    assert rows == [(cid, corr, None), (bcid, bcorr, batch_id)]
+    assert await events(pool, cid) == ["SENT"] and await events(pool, bcid) == ["SENT"]
+
+
+async def test_a_command_id_repeated_in_one_sql_call_is_named_and_nothing_is_written(
+    pool: AsyncConnectionPool[Any],
+) -> None:
+    """The library refuses repeated ids before sending; a direct SQL caller gets CB001 naming
+    the id from the insert itself (there is no separate pass over the ids)."""
+    cid, other = uuid4(), uuid4()
+    with pytest.raises(psycopg.DatabaseError) as info:
+        await fetch(
+            pool,
+            "SELECT * FROM commandbus.send_commands_v1('orders', %s, ARRAY['T', 'T', 'T'],"
+            " ARRAY['{}', '{}', '{}']::jsonb[], ARRAY[NULL, NULL, NULL]::uuid[],"
+            " ARRAY[NULL, NULL, NULL]::text[], ARRAY[3, 3, 3], ARRAY[NULL, NULL, NULL]::uuid[])",
+            [other, cid, cid],
+        )
+    assert info.value.sqlstate == "CB001"
+    assert info.value.diag.message_detail == str(cid)
+    assert await fetch(pool, "SELECT count(*) FROM commandbus.command") == [(0,)]
+    assert await fetch(pool, "SELECT count(*) FROM pgmq.meta") == [(0,)]  # rolled back too

@@ -63,9 +63,9 @@ class PostgresBatchRepository:
         columns: Sequence[Sequence[Any]],
         conn: AsyncConnection[Any] | None = None,
     ) -> list[tuple[UUID, int, UUID]]:
-        """Write a batch and its commands in one call (`create_batch_v1`). `columns` are the
-        command arrays of `send_commands_v1` without the batch ids: ids, types, data (JSON
-        text), correlation ids, reply queues, max attempts. Returns (command_id, msg_id,
+        """Write a batch and its commands in one call (`create_batch_v2`). `columns` are the
+        command arrays of `send_commands_v2` without the batch ids: ids, types, queue messages
+        (JSON text), correlation ids, reply queues, max attempts. Returns (command_id, msg_id,
         correlation_id) per command, in order."""
         rows = await self._rows(
             "batch_create",

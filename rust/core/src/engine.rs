@@ -5,12 +5,15 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
-use sqlx::Row;
+use sqlx::{Connection, Row};
 use uuid::Uuid;
 
 use crate::error::{CoreError, CoreResult};
 use crate::outcome::{FinishColumns, Lease, Outcome};
 use crate::sql;
+
+/// A pooled connection idle for this long is pinged before it is handed out again.
+const PING_IDLE_AFTER: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -37,9 +40,10 @@ impl EngineConfig {
 pub struct SendBatch {
     pub command_ids: Vec<Uuid>,
     pub command_types: Vec<String>,
-    /// JSON text of each command's `data`.
-    pub data: Vec<String>,
-    pub correlation_ids: Vec<Option<Uuid>>,
+    /// JSON text of each command's queue message (built by the caller, see
+    /// `send_commands_v2`).
+    pub messages: Vec<String>,
+    pub correlation_ids: Vec<Uuid>,
     pub reply_tos: Vec<Option<String>>,
     pub max_attempts: Vec<Option<i32>>,
     pub batch_ids: Vec<Option<Uuid>>,
@@ -59,7 +63,7 @@ impl SendBatch {
         let n = self.len();
         let lens = [
             self.command_types.len(),
-            self.data.len(),
+            self.messages.len(),
             self.correlation_ids.len(),
             self.reply_tos.len(),
             self.max_attempts.len(),
@@ -126,6 +130,19 @@ impl Engine {
         let pool = PgPoolOptions::new()
             .max_connections(cfg.max_connections.max(1))
             .acquire_timeout(cfg.acquire_timeout)
+            // sqlx pings every connection it hands out by default: one more round trip per
+            // call, a sixth of a single send. A connection busy within the last second is
+            // taken as alive (a dead one then fails its statement, which the caller sees as
+            // a connection error, as it would if the server went away mid-call).
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= PING_IDLE_AFTER {
+                        conn.ping().await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect_lazy_with(opts);
         Ok(Engine { pool })
     }
@@ -149,32 +166,31 @@ impl Engine {
         Ok(row.try_get("analyzed")?)
     }
 
-    /// Sends the commands of one domain atomically; returns (command_id, msg_id, correlation_id).
-    pub async fn send(&self, domain: &str, batch: SendBatch) -> CoreResult<Vec<(Uuid, i64, Uuid)>> {
+    /// Sends the commands of one domain atomically; returns their msg_ids in input order.
+    pub async fn send(&self, domain: &str, batch: SendBatch) -> CoreResult<Vec<i64>> {
         batch.check()?;
         if batch.is_empty() {
             return Ok(Vec::new());
         }
+        let n = batch.command_ids.len();
         let rows = sqlx::query(sql::SEND_COMMANDS)
             .bind(domain)
             .bind(batch.command_ids)
             .bind(batch.command_types)
-            .bind(batch.data)
+            .bind(batch.messages)
             .bind(batch.correlation_ids)
             .bind(batch.reply_tos)
             .bind(batch.max_attempts)
             .bind(batch.batch_ids)
             .fetch_all(&self.pool)
             .await?;
-        rows.iter()
-            .map(|r| {
-                Ok((
-                    r.try_get("command_id")?,
-                    r.try_get("msg_id")?,
-                    r.try_get("correlation_id")?,
-                ))
-            })
-            .collect()
+        if rows.len() != n {
+            return Err(CoreError::Invalid {
+                field: "send_commands",
+                reason: format!("{} msg_ids returned for {} commands", rows.len(), n),
+            });
+        }
+        rows.iter().map(|r| Ok(r.try_get("msg_id")?)).collect()
     }
 
     /// Claims up to `qty` commands for `vt` seconds.
@@ -283,8 +299,8 @@ mod tests {
         b.command_ids.push(Uuid::nil());
         assert!(b.check().is_err());
         b.command_types.push("T".into());
-        b.data.push("{}".into());
-        b.correlation_ids.push(None);
+        b.messages.push("{}".into());
+        b.correlation_ids.push(Uuid::nil());
         b.reply_tos.push(None);
         b.max_attempts.push(None);
         b.batch_ids.push(None);

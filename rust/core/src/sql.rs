@@ -69,7 +69,7 @@ mod tests {
                 "{name} holds two statements"
             );
         }
-        assert!(SEND_COMMANDS.contains("send_commands_v1"));
+        assert!(SEND_COMMANDS.contains("send_commands_v2"));
         assert!(FINISH_COMMANDS.contains("finish_commands_v1"));
     }
 

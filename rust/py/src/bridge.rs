@@ -46,7 +46,7 @@ pub enum Ready {
     Bool(bool),
     Int(i32),
     Claimed(Vec<Claimed>),
-    Sent(Vec<(Uuid, i64, Uuid)>),
+    Sent(Vec<i64>),
     Failed(CoreError, Option<String>),
 }
 
@@ -76,7 +76,7 @@ impl Ready {
                     .collect();
                 rows.into_py_any(py)?
             }
-            Ready::Sent(rows) => rows.into_py_any(py)?,
+            Ready::Sent(msg_ids) => msg_ids.into_py_any(py)?,
             Ready::Failed(err, domain) => {
                 let err = to_pyerr(err, domain.as_deref());
                 return Ok((false, err.into_value(py).into_any()));

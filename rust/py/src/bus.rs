@@ -27,7 +27,7 @@ impl NativeBus {
         Ok(NativeBus { engine })
     }
 
-    /// Sends the commands of one domain atomically; resolves to [(command_id, msg_id, correlation_id)].
+    /// Sends the commands of one domain atomically; resolves to their msg_ids, in input order.
     #[allow(clippy::too_many_arguments)]
     fn send(
         &self,
@@ -35,8 +35,8 @@ impl NativeBus {
         domain: String,
         command_ids: Vec<Uuid>,
         command_types: Vec<String>,
-        data: Vec<String>,
-        correlation_ids: Vec<Option<Uuid>>,
+        messages: Vec<String>,
+        correlation_ids: Vec<Uuid>,
         reply_tos: Vec<Option<String>>,
         max_attempts: Vec<Option<i32>>,
         batch_ids: Vec<Option<Uuid>>,
@@ -45,7 +45,7 @@ impl NativeBus {
         let batch = SendBatch {
             command_ids,
             command_types,
-            data,
+            messages,
             correlation_ids,
             reply_tos,
             max_attempts,
@@ -53,7 +53,7 @@ impl NativeBus {
         };
         completions.spawn(async move {
             match engine.send(&domain, batch).await {
-                Ok(rows) => Ready::Sent(rows),
+                Ok(msg_ids) => Ready::Sent(msg_ids),
                 Err(e) => Ready::Failed(e, Some(domain)),
             }
         })
