@@ -3,6 +3,7 @@
     python benches/sql_cost.py                    # embedded PostgreSQL 18, 50,000 commands
     python benches/sql_cost.py -n 20000 --batch 128 --dsn postgresql://postgres@127.0.0.1/postgres
     python benches/sql_cost.py --perf /tmp/perf.data   # also `perf record -g` the backend
+    python benches/sql_cost.py --send             # the send path instead (see below)
 
 N commands are sent with `send_batch` into a fresh database, the command table is analyzed, then
 one psycopg connection runs `claim_commands` (batch of `--batch`) and `finish_commands` (all
@@ -12,12 +13,19 @@ machine) over the loop, divided by N, is the figure: it is what one command cost
 the hot path, without the noise of a worker and a harness sharing the machine. Used to A/B SQL
 changes (the dev override `RCMD_SQL_DIR=/path/to/sql` makes setup and the statements come from
 another tree); the throughput benchmark (`throughput.py`) measures the whole system.
+
+`--send` measures the send path instead, through `CommandBus` (the Rust engine, so the installed
+build's SQL): one `send_batch` of N (chunks of 1,000) and `--singles` sequential `send`s, each
+reported as the CPU of the engine's server process per command, wall time per command, and this
+process's CPU per command (Python and the engine's threads). To A/B a change of the send path,
+run it from two installed builds (e.g. a `git worktree` of the old commit in its own venv).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -50,6 +58,62 @@ async def _load(dsn: str, n: int) -> None:
                 for i in range(n)
             ]  # fmt: skip
             await bus.send_batch(reqs)
+        finally:
+            await bus.close()
+
+
+def _pids_cpu(pids: set[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError):  # ended meanwhile
+            total += _backend_cpu_seconds(pid)
+    return total
+
+
+async def _send_cost(dsn: str, n: int, singles: int) -> dict[str, Any]:
+    find = (
+        "SELECT pid FROM pg_stat_activity"
+        " WHERE application_name = 'rcmd-bus' AND datname = current_database()"
+    )
+    async with AsyncConnectionPool(dsn, min_size=1, max_size=4, open=False) as pool:
+        await setup_database(pool)
+        bus = CommandBus(pool)
+
+        async def engine_pids() -> set[int]:
+            async with pool.connection() as conn:
+                return {int(r[0]) for r in await (await conn.execute(find)).fetchall()}
+
+        try:
+            await bus.send("cost", "X", uuid.uuid4(), {})  # the engine connects
+            reqs = [
+                SendRequest(domain="cost", command_type="X", command_id=uuid.uuid4(),
+                            data={"i": i, "pad": "x" * 100})
+                for i in range(n)
+            ]  # fmt: skip
+            result: dict[str, Any] = {"commands": n, "singles": singles}
+            for kind, count in (("batch", n), ("single", singles)):
+                pids = await engine_pids()
+                cpu0, proc0, wall0 = _pids_cpu(pids), time.process_time(), time.perf_counter()
+                if kind == "batch":
+                    await bus.send_batch(reqs)
+                else:
+                    for i in range(singles):
+                        await bus.send("cost", "X", uuid.uuid4(), {"i": i, "pad": "x" * 100})
+                wall1, proc1 = time.perf_counter(), time.process_time()
+                new = await engine_pids() - pids  # a connection opened meanwhile: all its CPU
+                cpu1 = _pids_cpu(pids) + _pids_cpu(new)
+                per = 1e6 / max(count, 1)
+                result[kind] = {
+                    "db_cpu_us_per_command": round((cpu1 - cpu0) * per, 1),
+                    "wall_us_per_command": round((wall1 - wall0) * per, 1),
+                    "client_cpu_us_per_command": round((proc1 - proc0) * per, 1),
+                }
+            async with pool.connection() as conn:
+                row = await (
+                    await conn.execute("SELECT count(*) FROM commandbus.command")
+                ).fetchone()
+            result["stored"] = int(row[0]) if row else -1
+            return result
         finally:
             await bus.close()
 
@@ -113,6 +177,8 @@ def main() -> int:
     p.add_argument("--dsn", default=os.environ.get("DATABASE_URL"),
                    help="admin DSN of a server on this machine (default: embedded)")  # fmt: skip
     p.add_argument("--perf", metavar="FILE", help="perf record -g the backend into FILE")
+    p.add_argument("--send", action="store_true", help="measure the send path instead")
+    p.add_argument("--singles", type=int, default=2_000, help="--send: one-at-a-time sends")
     args = p.parse_args()
     server = None if args.dsn else EmbeddedServer().start()
     admin = args.dsn or (server.dsn if server else "")
@@ -120,14 +186,19 @@ def main() -> int:
     try:
         dsn = create_database(admin, name)
         install_pgmq(dsn)
-        asyncio.run(_load(dsn, args.commands))
-        result = _drain(dsn, args.batch, args.perf)
+        if args.send:
+            result = asyncio.run(_send_cost(dsn, args.commands, args.singles))
+            ok = result["stored"] == 1 + args.commands + args.singles
+        else:
+            asyncio.run(_load(dsn, args.commands))
+            result = _drain(dsn, args.batch, args.perf)
+            ok = result["commands"] == args.commands and result["not_completed"] == 0
     finally:
         drop_database(admin, name)
         if server is not None:
             server.stop()
     print(result)
-    return 0 if result["commands"] == args.commands and result["not_completed"] == 0 else 1
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import pytest
 from commandbus._validation import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     DOMAIN_RE,
+    command_message,
     decode_json,
     encode_json,
     validate_command_type,
@@ -263,3 +264,28 @@ def test_validate_int_and_page() -> None:
         validate_page(10, -1)
     with pytest.raises(ValidationError, match="limit"):
         validate_page(-1, 0)
+
+
+@pytest.mark.parametrize("reply_to", [None, "", "orders__replies"])
+@pytest.mark.parametrize(
+    "command_type", ["CreateOrder", 'odd "quoted" \\ type', "Bestellung\u00e4"]
+)
+def test_command_message_is_the_predecessors_message(
+    reply_to: str | None, command_type: str
+) -> None:
+    """The queue message built client-side has exactly the keys the SQL used to build (reply_to
+    only when set), with `data` spliced in as encoded."""
+    cid, corr = uuid4(), uuid4()
+    data = {"n": 1, "nested": {"list": [1, 2.5, None, "x"]}, "text": 'a"b'}
+    text = command_message("orders", command_type, cid, corr, reply_to,
+                           encode_json(data, "data", DEFAULT_MAX_PAYLOAD_BYTES))  # fmt: skip
+    expected: dict[str, Any] = {
+        "domain": "orders",
+        "command_type": command_type,
+        "command_id": str(cid),
+        "correlation_id": str(corr),
+        "data": data,
+    }
+    if reply_to:
+        expected["reply_to"] = reply_to
+    assert orjson.loads(text) == expected
