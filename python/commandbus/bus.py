@@ -265,11 +265,12 @@ class CommandBus:
         total = len(requests)
         if total == 0:
             return BatchSendResult(results=[], chunks_processed=0, total_commands=0)
-        # Validate and encode everything first: a bad request anywhere writes nothing.
-        chunks: list[tuple[list[tuple[str, UUID]], dict[str, _Columns]]] = []
+        # Validate and encode everything first: a bad request anywhere writes nothing. Each
+        # request keeps its place as (domain, index in that domain's columns).
+        chunks: list[tuple[list[tuple[str, int]], dict[str, _Columns]]] = []
         seen: set[tuple[str, UUID]] = set()
         for start in range(0, total, chunk_size):
-            keys: list[tuple[str, UUID]] = []
+            places: list[tuple[str, int]] = []
             by_domain: dict[str, _Columns] = {}
             for req in requests[start : start + chunk_size]:
                 cols = by_domain.get(req.domain)
@@ -281,15 +282,15 @@ class CommandBus:
                 if key in seen:
                     raise DuplicateCommandError(req.domain, str(req.command_id))
                 seen.add(key)
-                keys.append(key)
-            chunks.append((keys, by_domain))
+                places.append((req.domain, len(cols.command_ids) - 1))
+            chunks.append((places, by_domain))
         results: list[SendResult] = []
-        for keys, by_domain in chunks:
-            sent: dict[tuple[str, UUID], int] = {}
-            for domain, cols in by_domain.items():
-                msg_ids = await self._send_columns(domain, cols, conn)
-                sent.update(zip([(domain, c) for c in cols.command_ids], msg_ids, strict=True))
-            results.extend(SendResult(command_id=k[1], msg_id=sent[k]) for k in keys)
+        for places, by_domain in chunks:
+            msg_ids = {d: await self._send_columns(d, cols, conn) for d, cols in by_domain.items()}
+            results.extend(
+                SendResult(command_id=by_domain[d].command_ids[i], msg_id=msg_ids[d][i])
+                for d, i in places
+            )
             if on_progress is not None:
                 on_progress(len(results), total)
             logger.debug("send_batch: %d/%d commands sent", len(results), total)

@@ -1,4 +1,4 @@
--- V008: a cheaper send (benches/README.md, "Send path").
+-- V008: a cheaper send (benches/README.md, "What changed", step 5: the send path).
 --
 -- 1. send_commands_v2 takes the queue messages ready-made (the client builds their JSON, with
 --    the correlation ids it generated) and writes them into pgmq.q_<queue> itself, the way
