@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import uuid4
 
 import psycopg
 import pytest
-from itest_helpers import events, fetch, queue_depth, read_queue
+from itest_helpers import events, fetch, queue_depth, read_queue, wait_until
 from psycopg_pool import AsyncConnectionPool
 
 from commandbus import (
@@ -421,3 +422,97 @@ async def test_a_command_id_repeated_in_one_sql_call_is_named_and_nothing_is_wri
     assert info.value.diag.message_detail == str(cid)
     assert await fetch(pool, "SELECT count(*) FROM commandbus.command") == [(0,)]
     assert await fetch(pool, "SELECT count(*) FROM pgmq.meta") == [(0,)]  # rolled back too
+
+
+async def _function_calls(pool: AsyncConnectionPool[Any], name: str) -> int:
+    rows = await fetch(
+        pool,
+        "SELECT coalesce(sum(calls), 0) FROM pg_stat_user_functions"
+        " WHERE schemaname = 'commandbus' AND funcname = %s",
+        name,
+    )
+    return int(rows[0][0])
+
+
+async def test_plain_sends_take_the_direct_statement_and_write_what_the_function_writes(
+    pool: AsyncConnectionPool[Any],
+) -> None:
+    """The Rust path sends commands without batch or reply queue with `send_commands_direct`
+    (no function call); its rows are the ones `send_commands_v2` writes for the same input."""
+    async with pool.connection() as conn:
+        await conn.execute("ALTER DATABASE " + conn.info.dbname + " SET track_functions = 'pl'")
+    bus = CommandBus(pool, native_max_connections=1)  # one engine connection: ordered stats
+    try:
+        first = uuid4()
+        await bus.send("orders", "T", first, {"n": 0})  # no queue yet: the function creates it
+        direct = [uuid4() for _ in range(3)]
+        for i, cid in enumerate(direct[:2]):
+            await bus.send("orders", "T", cid, {"n": i + 1}, correlation_id=cid, max_attempts=4)
+        req = SendRequest("orders", "T", direct[2], {"n": 3}, correlation_id=direct[2],
+                          max_attempts=4)  # fmt: skip
+        batch = await bus.send_batch([req])
+        await bus.send("orders", "T", uuid4(), {}, reply_to="orders__replies")  # the function
+        # The engine connection's function statistics reach the server at its next idle flush.
+        await wait_until(
+            lambda: _at_least(_function_calls(pool, "send_commands_v2"), 2), timeout=10
+        )
+        assert await _function_calls(pool, "send_commands_v2") == 2
+
+        # The same commands through the function (the caller's-connection path), for comparison.
+        via_function = [uuid4() for _ in range(3)]
+        async with pool.connection() as conn:
+            for i, cid in enumerate(via_function):
+                await bus.send("orders", "T", cid, {"n": i + 1}, correlation_id=cid,
+                               max_attempts=4, conn=conn)  # fmt: skip
+    finally:
+        await bus.close()
+
+    async def shape(cid: Any) -> tuple[Any, ...]:
+        [row] = await fetch(
+            pool,
+            "SELECT c.queue_name, c.command_type, c.status, c.attempts, c.max_attempts,"
+            " c.reply_queue, c.batch_id, c.in_tsq, q.read_ct, q.message - 'command_id'"
+            " - 'correlation_id', q.vt <= clock_timestamp(), a.event_type,"
+            " a.details_json - 'msg_id' - 'correlation_id', (a.details_json->>'msg_id')::bigint"
+            " = c.msg_id, c.correlation_id = %s"
+            " FROM commandbus.command c JOIN pgmq.q_orders__commands q USING (msg_id)"
+            " JOIN commandbus.audit a ON a.command_id = c.command_id"
+            " WHERE c.domain = 'orders' AND c.command_id = %s",
+            cid,
+            cid,
+        )
+        return row
+
+    assert batch.results[0].command_id == direct[2] and batch.results[0].msg_id > 0
+    got = [await shape(c) for c in direct]
+    want = [await shape(c) for c in via_function]
+    assert got == want
+    assert got[0][9] == {"domain": "orders", "command_type": "T", "data": {"n": 1}}
+    assert got[0][12] == {"command_type": "T", "reply_to": None, "batch_id": None}
+
+
+async def _at_least(value: Awaitable[int], n: int) -> bool:
+    return await value >= n
+
+
+async def test_send_recreates_a_queue_dropped_under_a_prepared_direct_statement(
+    pool: AsyncConnectionPool[Any],
+) -> None:
+    """The engine's connection keeps the direct statement prepared for the queue's table; when
+    the queue is dropped, the next send falls back to the function, which creates it again."""
+    bus = CommandBus(pool, native_max_connections=1)
+    try:
+        for _ in range(2):
+            await bus.send("orders", "T", uuid4(), {})
+        await fetch(pool, "SELECT pgmq.drop_queue('orders__commands')")
+        cid = uuid4()
+        result = await bus.send("orders", "T", cid, {})
+        [message] = await read_queue(pool, "orders__commands")
+        assert message["command_id"] == str(cid)
+        assert await fetch(
+            pool, "SELECT msg_id FROM commandbus.command WHERE command_id = %s", cid
+        ) == [(result.msg_id,)]
+        await bus.send("orders", "T", uuid4(), {})  # and the direct statement works again
+        assert await queue_depth(pool, "orders__commands") == 2
+    finally:
+        await bus.close()

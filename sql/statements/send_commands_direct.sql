@@ -1,0 +1,33 @@
+-- The send of plain commands (no batch_id, no reply_to) of one domain whose queue exists: the
+-- rows `send_commands_v2` writes for them, in one statement with no function call. The Rust
+-- engine replaces {queue_table} with the quoted name of the queue's PGMQ table ("q_<domain>__commands"),
+-- so the statement is prepared once per connection and domain: the function's
+-- `EXECUTE format(...)` is parsed and planned on every call, and its plpgsql statements cost
+-- ~15 us each. The engine sends through the function instead when this statement fails with
+-- undefined_table (queue or schema missing: the function creates the queue or names what is
+-- missing) or unique_violation (the function names the duplicate command_id, CB001). Nothing is
+-- written then, as one statement commits or fails whole. msg_ids come from the queue's own
+-- sequence first, so every row of a command carries the same msg_id by construction.
+-- Returns the msg_ids in input order.
+WITH t AS MATERIALIZED (
+    SELECT nextval((SELECT pg_get_serial_sequence('pgmq.{queue_table}', 'msg_id'))::regclass) AS mid,
+           u.id, u.ct, u.m, u.corr, u.ma, u.o
+    FROM unnest($2::uuid[], $3::text[], $4::jsonb[], $5::uuid[], $6::int[])
+         WITH ORDINALITY AS u(id, ct, m, corr, ma, o)
+), q AS (
+    INSERT INTO pgmq.{queue_table} (msg_id, vt, message) OVERRIDING SYSTEM VALUE
+    SELECT t.mid, (SELECT clock_timestamp()), t.m FROM t
+), c AS (
+    INSERT INTO commandbus.command (domain, queue_name, msg_id, command_id, command_type, status,
+                                    attempts, max_attempts, reply_queue, correlation_id)
+    SELECT $1::text, $1::text || '__commands', t.mid, t.id, t.ct, 'PENDING', 0, t.ma, '', t.corr FROM t
+), a AS (
+    INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)
+    SELECT $1::text, t.id, 'SENT', jsonb_build_object(
+               'command_type', t.ct, 'correlation_id', t.corr,
+               'reply_to', NULL, 'msg_id', t.mid, 'batch_id', NULL)
+    FROM t
+)
+SELECT array_agg(t.mid ORDER BY t.o) AS msg_ids,
+       (SELECT pg_notify('pgmq_notify_' || $1::text || '__commands', '')) IS NULL AS notified
+FROM t
