@@ -39,6 +39,23 @@ class NativeBus:
         max_attempts: list[int | None],
         batch_ids: list[UUID | None],
     ) -> int: ...
+    def send_ordered(
+        self,
+        completions: Completions,
+        units: list[
+            tuple[
+                str,
+                list[UUID],
+                list[str],
+                list[str],
+                list[UUID],
+                list[str | None],
+                list[int | None],
+                list[UUID | None],
+            ]
+        ],
+        depth: int,
+    ) -> int: ...
     def ensure_queue(self, completions: Completions, queue: str) -> int: ...
     def close(self, completions: Completions) -> int: ...
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID, uuid4
@@ -56,6 +56,11 @@ from commandbus.retention import DEFAULT_PRUNE_CHUNK_SIZE, PruneResult
 logger = logging.getLogger(__name__)
 
 DEFAULT_BATCH_CHUNK_SIZE = 1_000
+#: Chunks of `send_batch` whose statements run at once on the Rust path (commits stay in order).
+SEND_PIPELINE_DEPTH = 2
+#: Commands per native call of `send_batch` (the pipeline refills within a call, and
+#: `on_progress` is called after each).
+SEND_GROUP_COMMANDS = 16_000
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -251,15 +256,19 @@ class CommandBus:
         *,
         on_progress: ProgressCallback | None = None,
     ) -> BatchSendResult:
-        """Send many commands, one atomic call per chunk and domain.
+        """Send many commands, one atomic transaction per chunk and domain.
 
         Every request is validated before anything is written. Results keep the order of
-        `requests`. `on_progress(sent, total)` is called after each chunk.
+        `requests`. On the Rust path two chunks' statements run at once (chunks of plain
+        commands: no batch_id, no reply_to), but each chunk commits only after the chunks
+        before it did. `on_progress(sent, total)` is called as chunks commit: after each chunk
+        with `conn`, else after each group of chunks of about 16,000 commands.
 
         Raises:
             ValidationError, DuplicateCommandError (also for a repeated id inside `requests`),
-            BatchNotFoundError. Chunks sent before a failing chunk stay sent (unless `conn` is
-            given: then everything is in the caller's transaction).
+            BatchNotFoundError. What comes before the failing chunk (and domain) stays sent,
+            nothing after it (with `conn`, everything is in the caller's transaction); the
+            error's note says how many commands were sent.
         """
         validate_int("chunk_size", chunk_size, 1)
         total = len(requests)
@@ -285,15 +294,41 @@ class CommandBus:
                 places.append((req.domain, len(cols.command_ids) - 1))
             chunks.append((places, by_domain))
         results: list[SendResult] = []
-        for places, by_domain in chunks:
-            msg_ids = {d: await self._send_columns(d, cols, conn) for d, cols in by_domain.items()}
-            results.extend(
-                SendResult(command_id=by_domain[d].command_ids[i], msg_id=msg_ids[d][i])
-                for d, i in places
-            )
+
+        def collect(group: list[tuple[list[tuple[str, int]], dict[str, _Columns]]],
+                    sent: Iterator[list[int]]) -> None:  # fmt: skip
+            for places, by_domain in group:
+                msg_ids = {d: next(sent) for d in by_domain}
+                results.extend(
+                    SendResult(command_id=by_domain[d].command_ids[i], msg_id=msg_ids[d][i])
+                    for d, i in places
+                )
             if on_progress is not None:
                 on_progress(len(results), total)
             logger.debug("send_batch: %d/%d commands sent", len(results), total)
+
+        if conn is not None:
+            for chunk in chunks:
+                sent = [await self._send_columns(d, cols, conn) for d, cols in chunk[1].items()]
+                collect([chunk], iter(sent))
+            return BatchSendResult(
+                results=results, chunks_processed=len(chunks), total_commands=total
+            )
+        per_call = max(1, SEND_GROUP_COMMANDS // chunk_size)
+        for start in range(0, len(chunks), per_call):
+            group = chunks[start : start + per_call]
+            units = [
+                (d, *cols.as_args()) for _, by_domain in group for d, cols in by_domain.items()
+            ]
+            try:
+                sent = await call(
+                    lambda c: self._native.send_ordered(c, units, SEND_PIPELINE_DEPTH)  # noqa: B023
+                )
+            except Exception as err:
+                done = len(results) + sum(len(u[1]) for u in units[: getattr(err, "units_sent", 0)])
+                err.add_note(f"send_batch: {done} of {total} commands were sent before this error")
+                raise
+            collect(group, iter(sent))
         return BatchSendResult(results=results, chunks_processed=len(chunks), total_commands=total)
 
     # -- queries (the predecessor's repositories do the reading) -------------------------
@@ -444,4 +479,4 @@ class CommandBus:
         await release_batch_callbacks(self)
 
 
-__all__ = ["DEFAULT_BATCH_CHUNK_SIZE", "CommandBus"]
+__all__ = ["DEFAULT_BATCH_CHUNK_SIZE", "SEND_GROUP_COMMANDS", "SEND_PIPELINE_DEPTH", "CommandBus"]

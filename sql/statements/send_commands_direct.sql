@@ -6,17 +6,23 @@
 -- ~15 us each. The engine sends through the function instead when this statement fails with
 -- undefined_table (queue or schema missing: the function creates the queue or names what is
 -- missing) or unique_violation (the function names the duplicate command_id, CB001). Nothing is
--- written then, as one statement commits or fails whole. msg_ids come from the queue's own
--- sequence first, so every row of a command carries the same msg_id by construction.
--- Returns the msg_ids in input order.
+-- written then, as one statement commits or fails whole. Each command's msg_id is taken first
+-- (from the queue's own sequence, or $7 when given), so every row of a command carries the same
+-- msg_id by construction. The messages' vt is the statement's clock_timestamp(), or $8 (micro-
+-- seconds since the epoch) when given: `send_ordered` reserves msg_ids and vt for each unit in
+-- unit order (reserve_msg_ids), so units whose statements run at once still take ids and
+-- become claimable in the order they were sent. Returns the msg_ids in input order.
 WITH t AS MATERIALIZED (
-    SELECT nextval((SELECT pg_get_serial_sequence('pgmq.{queue_table}', 'msg_id'))::regclass) AS mid,
+    SELECT coalesce(u.mid, nextval((SELECT pg_get_serial_sequence('pgmq.{queue_table}', 'msg_id'))::regclass)) AS mid,
            u.id, u.ct, u.m, u.corr, u.ma, u.o
-    FROM unnest($2::uuid[], $3::text[], $4::jsonb[], $5::uuid[], $6::int[])
-         WITH ORDINALITY AS u(id, ct, m, corr, ma, o)
+    FROM unnest($2::uuid[], $3::text[], $4::jsonb[], $5::uuid[], $6::int[], $7::int8[])
+         WITH ORDINALITY AS u(id, ct, m, corr, ma, mid, o)
 ), q AS (
     INSERT INTO pgmq.{queue_table} (msg_id, vt, message) OVERRIDING SYSTEM VALUE
-    SELECT t.mid, (SELECT clock_timestamp()), t.m FROM t
+    SELECT t.mid,
+           (SELECT coalesce('epoch'::timestamptz + $8::int8 * interval '1 microsecond', clock_timestamp())),
+           t.m
+    FROM t
 ), c AS (
     INSERT INTO commandbus.command (domain, queue_name, msg_id, command_id, command_type, status,
                                     attempts, max_attempts, reply_queue, correlation_id)

@@ -13,6 +13,7 @@ import pytest
 from itest_helpers import events, fetch, queue_depth, read_queue, wait_until
 from psycopg_pool import AsyncConnectionPool
 
+import commandbus.bus
 from commandbus import (
     BatchNotFoundError,
     CommandBus,
@@ -164,8 +165,9 @@ async def test_duplicate_under_concurrent_race(pool: AsyncConnectionPool[Any]) -
 
 
 async def test_send_batch_keeps_order_chunks_and_rejects_inner_duplicates(
-    pool: AsyncConnectionPool[Any],
+    pool: AsyncConnectionPool[Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(commandbus.bus, "SEND_GROUP_COMMANDS", 20)  # progress every 2 chunks
     bus = CommandBus(pool)
     requests = [
         SendRequest(
@@ -182,7 +184,7 @@ async def test_send_batch_keeps_order_chunks_and_rejects_inner_duplicates(
     )
     assert result.total_commands == 25 and result.chunks_processed == 3
     assert [r.command_id for r in result.results] == [r.command_id for r in requests]
-    assert progress == [(10, 25), (20, 25), (25, 25)]
+    assert progress == [(20, 25), (25, 25)]
     assert (
         await queue_depth(pool, "orders__commands") + await queue_depth(pool, "billing__commands")
         == 25
@@ -516,3 +518,79 @@ async def test_send_recreates_a_queue_dropped_under_a_prepared_direct_statement(
         assert await queue_depth(pool, "orders__commands") == 2
     finally:
         await bus.close()
+
+
+async def test_send_batch_chunks_run_at_once_but_keep_request_order(
+    pool: AsyncConnectionPool[Any],
+) -> None:
+    """Two chunks' statements run at once on the Rust path; msg_ids and vt are reserved per
+    chunk in request order, so ids and claim order (vt) still follow the requests, also
+    across a chunk with a batch and a reply queue (sent alone) and two domains."""
+    bus = CommandBus(pool)
+    batch_id = uuid4()
+    try:
+        await bus.send("orders", "Warmup", uuid4(), {})  # the queues exist: chunks pipeline
+        await bus.send("billing", "Warmup", uuid4(), {})
+        async with pool.connection() as conn:
+            await conn.execute(
+                "INSERT INTO commandbus.batch (domain, batch_id) VALUES ('orders', %s)",
+                (batch_id,),
+            )
+        requests = [
+            SendRequest("billing" if i % 5 == 0 else "orders", "T", uuid4(), {"i": i})
+            for i in range(400)
+        ]
+        for i in range(200, 210):  # chunk 10 (of 20) names a batch and a reply queue
+            requests[i] = SendRequest(
+                "orders", "T", uuid4(), {"i": i}, reply_to="orders__replies", batch_id=batch_id
+            )
+        result = await bus.send_batch(requests, chunk_size=20)
+        assert [r.command_id for r in result.results] == [r.command_id for r in requests]
+        connections = await fetch(
+            pool,
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE application_name = 'rcmd-bus' AND datname = current_database()",
+        )
+        assert connections[0][0] >= 2  # statements ran beside each other
+    finally:
+        await bus.close()
+    for domain in ("orders", "billing"):
+        sent = [
+            (r.command_id, r.msg_id)
+            for q, r in zip(requests, result.results, strict=True)
+            if q.domain == domain
+        ]
+        rows = await fetch(
+            pool,
+            f"SELECT (message->>'command_id')::uuid, msg_id FROM pgmq.q_{domain}__commands"
+            " WHERE message->>'command_type' = 'T' ORDER BY vt, msg_id",
+        )
+        assert rows == sent  # claim order (vt) = msg_id order = request order
+    [(total,)] = await fetch(
+        pool, "SELECT total_count FROM commandbus.batch WHERE batch_id = %s", batch_id
+    )
+    assert total == 10
+
+
+async def test_send_batch_stops_at_a_failing_chunk_and_sends_nothing_after_it(
+    pool: AsyncConnectionPool[Any],
+) -> None:
+    """Chunk 4 of 10 holds a command id already stored: chunks 1-3 stay sent, the chunk
+    statement that ran beside chunk 4 is rolled back, and the error says what was sent."""
+    bus = CommandBus(pool)
+    try:
+        taken = uuid4()
+        await bus.send("orders", "T", taken, {})
+        requests = [SendRequest("orders", "T", uuid4(), {"i": i}) for i in range(50)]
+        requests[17] = SendRequest("orders", "T", taken, {"i": 17})
+        with pytest.raises(DuplicateCommandError) as info:
+            await bus.send_batch(requests, chunk_size=5)
+        assert info.value.command_id == str(taken)
+        assert "15 of 50 commands were sent" in " ".join(getattr(info.value, "__notes__", []))
+    finally:
+        await bus.close()
+    stored = {r[0] for r in await fetch(pool, "SELECT command_id FROM commandbus.command")}
+    assert stored == {taken} | {r.command_id for r in requests[:15]}
+    assert await queue_depth(pool, "orders__commands") == 16
+    [(audits,)] = await fetch(pool, "SELECT count(*) FROM commandbus.audit")
+    assert audits == 16

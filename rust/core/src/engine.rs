@@ -1,11 +1,13 @@
 //! The engine: a sqlx pool and one method per protocol call. Every call is one statement that
 //! runs one versioned SQL function over arrays, so a batch costs one round trip.
 
+use std::collections::VecDeque;
 use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
-use sqlx::{AssertSqlSafe, Connection, Row};
+use sqlx::{AssertSqlSafe, Connection, Executor, Postgres, Row, Transaction};
+use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use crate::error::{CoreError, CoreResult};
@@ -82,6 +84,24 @@ impl SendBatch {
         }
         Ok(())
     }
+}
+
+/// One domain's commands of a `send_ordered` call.
+pub type SendUnit = (String, SendBatch);
+
+/// A unit whose statement ran in its own transaction, not yet committed (or why it failed).
+struct Opened {
+    unit: SendUnit,
+    result: CoreResult<(Transaction<'static, Postgres>, Vec<i64>)>,
+}
+
+/// A unit `send_ordered` could not send: its index (every unit before it is sent, none after)
+/// and domain, and the error.
+#[derive(Debug)]
+pub struct SendFailure {
+    pub index: usize,
+    pub domain: String,
+    pub error: CoreError,
 }
 
 /// A command claimed under a lease, ready for its handler.
@@ -179,8 +199,8 @@ impl Engine {
         }
         let n = batch.command_ids.len();
         if batch.is_plain() {
-            if let Some(text) = sql::send_commands_direct(domain) {
-                match Self::send_direct(&self.pool, text, domain, &batch).await {
+            if let Some(text) = sql::for_command_queue(sql::SEND_COMMANDS_DIRECT, domain) {
+                match Self::send_direct(&self.pool, text, domain, &batch, None).await {
                     // The queue or the schema is missing, or a command_id is taken: nothing was
                     // written, and the function below creates the queue or names the problem.
                     Err(e) if matches!(e.sqlstate(), Some("42P01" | "23505")) => {}
@@ -208,8 +228,151 @@ impl Engine {
         rows.iter().map(|r| Ok(r.try_get("msg_id")?)).collect()
     }
 
-    /// `send_commands_direct` (the text for `domain`); msg_ids in input order.
-    async fn send_direct(pool: &PgPool, text: String, domain: &str, batch: &SendBatch) -> CoreResult<Vec<i64>> {
+    /// Sends `units` in order, each atomically in its own transaction, with up to `depth`
+    /// statements running at once: plain units (see `send_commands_direct`) start while the ones
+    /// before them still run, but each commits only after every unit before it did, so a failure
+    /// leaves exactly the units before the failing one sent. Any other unit (batch ids, reply
+    /// queues), and a plain one whose statement needs the function after all (queue to create,
+    /// duplicate to name), runs as `send` runs it, with nothing else in flight: the function's
+    /// row locks (batch counters, queue creation) could otherwise wait on an uncommitted unit
+    /// that waits for its turn to commit. Returns each unit's msg_ids, in unit order.
+    pub async fn send_ordered(&self, units: Vec<SendUnit>, depth: usize) -> Result<Vec<Vec<i64>>, SendFailure> {
+        let mut sent: Vec<Vec<i64>> = Vec::with_capacity(units.len());
+        let mut queue: VecDeque<SendUnit> = units.into();
+        let mut inflight: VecDeque<JoinHandle<Opened>> = VecDeque::new();
+        loop {
+            // Fill the pipeline with plain units, each with msg_ids and vt reserved in unit order.
+            // A unit whose reservation fails (no queue yet, ...) goes alone, once nothing is in
+            // flight, through `send` below.
+            while inflight.len() < depth.max(1) {
+                let Some((domain, batch)) = queue.front() else { break };
+                if batch.check().is_err() || !batch.is_plain() {
+                    break;
+                }
+                let (Some(text), Some(reserve)) = (
+                    sql::for_command_queue(sql::SEND_COMMANDS_DIRECT, domain),
+                    sql::for_command_queue(sql::RESERVE_MSG_IDS, domain),
+                ) else {
+                    break;
+                };
+                let Ok(reserved) = self.reserve(reserve, batch.len()).await else {
+                    break;
+                };
+                let unit = queue.pop_front().expect("front exists");
+                inflight.push_back(tokio::spawn(Self::open(self.pool.clone(), text, unit, reserved)));
+            }
+            let Some(first) = inflight.pop_front() else {
+                let Some((domain, batch)) = queue.pop_front() else {
+                    break;
+                };
+                match self.send(&domain, batch).await {
+                    Ok(ids) => sent.push(ids),
+                    Err(error) => {
+                        return Err(SendFailure {
+                            index: sent.len(),
+                            domain,
+                            error,
+                        })
+                    }
+                }
+                continue;
+            };
+            let Opened { unit, result } = Self::join(first).await;
+            let error = match result {
+                Ok((tx, ids)) => match tx.commit().await {
+                    Ok(()) => {
+                        sent.push(ids);
+                        continue;
+                    }
+                    Err(e) => CoreError::from(e),
+                },
+                Err(e) => e,
+            };
+            // Nothing behind a unit that did not commit may commit before it: roll back what is
+            // in flight and put it back in order.
+            let mut behind = Vec::with_capacity(inflight.len());
+            for handle in inflight.drain(..) {
+                let opened = Self::join(handle).await;
+                if let Ok((tx, _)) = opened.result {
+                    // A failed rollback leaves nothing behind either: the connection is closed.
+                    let _ = tx.rollback().await;
+                }
+                behind.push(opened.unit);
+            }
+            let (domain, batch) = unit;
+            if !matches!(error.sqlstate(), Some("42P01" | "23505")) {
+                return Err(SendFailure {
+                    index: sent.len(),
+                    domain,
+                    error,
+                });
+            }
+            match self.send(&domain, batch).await {
+                Ok(ids) => sent.push(ids),
+                Err(error) => {
+                    return Err(SendFailure {
+                        index: sent.len(),
+                        domain,
+                        error,
+                    })
+                }
+            }
+            for unit in behind.into_iter().rev() {
+                queue.push_front(unit);
+            }
+        }
+        Ok(sent)
+    }
+
+    /// `n` msg_ids of a queue in order, and the server's time in microseconds
+    /// (`reserve_msg_ids`, the text for the domain).
+    async fn reserve(&self, text: String, n: usize) -> CoreResult<(Vec<i64>, i64)> {
+        let n = i32::try_from(n).map_err(|_| CoreError::Invalid {
+            field: "send unit",
+            reason: format!("{n} commands in one unit"),
+        })?;
+        let row = sqlx::query(AssertSqlSafe(text)).bind(n).fetch_one(&self.pool).await?;
+        let ids: Vec<i64> = row.try_get("msg_ids")?;
+        if ids.len() != n as usize {
+            return Err(CoreError::Protocol(format!("{} msg_ids reserved for {n}", ids.len())));
+        }
+        Ok((ids, row.try_get("vt_us")?))
+    }
+
+    /// Runs a plain unit's statement in a new transaction and leaves it open.
+    async fn open(pool: PgPool, text: String, unit: SendUnit, reserved: (Vec<i64>, i64)) -> Opened {
+        let result = async {
+            let mut tx = pool.begin().await?;
+            let ids = Self::send_direct(&mut *tx, text, &unit.0, &unit.1, Some(reserved)).await?;
+            Ok((tx, ids))
+        }
+        .await;
+        Opened { unit, result }
+    }
+
+    async fn join(handle: JoinHandle<Opened>) -> Opened {
+        match handle.await {
+            Ok(opened) => opened,
+            // The task owned the unit; a panic in it is a bug of ours, reported as such.
+            Err(e) => Opened {
+                unit: (String::new(), SendBatch::default()),
+                result: Err(CoreError::Protocol(format!("send task failed: {e}"))),
+            },
+        }
+    }
+
+    /// `send_commands_direct` (the text for `domain`), with msg_ids and vt reserved or not;
+    /// msg_ids in input order.
+    async fn send_direct<'e, E>(
+        executor: E,
+        text: String,
+        domain: &str,
+        batch: &SendBatch,
+        reserved: Option<(Vec<i64>, i64)>,
+    ) -> CoreResult<Vec<i64>>
+    where
+        E: Executor<'e, Database = Postgres>,
+    {
         let row = sqlx::query(AssertSqlSafe(text))
             .bind(domain)
             .bind(&batch.command_ids[..])
@@ -217,7 +380,9 @@ impl Engine {
             .bind(&batch.messages[..])
             .bind(&batch.correlation_ids[..])
             .bind(&batch.max_attempts[..])
-            .fetch_one(pool)
+            .bind(reserved.as_ref().map(|r| &r.0[..]))
+            .bind(reserved.as_ref().map(|r| r.1))
+            .fetch_one(executor)
             .await?;
         let msg_ids: Vec<i64> = row.try_get("msg_ids")?;
         if msg_ids.len() != batch.len() {

@@ -8,7 +8,7 @@ pub mod outcome;
 pub mod sql;
 pub mod worker;
 
-pub use engine::{Claimed, Engine, EngineConfig, SendBatch};
+pub use engine::{Claimed, Engine, EngineConfig, SendBatch, SendFailure, SendUnit};
 pub use error::{CoreError, CoreResult};
 pub use outcome::{Lease, Outcome, OutcomeKind};
 pub use worker::{WorkerConfig, WorkerCore, WorkerStats};

@@ -38,18 +38,19 @@ pub const EXTEND_LEASES: &str = statement("extend_leases");
 pub const RELEASE_COMMANDS: &str = statement("release_commands");
 pub const ENSURE_QUEUE: &str = statement("ensure_queue");
 pub const REFRESH_STATISTICS: &str = statement("refresh_statistics");
-/// Template: `{queue_table}` stands for the quoted name of the queue's PGMQ table.
+/// Templates: `{queue_table}` stands for the quoted name of the queue's PGMQ table.
 pub const SEND_COMMANDS_DIRECT: &str = statement("send_commands_direct");
+pub const RESERVE_MSG_IDS: &str = statement("reserve_msg_ids");
 
-/// `send_commands_direct` for one domain, or None when the domain is not a plain lowercase name
-/// (`^[a-z][a-z0-9_]*$`, as `validate_domain` accepts): only such a name is spliced into SQL.
-pub fn send_commands_direct(domain: &str) -> Option<String> {
+/// A template of the domain's command queue, or None when the domain is not a plain lowercase
+/// name (`^[a-z][a-z0-9_]*$`, as `validate_domain` accepts): only such a name is spliced into SQL.
+pub fn for_command_queue(template: &str, domain: &str) -> Option<String> {
     let mut chars = domain.chars();
     let plain = chars.next().is_some_and(|c| c.is_ascii_lowercase())
         && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
     plain.then(|| {
         let table = format!("\"q_{}\"", command_queue(domain));
-        SEND_COMMANDS_DIRECT.replace("{queue_table}", &table)
+        template.replace("{queue_table}", &table)
     })
 }
 
@@ -89,12 +90,17 @@ mod tests {
 
     #[test]
     fn direct_send_names_the_queue_table_of_plain_domains_only() {
-        let text = send_commands_direct("orders_2").expect("plain domain");
+        let text = for_command_queue(SEND_COMMANDS_DIRECT, "orders_2").expect("plain domain");
         assert!(text.contains("INSERT INTO pgmq.\"q_orders_2__commands\" "));
         assert!(text.contains("'pgmq.\"q_orders_2__commands\"'"));
         assert!(!text.contains("{queue_table}"));
+        let text = for_command_queue(RESERVE_MSG_IDS, "orders_2").expect("plain domain");
+        assert!(text.contains("'pgmq.\"q_orders_2__commands\"'") && !text.contains("{queue_table}"));
         for bad in ["", "Orders", "2orders", "or\"ders", "or'ders", "or ders", "ordérs"] {
-            assert!(send_commands_direct(bad).is_none(), "{bad:?} spliced");
+            assert!(
+                for_command_queue(SEND_COMMANDS_DIRECT, bad).is_none(),
+                "{bad:?} spliced"
+            );
         }
     }
 

@@ -19,7 +19,7 @@ use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use pyo3::types::PyList;
 use pyo3::IntoPyObjectExt;
-use rcmd_core::{Claimed, CoreError};
+use rcmd_core::{Claimed, CoreError, SendFailure};
 use uuid::Uuid;
 
 use crate::errors::to_pyerr;
@@ -47,7 +47,10 @@ pub enum Ready {
     Int(i32),
     Claimed(Vec<Claimed>),
     Sent(Vec<i64>),
+    SentUnits(Vec<Vec<i64>>),
     Failed(CoreError, Option<String>),
+    /// `send_ordered` stopped at a unit: its error, with `units_sent` set on the exception.
+    SendFailed(SendFailure),
 }
 
 impl Ready {
@@ -77,6 +80,12 @@ impl Ready {
                 rows.into_py_any(py)?
             }
             Ready::Sent(msg_ids) => msg_ids.into_py_any(py)?,
+            Ready::SentUnits(units) => units.into_py_any(py)?,
+            Ready::SendFailed(SendFailure { index, domain, error }) => {
+                let err = to_pyerr(error, Some(&domain)).into_value(py).into_any();
+                err.bind(py).setattr("units_sent", index)?;
+                return Ok((false, err));
+            }
             Ready::Failed(err, domain) => {
                 let err = to_pyerr(err, domain.as_deref());
                 return Ok((false, err.into_value(py).into_any()));

@@ -1,12 +1,25 @@
 //! NativeBus: the Rust send path of `CommandBus`.
 
 use pyo3::prelude::*;
-use rcmd_core::{Engine, EngineConfig, SendBatch};
+use rcmd_core::{Engine, EngineConfig, SendBatch, SendUnit};
 use uuid::Uuid;
 
 use crate::bridge::{Completions, Ready};
 use crate::errors::to_pyerr;
 use crate::runtime::runtime;
+
+/// (domain, command_ids, command_types, messages, correlation_ids, reply_tos, max_attempts,
+///  batch_ids): one unit of `send_ordered`.
+type UnitColumns = (
+    String,
+    Vec<Uuid>,
+    Vec<String>,
+    Vec<String>,
+    Vec<Uuid>,
+    Vec<Option<String>>,
+    Vec<Option<i32>>,
+    Vec<Option<Uuid>>,
+);
 
 #[pyclass(frozen, module = "commandbus._native")]
 pub struct NativeBus {
@@ -55,6 +68,45 @@ impl NativeBus {
             match engine.send(&domain, batch).await {
                 Ok(msg_ids) => Ready::Sent(msg_ids),
                 Err(e) => Ready::Failed(e, Some(domain)),
+            }
+        })
+    }
+
+    /// Sends units (one domain's columns each, as `send` takes them) in order, each atomically,
+    /// up to `depth` statements at once with commits in unit order (`Engine::send_ordered`);
+    /// resolves to each unit's msg_ids. The error of a failing unit carries `units_sent`.
+    fn send_ordered(&self, completions: &Completions, units: Vec<UnitColumns>, depth: usize) -> PyResult<u64> {
+        let engine = self.engine.clone();
+        let units: Vec<SendUnit> = units
+            .into_iter()
+            .map(
+                |(
+                    domain,
+                    command_ids,
+                    command_types,
+                    messages,
+                    correlation_ids,
+                    reply_tos,
+                    max_attempts,
+                    batch_ids,
+                )| {
+                    let batch = SendBatch {
+                        command_ids,
+                        command_types,
+                        messages,
+                        correlation_ids,
+                        reply_tos,
+                        max_attempts,
+                        batch_ids,
+                    };
+                    (domain, batch)
+                },
+            )
+            .collect();
+        completions.spawn(async move {
+            match engine.send_ordered(units, depth).await {
+                Ok(sent) => Ready::SentUnits(sent),
+                Err(f) => Ready::SendFailed(f),
             }
         })
     }
