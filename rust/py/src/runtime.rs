@@ -1,5 +1,12 @@
 //! The one tokio runtime of the process, built lazily on first use. A runtime does not survive `fork()`: a child that inherited one gets a
 //! clear error instead of a hang.
+//!
+//! One worker thread by default: the engine only moves bytes between PostgreSQL and Python (a few
+//! microseconds of CPU per command), and every extra thread competes with the Python thread and
+//! PostgreSQL for the cores. Measured with `benches/throughput.py --skip-predecessor --commands
+//! 50000 --concurrency 1024 --processes 1,2,4` on 2 cores, two alternating rounds: 1 thread
+//! 13,939-15,381 / 14,954-17,837 / 15,516-15,640 commands/s for 1 / 2 / 4 worker processes,
+//! 2 threads 13,131-13,835 / 13,072-14,184 / 13,224-13,317. `RCMD_TOKIO_THREADS` (1-64) sets it.
 
 use std::sync::OnceLock;
 
@@ -7,22 +14,39 @@ use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use tokio::runtime::Runtime;
 
+use crate::errors::ValidationError;
+
 static RUNTIME: OnceLock<(u32, Runtime)> = OnceLock::new();
 
+/// Worker threads of the runtime: `RCMD_TOKIO_THREADS` when set, else 1.
+fn worker_threads() -> PyResult<usize> {
+    match std::env::var("RCMD_TOKIO_THREADS") {
+        Err(_) => Ok(1),
+        Ok(text) => match text.trim().parse::<usize>() {
+            Ok(n) if (1..=64).contains(&n) => Ok(n),
+            _ => Err(ValidationError::new_err((
+                "RCMD_TOKIO_THREADS",
+                text,
+                "must be a whole number from 1 to 64",
+            ))),
+        },
+    }
+}
+
 pub fn runtime() -> PyResult<&'static Runtime> {
-    let (pid, rt) = RUNTIME.get_or_init(|| {
-        let threads = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(2)
-            .clamp(2, 4);
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads)
-            .thread_name("rcmd-tokio")
-            .enable_all()
-            .build()
-            .expect("cannot start the tokio runtime");
-        (std::process::id(), rt)
-    });
+    if RUNTIME.get().is_none() {
+        let threads = worker_threads()?;
+        let _ = RUNTIME.get_or_init(|| {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(threads)
+                .thread_name("rcmd-tokio")
+                .enable_all()
+                .build()
+                .expect("cannot start the tokio runtime");
+            (std::process::id(), rt)
+        });
+    }
+    let (pid, rt) = RUNTIME.get().expect("initialised above");
     if *pid != std::process::id() {
         return Err(PyRuntimeError::new_err(
             "commandbus's native runtime was created before fork(); create CommandBus and Worker objects in the child process",
