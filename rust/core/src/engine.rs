@@ -262,19 +262,10 @@ impl Engine {
                 inflight.push_back(tokio::spawn(Self::open(self.pool.clone(), text, unit, reserved)));
             }
             let Some(first) = inflight.pop_front() else {
-                let Some((domain, batch)) = queue.pop_front() else {
+                let Some(unit) = queue.pop_front() else {
                     break;
                 };
-                match self.send(&domain, batch).await {
-                    Ok(ids) => sent.push(ids),
-                    Err(error) => {
-                        return Err(SendFailure {
-                            index: sent.len(),
-                            domain,
-                            error,
-                        })
-                    }
-                }
+                self.send_alone(&mut sent, unit).await?;
                 continue;
             };
             let Opened { unit, result } = Self::join(first).await;
@@ -307,21 +298,27 @@ impl Engine {
                     error,
                 });
             }
-            match self.send(&domain, batch).await {
-                Ok(ids) => sent.push(ids),
-                Err(error) => {
-                    return Err(SendFailure {
-                        index: sent.len(),
-                        domain,
-                        error,
-                    })
-                }
-            }
+            self.send_alone(&mut sent, (domain, batch)).await?;
             for unit in behind.into_iter().rev() {
                 queue.push_front(unit);
             }
         }
         Ok(sent)
+    }
+
+    /// Sends one unit as `send` does (nothing else in flight) and appends its msg_ids to `sent`.
+    async fn send_alone(&self, sent: &mut Vec<Vec<i64>>, (domain, batch): SendUnit) -> Result<(), SendFailure> {
+        match self.send(&domain, batch).await {
+            Ok(ids) => {
+                sent.push(ids);
+                Ok(())
+            }
+            Err(error) => Err(SendFailure {
+                index: sent.len(),
+                domain,
+                error,
+            }),
+        }
     }
 
     /// `n` msg_ids of a queue in order, and the server's time in microseconds

@@ -21,6 +21,22 @@ type UnitColumns = (
     Vec<Option<Uuid>>,
 );
 
+/// The engine's form of one unit's columns.
+fn unit(
+    (domain, command_ids, command_types, messages, correlation_ids, reply_tos, max_attempts, batch_ids): UnitColumns,
+) -> SendUnit {
+    let batch = SendBatch {
+        command_ids,
+        command_types,
+        messages,
+        correlation_ids,
+        reply_tos,
+        max_attempts,
+        batch_ids,
+    };
+    (domain, batch)
+}
+
 #[pyclass(frozen, module = "commandbus._native")]
 pub struct NativeBus {
     engine: Engine,
@@ -55,7 +71,8 @@ impl NativeBus {
         batch_ids: Vec<Option<Uuid>>,
     ) -> PyResult<u64> {
         let engine = self.engine.clone();
-        let batch = SendBatch {
+        let (domain, batch) = unit((
+            domain,
             command_ids,
             command_types,
             messages,
@@ -63,7 +80,7 @@ impl NativeBus {
             reply_tos,
             max_attempts,
             batch_ids,
-        };
+        ));
         completions.spawn(async move {
             match engine.send(&domain, batch).await {
                 Ok(msg_ids) => Ready::Sent(msg_ids),
@@ -77,32 +94,7 @@ impl NativeBus {
     /// resolves to each unit's msg_ids. The error of a failing unit carries `units_sent`.
     fn send_ordered(&self, completions: &Completions, units: Vec<UnitColumns>, depth: usize) -> PyResult<u64> {
         let engine = self.engine.clone();
-        let units: Vec<SendUnit> = units
-            .into_iter()
-            .map(
-                |(
-                    domain,
-                    command_ids,
-                    command_types,
-                    messages,
-                    correlation_ids,
-                    reply_tos,
-                    max_attempts,
-                    batch_ids,
-                )| {
-                    let batch = SendBatch {
-                        command_ids,
-                        command_types,
-                        messages,
-                        correlation_ids,
-                        reply_tos,
-                        max_attempts,
-                        batch_ids,
-                    };
-                    (domain, batch)
-                },
-            )
-            .collect();
+        let units: Vec<SendUnit> = units.into_iter().map(unit).collect();
         completions.spawn(async move {
             match engine.send_ordered(units, depth).await {
                 Ok(sent) => Ready::SentUnits(sent),
