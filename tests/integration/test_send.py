@@ -594,3 +594,30 @@ async def test_send_batch_stops_at_a_failing_chunk_and_sends_nothing_after_it(
     assert await queue_depth(pool, "orders__commands") == 16
     [(audits,)] = await fetch(pool, "SELECT count(*) FROM commandbus.audit")
     assert audits == 16
+
+
+@pytest.mark.parametrize("connections", [1, 2])
+async def test_send_batch_pipeline_moves_on_with_a_small_pool_shared_by_senders(
+    pool: AsyncConnectionPool[Any], connections: int
+) -> None:
+    """Each chunk in flight holds one engine connection, taken before the next chunk starts:
+    with a pool of one, or four send_batch calls sharing two connections, every call finishes
+    (nothing waits for a connection that an uncommitted chunk of its own call holds)."""
+    bus = CommandBus(pool, native_max_connections=connections)
+    try:
+        await bus.send("orders", "Warmup", uuid4(), {})
+        calls = [
+            [SendRequest("orders", "T", uuid4(), {"call": c, "i": i}) for i in range(60)]
+            for c in range(4)
+        ]
+        results = await asyncio.wait_for(
+            asyncio.gather(*(bus.send_batch(reqs, chunk_size=10) for reqs in calls)), 20
+        )
+    finally:
+        await bus.close()
+    for reqs, result in zip(calls, results, strict=True):
+        assert [r.command_id for r in result.results] == [r.command_id for r in reqs]
+        msg_ids = [r.msg_id for r in result.results]
+        assert msg_ids == sorted(msg_ids)  # each call's ids follow its requests
+    [(stored,)] = await fetch(pool, "SELECT count(*) FROM commandbus.command")
+    assert stored == 1 + 4 * 60

@@ -5,9 +5,10 @@ use std::collections::VecDeque;
 use std::str::FromStr;
 use std::time::Duration;
 
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
 use sqlx::{AssertSqlSafe, Connection, Executor, Postgres, Row, Transaction};
-use tokio::task::JoinHandle;
+use tokio::task::{JoinError, JoinHandle};
 use uuid::Uuid;
 
 use crate::error::{CoreError, CoreResult};
@@ -241,10 +242,14 @@ impl Engine {
         let mut queue: VecDeque<SendUnit> = units.into();
         let mut inflight: VecDeque<JoinHandle<Opened>> = VecDeque::new();
         loop {
-            // Fill the pipeline with plain units, each with msg_ids and vt reserved in unit order.
-            // A unit whose reservation fails (no queue yet, ...) goes alone, once nothing is in
-            // flight, through `send` below.
-            while inflight.len() < depth.max(1) {
+            // Fill the pipeline with plain units, each with msg_ids and vt reserved in unit order
+            // on the connection its transaction then runs on. While units are in flight, a
+            // connection is waited for only until the oldest unit's statement ends (its commit
+            // frees one): so the pipeline moves on with a pool of one, or with other callers
+            // holding the rest. A unit whose reservation fails (no queue yet, ...) goes alone
+            // through `send` below.
+            let mut front_done: Option<Opened> = None;
+            while front_done.is_none() && inflight.len() < depth.max(1) {
                 let Some((domain, batch)) = queue.front() else { break };
                 if batch.check().is_err() || !batch.is_plain() {
                     break;
@@ -255,20 +260,45 @@ impl Engine {
                 ) else {
                     break;
                 };
-                let Ok(reserved) = self.reserve(reserve, batch.len()).await else {
+                let n = batch.len();
+                let acquired = match inflight.front_mut() {
+                    None => self.pool.acquire().await,
+                    Some(front) => {
+                        tokio::select! {
+                            joined = front => {
+                                inflight.pop_front();
+                                front_done = Some(Self::joined(joined));
+                                break;
+                            }
+                            acquired = self.pool.acquire() => acquired,
+                        }
+                    }
+                };
+                let Ok(mut conn) = acquired else { break };
+                let Ok(reserved) = Self::reserve(&mut *conn, reserve, n).await else {
                     break;
                 };
                 let unit = queue.pop_front().expect("front exists");
-                inflight.push_back(tokio::spawn(Self::open(self.pool.clone(), text, unit, reserved)));
+                inflight.push_back(tokio::spawn(Self::open(conn, text, unit, reserved)));
             }
-            let Some(first) = inflight.pop_front() else {
-                let Some(unit) = queue.pop_front() else {
-                    break;
-                };
-                self.send_alone(&mut sent, unit).await?;
-                continue;
+            let first = match front_done {
+                Some(opened) => Ok(opened),
+                None => match inflight.pop_front() {
+                    Some(handle) => Err(handle),
+                    None => {
+                        let Some(unit) = queue.pop_front() else {
+                            break;
+                        };
+                        self.send_alone(&mut sent, unit).await?;
+                        continue;
+                    }
+                },
             };
-            let Opened { unit, result } = Self::join(first).await;
+            let opened = match first {
+                Ok(opened) => opened,
+                Err(handle) => Self::joined(handle.await),
+            };
+            let Opened { unit, result } = opened;
             let error = match result {
                 Ok((tx, ids)) => match tx.commit().await {
                     Ok(()) => {
@@ -283,7 +313,7 @@ impl Engine {
             // in flight and put it back in order.
             let mut behind = Vec::with_capacity(inflight.len());
             for handle in inflight.drain(..) {
-                let opened = Self::join(handle).await;
+                let opened = Self::joined(handle.await);
                 if let Ok((tx, _)) = opened.result {
                     // A failed rollback leaves nothing behind either: the connection is closed.
                     let _ = tx.rollback().await;
@@ -323,12 +353,15 @@ impl Engine {
 
     /// `n` msg_ids of a queue in order, and the server's time in microseconds
     /// (`reserve_msg_ids`, the text for the domain).
-    async fn reserve(&self, text: String, n: usize) -> CoreResult<(Vec<i64>, i64)> {
+    async fn reserve<'e, E>(executor: E, text: String, n: usize) -> CoreResult<(Vec<i64>, i64)>
+    where
+        E: Executor<'e, Database = Postgres>,
+    {
         let n = i32::try_from(n).map_err(|_| CoreError::Invalid {
             field: "send unit",
             reason: format!("{n} commands in one unit"),
         })?;
-        let row = sqlx::query(AssertSqlSafe(text)).bind(n).fetch_one(&self.pool).await?;
+        let row = sqlx::query(AssertSqlSafe(text)).bind(n).fetch_one(executor).await?;
         let ids: Vec<i64> = row.try_get("msg_ids")?;
         if ids.len() != n as usize {
             return Err(CoreError::Protocol(format!("{} msg_ids reserved for {n}", ids.len())));
@@ -336,10 +369,10 @@ impl Engine {
         Ok((ids, row.try_get("vt_us")?))
     }
 
-    /// Runs a plain unit's statement in a new transaction and leaves it open.
-    async fn open(pool: PgPool, text: String, unit: SendUnit, reserved: (Vec<i64>, i64)) -> Opened {
+    /// Runs a plain unit's statement in a new transaction on `conn` and leaves it open.
+    async fn open(conn: PoolConnection<Postgres>, text: String, unit: SendUnit, reserved: (Vec<i64>, i64)) -> Opened {
         let result = async {
-            let mut tx = pool.begin().await?;
+            let mut tx = Transaction::begin(conn, None).await?;
             let ids = Self::send_direct(&mut *tx, text, &unit.0, &unit.1, Some(reserved)).await?;
             Ok((tx, ids))
         }
@@ -347,8 +380,8 @@ impl Engine {
         Opened { unit, result }
     }
 
-    async fn join(handle: JoinHandle<Opened>) -> Opened {
-        match handle.await {
+    fn joined(joined: Result<Opened, JoinError>) -> Opened {
+        match joined {
             Ok(opened) => opened,
             // The task owned the unit; a panic in it is a bug of ours, reported as such.
             Err(e) => Opened {
