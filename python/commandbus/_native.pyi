@@ -24,36 +24,27 @@ class Completions:
     def take_reader_fd(self) -> int: ...
     def take(self) -> list[tuple[int, bool, object]]: ...
 
+#: (domain, command_ids, command_types, messages, correlation_ids, reply_tos, max_attempts,
+#: batch_ids): one domain's commands to send.
+_UnitColumns: TypeAlias = tuple[
+    str,
+    list[UUID],
+    list[str],
+    list[str],
+    list[UUID],
+    list[str | None],
+    list[int | None],
+    list[UUID | None],
+]
+
 @final
 class NativeBus:
     def __new__(cls, dsn: str, max_connections: int = 10) -> NativeBus: ...
-    def send(
-        self,
-        completions: Completions,
-        domain: str,
-        command_ids: list[UUID],
-        command_types: list[str],
-        messages: list[str],
-        correlation_ids: list[UUID],
-        reply_tos: list[str | None],
-        max_attempts: list[int | None],
-        batch_ids: list[UUID | None],
-    ) -> int: ...
+    def send(self, completions: Completions, columns: _UnitColumns) -> int: ...
     def send_ordered(
         self,
         completions: Completions,
-        units: list[
-            tuple[
-                str,
-                list[UUID],
-                list[str],
-                list[str],
-                list[UUID],
-                list[str | None],
-                list[int | None],
-                list[UUID | None],
-            ]
-        ],
+        units: list[_UnitColumns],
         depth: int,
     ) -> int: ...
     def ensure_queue(self, completions: Completions, queue: str) -> int: ...

@@ -192,7 +192,7 @@ class CommandBus:
         """Send one domain's columns in one call; return the msg_ids in input order."""
         if conn is None:
             args = cols.as_args()
-            return await call(lambda c: self._native.send(c, domain, *args))  # type: ignore[no-any-return]
+            return await call(lambda c: self._native.send(c, (domain, *args)))  # type: ignore[no-any-return]
         params = [
             domain,
             cols.command_ids,

@@ -1,5 +1,6 @@
-//! The engine: a sqlx pool and one method per protocol call. Every call is one statement that
-//! runs one versioned SQL function over arrays, so a batch costs one round trip.
+//! The engine: a sqlx pool and one method per protocol call. Every call is one statement over
+//! arrays, so a batch costs one round trip: a versioned SQL function, or for plain sends the
+//! prepared `send_commands_direct` (the function is its fallback).
 
 use std::collections::VecDeque;
 use std::str::FromStr;

@@ -56,31 +56,11 @@ impl NativeBus {
         Ok(NativeBus { engine })
     }
 
-    /// Sends the commands of one domain atomically; resolves to their msg_ids, in input order.
-    #[allow(clippy::too_many_arguments)]
-    fn send(
-        &self,
-        completions: &Completions,
-        domain: String,
-        command_ids: Vec<Uuid>,
-        command_types: Vec<String>,
-        messages: Vec<String>,
-        correlation_ids: Vec<Uuid>,
-        reply_tos: Vec<Option<String>>,
-        max_attempts: Vec<Option<i32>>,
-        batch_ids: Vec<Option<Uuid>>,
-    ) -> PyResult<u64> {
+    /// Sends one unit (a domain's columns, as `send_ordered` takes each) atomically; resolves
+    /// to its msg_ids, in input order.
+    fn send(&self, completions: &Completions, columns: UnitColumns) -> PyResult<u64> {
         let engine = self.engine.clone();
-        let (domain, batch) = unit((
-            domain,
-            command_ids,
-            command_types,
-            messages,
-            correlation_ids,
-            reply_tos,
-            max_attempts,
-            batch_ids,
-        ));
+        let (domain, batch) = unit(columns);
         completions.spawn(async move {
             match engine.send(&domain, batch).await {
                 Ok(msg_ids) => Ready::Sent(msg_ids),
@@ -89,7 +69,7 @@ impl NativeBus {
         })
     }
 
-    /// Sends units (one domain's columns each, as `send` takes them) in order, each atomically,
+    /// Sends units (one domain's columns each) in order, each atomically,
     /// up to `depth` statements at once with commits in unit order (`Engine::send_ordered`);
     /// resolves to each unit's msg_ids. The error of a failing unit carries `units_sent`.
     fn send_ordered(&self, completions: &Completions, units: Vec<UnitColumns>, depth: usize) -> PyResult<u64> {
