@@ -6,8 +6,9 @@
     python benches/sql_cost.py --send             # the send path instead (see below)
 
 N commands are sent with `send_batch` into a fresh database, the command table is analyzed, then
-one psycopg connection runs `claim_commands` (batch of `--batch`) and `finish_commands` (all
-SUCCESS) in a loop until the queue is empty, with the exact statement text of `sql/statements/`.
+one psycopg connection runs `claim_commands` (batch of `--batch`) and `complete_commands` (the
+engine's flush of SUCCESS outcomes; `finish_commands` with an SQL tree older than V009) in a
+loop until the queue is empty, with the exact statement text of `sql/statements/`.
 The CPU time of that connection's server process (`/proc/<pid>/stat`: the server must run on this
 machine) over the loop, divided by N, is the figure: it is what one command costs the database on
 the hot path, without the noise of a worker and a harness sharing the machine. Used to A/B SQL
@@ -119,7 +120,11 @@ async def _send_cost(dsn: str, n: int, singles: int) -> dict[str, Any]:
 
 
 def _drain(dsn: str, batch: int, perf_out: str | None) -> dict[str, Any]:
-    claim, finish = _sql.statement("claim_commands"), _sql.statement("finish_commands")
+    claim = _sql.statement("claim_commands")
+    try:  # the engine's flush of SUCCESS outcomes only (V009); older trees: the general one
+        finish, general = _sql.statement("complete_commands"), False
+    except KeyError:
+        finish, general = _sql.statement("finish_commands"), True
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("ANALYZE commandbus.command")
         row = conn.execute("SELECT pg_backend_pid()").fetchone()
@@ -144,11 +149,13 @@ def _drain(dsn: str, batch: int, perf_out: str | None) -> dict[str, Any]:
                 break
             k = len(rows)
             t = time.perf_counter()
-            cur.execute(finish, (
-                "cost", [r[3] for r in rows], [r[0] for r in rows], [r[1] for r in rows],
-                ["SUCCESS"] * k, [None] * k, [None] * k, [None] * k, [None] * k, [None] * k,
-                [0] * k, 3,
-            )).fetchall()  # fmt: skip
+            leases = ("cost", [r[3] for r in rows], [r[0] for r in rows], [r[1] for r in rows])
+            if general:
+                params = (*leases, ["SUCCESS"] * k, [None] * k, [None] * k, [None] * k,
+                          [None] * k, [None] * k, [0] * k, 3)  # fmt: skip
+            else:
+                params = (*leases, [None] * k)
+            cur.execute(finish, params).fetchall()
             finish_s += time.perf_counter() - t
             done += k
         cpu1, wall1 = _backend_cpu_seconds(pid), time.perf_counter()

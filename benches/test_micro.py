@@ -9,7 +9,8 @@
   (`Worker._received`, what the run loop does per claimed command);
 - flush: 100 SUCCESS outcomes applied: through the engine (`report` x100, then wait for the
   flush barrier; the background flusher may split them into more than one transaction, see
-  `extra_info["flushes"]`), and as exactly one `finish_commands_v1` call from psycopg;
+  `extra_info["flushes"]`), and as exactly one SQL call from psycopg, `complete_commands_v1`
+  (a flush of successes only) and `finish_commands_v1` (any other flush);
 - send: one `CommandBus.send` on the Rust path vs the psycopg path (`conn=`, inside a
   transaction the caller opens on a pool connection).
 
@@ -160,8 +161,11 @@ def test_flush_100_outcomes_engine(benchmark: Any, env: Env) -> None:
 
 
 @pytest.mark.benchmark(group="flush-100")
-def test_flush_100_outcomes_one_sql_call(benchmark: Any, env: Env) -> None:
-    """The flush statement alone: one finish_commands_v1 call with 100 outcomes (psycopg)."""
+@pytest.mark.parametrize("statement", ["complete_commands", "finish_commands"])
+def test_flush_100_outcomes_one_sql_call(benchmark: Any, env: Env, statement: str) -> None:
+    """The flush statement alone, one call with 100 SUCCESS outcomes (psycopg):
+    `complete_commands_v1`, what the engine runs for a flush of successes only, and
+    `finish_commands_v1`, what it runs when any outcome is another kind."""
     state: dict[str, Any] = {}
 
     async def claim_sql() -> list[tuple[Any, ...]]:
@@ -180,25 +184,22 @@ def test_flush_100_outcomes_one_sql_call(benchmark: Any, env: Env) -> None:
     async def finish() -> int:
         rows = state["rows"]
         n = len(rows)
-        params = [
+        params: list[Any] = [
             DOMAIN,
             [r[3] for r in rows],  # command_id
             [r[0] for r in rows],  # msg_id
             [r[1] for r in rows],  # attempt
-            ["SUCCESS"] * n,
-            [None] * n,
-            [None] * n,
-            [None] * n,
-            [None] * n,
-            [None] * n,
-            [0] * n,
-            3,
         ]
+        if statement == "finish_commands":
+            params += [["SUCCESS"] * n, [None] * n, [None] * n, [None] * n, [None] * n,
+                       [None] * n, [0] * n, 3]  # fmt: skip
+        else:
+            params += [[None] * n]
         async with (
             env.pool.connection() as conn,
             AsyncRawCursor(conn, row_factory=tuple_row) as cur,
         ):
-            await cur.execute(_sql.statement("finish_commands"), params)
+            await cur.execute(_sql.statement(statement), params)
             return len(await cur.fetchall())
 
     results: list[int] = []

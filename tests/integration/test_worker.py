@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 from uuid import UUID, uuid4
 
+import psycopg
 import pytest
 from itest_helpers import events, fetch, queue_depth, read_queue, status_of, wait_until
 from psycopg_pool import AsyncConnectionPool
@@ -628,3 +629,168 @@ async def test_claims_take_messages_in_the_order_they_became_visible(
     finally:
         await worker.close()
         await other.close()
+
+
+async def test_one_claim_sorts_claimable_poison_orphan_and_stale_messages(
+    pool: AsyncConnectionPool[Any],
+) -> None:
+    """V009: the claim's UPDATE leaves out commands whose attempts are used up, and only the
+    messages it did not claim are looked up again. One claim that reads all five kinds."""
+    bus = CommandBus(pool)
+    done, last, poison, normal, orphan = (uuid4() for _ in range(5))
+    worker = Worker(pool, "orders")
+    try:
+        await bus.send("orders", "T", done, {})
+        [received] = await worker.receive()
+        await worker.complete(received)
+        await bus.send("orders", "T", last, {}, max_attempts=2)
+        await bus.send("orders", "T", poison, {}, max_attempts=1)
+        first = await worker.receive(batch_size=2, visibility_timeout=1)
+        assert sorted(r.context.attempt for r in first) == [1, 1]  # leases left to expire
+        async with pool.connection() as conn:
+            for cid in (done, orphan):  # a stale copy of a finished command; a stranger
+                await conn.execute(
+                    "SELECT pgmq.send('orders__commands', %s::jsonb)",
+                    (f'{{"command_id": "{cid}", "command_type": "T"}}',),
+                )
+        await bus.send("orders", "T", normal, {})
+        await asyncio.sleep(1.3)
+        claimed = await worker.receive(batch_size=10, visibility_timeout=30)
+    finally:
+        await worker.close()  # releases `last` and `normal` (attempt undone)
+    # `last` is on its final attempt (2 of 2): claimed, not mistaken for poison.
+    assert {(r.command.command_id, r.context.attempt) for r in claimed} == {(last, 2), (normal, 1)}
+    assert [r.msg_id for r in claimed] == sorted(r.msg_id for r in claimed)
+    rows = dict(
+        (cid, rest)
+        for cid, *rest in await fetch(
+            pool,
+            "SELECT command_id, status, attempts, last_error_code FROM commandbus.command",
+        )
+    )
+    assert rows[done] == ["COMPLETED", 1, None]
+    assert rows[poison] == ["IN_TROUBLESHOOTING_QUEUE", 2, "EXHAUSTED"]
+    assert rows[orphan] == ["IN_TROUBLESHOOTING_QUEUE", 1, "MALFORMED_MESSAGE"]
+    assert (await events(pool, poison))[-2:] == ["RETRY_EXHAUSTED", "MOVED_TO_TSQ"]
+    assert (await events(pool, done)).count("MOVED_TO_TSQ") == 0
+    assert (await events(pool, last)).count("RECEIVED") == 2
+    # Left in the queue: the two claimed (released); poison, orphan and stale are archived.
+    left = await fetch(pool, "SELECT message->>'command_id' FROM pgmq.q_orders__commands")
+    assert sorted(r[0] for r in left) == sorted([str(last), str(normal)])
+    archived = await fetch(pool, "SELECT message->>'command_id' FROM pgmq.a_orders__commands")
+    assert sorted(r[0] for r in archived) == sorted([str(done), str(poison), str(orphan)])
+
+
+async def test_all_success_flush_writes_what_the_general_flush_writes(
+    pool: AsyncConnectionPool[Any],
+) -> None:
+    """V009: a flush of SUCCESS outcomes only goes through complete_commands_v1; it must leave
+    the rows finish_commands_v1 leaves for SUCCESS: command row, COMPLETED audit details,
+    reply, deleted message, batch counters (and the batch's completion)."""
+    from commandbus import BatchCommand
+
+    bus = CommandBus(pool)
+    a, b = uuid4(), uuid4()
+    commands = [
+        BatchCommand("T", cid, {"n": i}, reply_to="orders__replies") for i, cid in enumerate((a, b))
+    ]
+    batch = await bus.create_batch("orders", commands)
+    worker = Worker(pool, "orders")
+    try:
+        claimed = {r.command.command_id: r for r in await worker.receive(batch_size=2)}
+        await _flush_both_ways(pool, claimed, a, b)
+    finally:
+        await worker.close()  # nothing left to release: both leases were used
+
+    def same(rows: list[tuple[Any, ...]]) -> None:
+        assert len(rows) == 2 and rows[0][1:] == rows[1][1:], rows
+
+    same(await fetch(
+        pool,
+        "SELECT command_id, status, result, attempts, last_error_type, last_error_code,"
+        " last_error_msg FROM commandbus.command WHERE command_id = ANY(%s) ORDER BY command_id",
+        [a, b],
+    ))  # fmt: skip
+    same(await fetch(
+        pool,
+        "SELECT a.command_id, a.event_type, a.details_json - 'msg_id' FROM commandbus.audit a"
+        " WHERE a.command_id = ANY(%s) AND a.event_type = 'COMPLETED' ORDER BY a.command_id",
+        [a, b],
+    ))  # fmt: skip
+    replies = {m["command_id"]: m for m in await read_queue(pool, "orders__replies")}
+    assert set(replies) == {str(a), str(b)}
+    ma, mb = replies[str(a)], replies[str(b)]
+    assert {k: v for k, v in ma.items() if k not in ("command_id", "correlation_id")} == {
+        k: v for k, v in mb.items() if k not in ("command_id", "correlation_id")
+    }
+    assert mb["outcome"] == "SUCCESS" and mb["result"] == {"r": 1}
+    assert await queue_depth(pool, "orders__commands") == 0
+    meta = await bus.get_batch("orders", batch.batch_id)
+    assert meta is not None and meta.status.value == "COMPLETED" and meta.completed_count == 2
+    assert "BATCH_COMPLETED" in await events(pool, batch.batch_id)
+
+
+async def _flush_both_ways(
+    pool: AsyncConnectionPool[Any], claimed: dict[UUID, Any], a: UUID, b: UUID
+) -> None:
+    """Command a through the general flush statement, b through the all-SUCCESS one."""
+    from commandbus import _sql
+
+    assert set(claimed) == {a, b}
+    general = _sql.statement("finish_commands")
+    fast = _sql.statement("complete_commands")
+    assert "finish_commands_v1" in general and "complete_commands_v1" in fast
+    ra, rb = claimed[a], claimed[b]
+    async with pool.connection() as conn:
+        cur = psycopg.AsyncRawCursor(conn)  # the statements' own $n placeholders
+        await cur.execute(
+            general,
+            ["orders", [a], [ra.msg_id], [ra.context.attempt], ["SUCCESS"], ['{"r": 1}'],
+             [None], [None], [None], [None], [0], 3],
+        )  # fmt: skip
+        assert await cur.fetchall() == [(a, "COMPLETED")]
+        await cur.execute(fast, ["orders", [b], [rb.msg_id], [rb.context.attempt], ['{"r": 1}']])
+        assert await cur.fetchall() == [(b, "COMPLETED")]
+        # Fenced like the general flush: a second outcome for the same lease changes nothing.
+        await cur.execute(fast, ["orders", [b], [rb.msg_id], [rb.context.attempt], ['{"r": 2}']])
+        assert await cur.fetchall() == []
+
+
+async def test_engine_flushes_successes_alone_through_complete_commands(
+    pool: AsyncConnectionPool[Any],
+) -> None:
+    """The engine's choice of flush statement: SUCCESS outcomes only -> complete_commands_v1;
+    any other outcome in the flush -> finish_commands_v1 (counted by pg_stat_user_functions)."""
+    async with pool.connection() as conn:
+        await conn.execute("ALTER DATABASE " + conn.info.dbname + " SET track_functions = 'pl'")
+    bus = CommandBus(pool)
+    ok, failed = uuid4(), uuid4()
+    await bus.send("orders", "T", ok, {})
+    await bus.send("orders", "T", failed, {})
+
+    async def calls(name: str) -> int:
+        rows = await fetch(
+            pool,
+            "SELECT coalesce(sum(calls), 0) FROM pg_stat_user_functions"
+            " WHERE schemaname = 'commandbus' AND funcname = %s",
+            name,
+        )
+        return int(rows[0][0])
+
+    worker = Worker(pool, "orders")
+    try:
+        claimed = {r.command.command_id: r for r in await worker.receive(batch_size=2)}
+        await worker.complete(claimed[ok], {"fine": True})
+        await wait_until(lambda: _positive(calls("complete_commands_v1")), timeout=10)
+        assert await calls("finish_commands_v1") == 0
+        await worker.fail_business_rule(claimed[failed], BusinessRuleException("NO", "no"))
+        await wait_until(lambda: _positive(calls("finish_commands_v1")), timeout=10)
+        assert await calls("complete_commands_v1") == 1
+    finally:
+        await worker.close()
+    assert await status_of(pool, "orders", ok) == "COMPLETED"
+    assert await status_of(pool, "orders", failed) == "FAILED"
+
+
+async def _positive(value: Any) -> bool:
+    return bool(await value > 0)

@@ -442,7 +442,8 @@ impl Engine {
     }
 
     /// Applies outcomes in one transaction; returns the (command_id, new status) of those the
-    /// fence let through.
+    /// fence let through. A flush of SUCCESS outcomes only goes through `complete_commands_v1`
+    /// (V009), any other through `finish_commands_v1`.
     pub async fn finish(
         &self,
         domain: &str,
@@ -453,21 +454,30 @@ impl Engine {
         if cols.is_empty() {
             return Ok(Vec::new());
         }
-        let rows = sqlx::query(sql::FINISH_COMMANDS)
-            .bind(domain)
-            .bind(cols.command_ids)
-            .bind(cols.msg_ids)
-            .bind(cols.attempts)
-            .bind(cols.outcomes)
-            .bind(cols.results)
-            .bind(cols.error_types)
-            .bind(cols.error_codes)
-            .bind(cols.error_msgs)
-            .bind(cols.error_details)
-            .bind(cols.backoffs)
-            .bind(default_max_attempts)
-            .fetch_all(&self.pool)
-            .await?;
+        let query = if cols.all_success() {
+            // The common flush: the statement without the failure columns and audit kinds.
+            sqlx::query(sql::COMPLETE_COMMANDS)
+                .bind(domain)
+                .bind(cols.command_ids)
+                .bind(cols.msg_ids)
+                .bind(cols.attempts)
+                .bind(cols.results)
+        } else {
+            sqlx::query(sql::FINISH_COMMANDS)
+                .bind(domain)
+                .bind(cols.command_ids)
+                .bind(cols.msg_ids)
+                .bind(cols.attempts)
+                .bind(cols.outcomes)
+                .bind(cols.results)
+                .bind(cols.error_types)
+                .bind(cols.error_codes)
+                .bind(cols.error_msgs)
+                .bind(cols.error_details)
+                .bind(cols.backoffs)
+                .bind(default_max_attempts)
+        };
+        let rows = query.fetch_all(&self.pool).await?;
         rows.iter()
             .map(|r| Ok((r.try_get("command_id")?, r.try_get("status")?)))
             .collect()

@@ -106,6 +106,12 @@ impl FinishColumns {
     pub fn is_empty(&self) -> bool {
         self.command_ids.is_empty()
     }
+
+    /// Every outcome is SUCCESS: the flush can take `complete_commands_v1`, which needs only
+    /// the lease and result columns.
+    pub fn all_success(&self) -> bool {
+        self.outcomes.iter().all(|&o| o == OutcomeKind::Success.as_str())
+    }
 }
 
 #[cfg(test)]
@@ -155,5 +161,23 @@ mod tests {
         assert_eq!(cols.attempts, vec![1, 1, 2]);
         assert_eq!(cols.outcomes, vec!["SUCCESS", "TRANSIENT", "PERMANENT"]);
         assert_eq!(cols.backoffs, vec![0, 0, 0], "negative backoff is clamped");
+        assert!(!cols.all_success());
+    }
+
+    #[test]
+    fn all_success_only_when_every_outcome_is() {
+        let ok = FinishColumns::from_outcomes(vec![
+            outcome(1, 1, OutcomeKind::Success),
+            outcome(2, 1, OutcomeKind::Success),
+        ]);
+        assert!(ok.all_success());
+        for kind in [
+            OutcomeKind::Transient,
+            OutcomeKind::Permanent,
+            OutcomeKind::BusinessRule,
+        ] {
+            let mixed = FinishColumns::from_outcomes(vec![outcome(1, 1, OutcomeKind::Success), outcome(2, 1, kind)]);
+            assert!(!mixed.all_success(), "{kind:?}");
+        }
     }
 }

@@ -34,6 +34,8 @@ const fn const_eq(a: &str, b: &str) -> bool {
 pub const SEND_COMMANDS: &str = statement("send_commands");
 pub const CLAIM_COMMANDS: &str = statement("claim_commands");
 pub const FINISH_COMMANDS: &str = statement("finish_commands");
+/// The flush of outcomes that are all SUCCESS (V009): the common case, fewer columns.
+pub const COMPLETE_COMMANDS: &str = statement("complete_commands");
 pub const EXTEND_LEASES: &str = statement("extend_leases");
 pub const RELEASE_COMMANDS: &str = statement("release_commands");
 pub const ENSURE_QUEUE: &str = statement("ensure_queue");
@@ -86,6 +88,7 @@ mod tests {
         }
         assert!(SEND_COMMANDS.contains("send_commands_v2"));
         assert!(FINISH_COMMANDS.contains("finish_commands_v1"));
+        assert!(COMPLETE_COMMANDS.contains("complete_commands_v1"));
     }
 
     #[test]
