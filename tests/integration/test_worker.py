@@ -794,3 +794,24 @@ async def test_engine_flushes_successes_alone_through_complete_commands(
 
 async def _positive(value: Any) -> bool:
     return bool(await value > 0)
+
+
+async def test_claim_leaves_the_callers_planner_settings_alone(
+    pool: AsyncConnectionPool[Any],
+) -> None:
+    """The claim switches nested loops off for its UPDATE (V009) and on again for the rest; the
+    function's own SET clause restores the caller's value at exit, whatever it was."""
+    from commandbus import _sql
+
+    bus = CommandBus(pool)
+    await bus.send_batch([SendRequest("orders", "T", uuid4(), {}) for _ in range(3)])
+    claim = _sql.statement("claim_commands")
+    async with pool.connection() as conn:
+        cur = psycopg.AsyncRawCursor(conn)
+        for caller in ("on", "off"):
+            async with conn.transaction(force_rollback=True):
+                await cur.execute(f"SET LOCAL enable_nestloop = {caller}")
+                await cur.execute(claim, ["orders", 30, 2, 3])
+                assert len(await cur.fetchall()) == 2
+                await cur.execute("SHOW enable_nestloop")
+                assert await cur.fetchone() == (caller,)
