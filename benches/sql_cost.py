@@ -6,7 +6,8 @@
     python benches/sql_cost.py --send             # the send path instead (see below)
 
 N commands are sent with `send_batch` into a fresh database, the command table is analyzed, then
-one psycopg connection runs `claim_commands` (batch of `--batch`) and `complete_commands` (the
+one psycopg connection runs the engine's claim (batch of `--batch`: `lease_messages` then
+`claim_leased`; `claim_commands` with an SQL tree older than V010) and `complete_commands` (the
 engine's flush of SUCCESS outcomes; `finish_commands` with an SQL tree older than V009) in a
 loop until the queue is empty, with the exact statement text of `sql/statements/`.
 The CPU time of that connection's server process (`/proc/<pid>/stat`: the server must run on this
@@ -121,6 +122,12 @@ async def _send_cost(dsn: str, n: int, singles: int) -> dict[str, Any]:
 
 def _drain(dsn: str, batch: int, perf_out: str | None) -> dict[str, Any]:
     claim = _sql.statement("claim_commands")
+    lease: str | None
+    claim_leased: str | None
+    try:  # the engine's claim in two steps (V010); older trees: one statement
+        lease, claim_leased = _sql.statement("lease_messages"), _sql.statement("claim_leased")
+    except KeyError:
+        lease = claim_leased = None
     try:  # the engine's flush of SUCCESS outcomes only (V009); older trees: the general one
         finish, general = _sql.statement("complete_commands"), False
     except KeyError:
@@ -143,13 +150,19 @@ def _drain(dsn: str, batch: int, perf_out: str | None) -> dict[str, Any]:
         claim_s = finish_s = 0.0
         while True:
             t = time.perf_counter()
-            rows = cur.execute(claim, ("cost", 30, batch, 3)).fetchall()
+            if lease is None or claim_leased is None:
+                rows = cur.execute(claim, ("cost", 30, batch, 3)).fetchall()
+            else:
+                leased = cur.execute(lease, ("cost", 30, batch)).fetchone()
+                ids = leased[0] if leased else None
+                rows = cur.execute(claim_leased, ("cost", ids, 3)).fetchall() if ids else []
             claim_s += time.perf_counter() - t
             if not rows:
                 break
             k = len(rows)
             t = time.perf_counter()
             leases = ("cost", [r[3] for r in rows], [r[0] for r in rows], [r[1] for r in rows])
+            params: tuple[Any, ...]
             if general:
                 params = (*leases, ["SUCCESS"] * k, [None] * k, [None] * k, [None] * k,
                           [None] * k, [None] * k, [0] * k, 3)  # fmt: skip

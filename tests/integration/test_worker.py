@@ -799,13 +799,14 @@ async def _positive(value: Any) -> bool:
 async def test_claim_leaves_the_callers_planner_settings_alone(
     pool: AsyncConnectionPool[Any],
 ) -> None:
-    """The claim switches nested loops off for its UPDATE (V009) and on again for the rest; the
-    function's own SET clause restores the caller's value at exit, whatever it was."""
+    """The claim switches nested loops off for its UPDATE (V009, V010) and on again for the
+    rest; the function's own SET clause restores the caller's value at exit, whatever it was."""
     from commandbus import _sql
 
     bus = CommandBus(pool)
     await bus.send_batch([SendRequest("orders", "T", uuid4(), {}) for _ in range(3)])
     claim = _sql.statement("claim_commands")
+    lease, claim_leased = _sql.statement("lease_messages"), _sql.statement("claim_leased")
     async with pool.connection() as conn:
         cur = psycopg.AsyncRawCursor(conn)
         for caller in ("on", "off"):
@@ -815,3 +816,87 @@ async def test_claim_leaves_the_callers_planner_settings_alone(
                 assert len(await cur.fetchall()) == 2
                 await cur.execute("SHOW enable_nestloop")
                 assert await cur.fetchone() == (caller,)
+            async with conn.transaction(force_rollback=True):  # the two-step claim (V010)
+                await cur.execute(f"SET LOCAL enable_nestloop = {caller}")
+                await cur.execute(lease, ["orders", 30, 2])
+                [(leased,)] = await cur.fetchall()
+                await cur.execute(claim_leased, ["orders", leased, 3])
+                assert len(await cur.fetchall()) == 2
+                await cur.execute("SHOW enable_nestloop")
+                assert await cur.fetchone() == (caller,)
+
+
+async def test_a_lease_whose_claim_never_ran_comes_back_with_attempts_untouched(
+    pool: AsyncConnectionPool[Any],
+) -> None:
+    """V010: the engine leases messages in one transaction and claims their commands in a
+    second. A worker that dies between the two leaves leased messages and unchanged commands:
+    once the lease expires the command is claimed as attempt 1, since no handler ran. The first
+    step's asynchronous commit stays inside its own transaction."""
+    from commandbus import _sql
+
+    bus = CommandBus(pool)
+    kept, gone = uuid4(), uuid4()
+    await bus.send("orders", "T", kept, {})
+    await bus.send("orders", "T", gone, {})
+    async with pool.connection() as conn:
+        await conn.set_autocommit(True)
+        cur = psycopg.AsyncRawCursor(conn)
+        await cur.execute(_sql.statement("lease_messages"), ["orders", 1, 10])
+        [(leased,)] = await cur.fetchall()
+        assert len(leased) == 2
+        await cur.execute("SHOW synchronous_commit")
+        assert await cur.fetchone() == ("on",)
+    assert await status_of(pool, "orders", kept) == "PENDING"
+    # Leased: invisible to other claims until the lease expires.
+    worker = Worker(pool, "orders")
+    try:
+        assert await worker.receive(batch_size=10) == []
+        # A leased message deleted before its claim (retention, an operator) is skipped.
+        async with pool.connection() as conn:
+            cur = psycopg.AsyncRawCursor(conn)
+            await cur.execute(
+                "DELETE FROM pgmq.q_orders__commands WHERE message->>'command_id' = $1",
+                [str(gone)],
+            )
+            await cur.execute(_sql.statement("claim_leased"), ["orders", leased, 3])
+            rows = await cur.fetchall()
+        assert [(r[3], r[1]) for r in rows] == [(kept, 1)]
+        await wait_status(pool, "orders", kept, "IN_PROGRESS")
+        await asyncio.sleep(1.2)  # the lease of 1 s expires; nobody reports an outcome
+        [again] = await worker.receive(batch_size=10)
+        assert again.command.command_id == kept and again.context.attempt == 2
+        await worker.complete(again)
+    finally:
+        await worker.close()
+    assert await status_of(pool, "orders", kept) == "COMPLETED"
+    assert await events(pool, kept) == ["SENT", "RECEIVED", "RECEIVED", "COMPLETED"]
+
+
+async def test_an_expired_lease_without_a_claim_is_attempt_one_again(
+    pool: AsyncConnectionPool[Any],
+) -> None:
+    """The poison guard counts claims, not leases: a lease lost before its claim (V010) does
+    not use up an attempt."""
+    from commandbus import _sql
+
+    bus = CommandBus(pool)
+    cid = uuid4()
+    await bus.send("orders", "T", cid, {}, max_attempts=1)
+    async with pool.connection() as conn:
+        await conn.set_autocommit(True)
+        cur = psycopg.AsyncRawCursor(conn)
+        await cur.execute(_sql.statement("lease_messages"), ["orders", 1, 10])
+        [(leased,)] = await cur.fetchall()
+    assert len(leased) == 1
+    await asyncio.sleep(1.2)
+    worker = Worker(pool, "orders")
+    try:
+        # max_attempts 1: had the lost lease counted, this would be poison (TSQ) instead.
+        [received] = await worker.receive()
+        assert received.command.command_id == cid and received.context.attempt == 1
+        await worker.complete(received)
+    finally:
+        await worker.close()
+    assert await status_of(pool, "orders", cid) == "COMPLETED"
+    assert await events(pool, cid) == ["SENT", "RECEIVED", "COMPLETED"]

@@ -426,17 +426,30 @@ impl Engine {
         Ok(msg_ids)
     }
 
-    /// Claims up to `qty` commands for `vt` seconds.
+    /// Claims up to `qty` commands for `vt` seconds, in two transactions on one connection
+    /// (V010): the messages are leased and committed at once, so the queue rows are locked
+    /// only while they are read (other claims walk past locked rows one by one), then the
+    /// leased messages' commands are claimed. If the second step fails, the leases expire and
+    /// the messages come back with their attempts untouched: no handler ran.
     pub async fn claim(&self, domain: &str, vt: i32, qty: i32, default_max_attempts: i32) -> CoreResult<Vec<Claimed>> {
         if qty <= 0 {
             return Ok(Vec::new());
         }
-        let rows = sqlx::query(sql::CLAIM_COMMANDS)
+        let mut conn = self.pool.acquire().await?;
+        let leased: Option<Vec<i64>> = sqlx::query_scalar(sql::LEASE_MESSAGES)
             .bind(domain)
             .bind(vt)
             .bind(qty)
+            .fetch_one(&mut *conn)
+            .await?;
+        let Some(msg_ids) = leased.filter(|ids| !ids.is_empty()) else {
+            return Ok(Vec::new());
+        };
+        let rows = sqlx::query(sql::CLAIM_LEASED)
+            .bind(domain)
+            .bind(msg_ids)
             .bind(default_max_attempts)
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *conn)
             .await?;
         rows.iter().map(Claimed::from_row).collect()
     }

@@ -33,6 +33,9 @@ const fn const_eq(a: &str, b: &str) -> bool {
 
 pub const SEND_COMMANDS: &str = statement("send_commands");
 pub const CLAIM_COMMANDS: &str = statement("claim_commands");
+/// The claim in two steps (V010): lease the messages (committed at once), then claim them.
+pub const LEASE_MESSAGES: &str = statement("lease_messages");
+pub const CLAIM_LEASED: &str = statement("claim_leased");
 pub const FINISH_COMMANDS: &str = statement("finish_commands");
 /// The flush of outcomes that are all SUCCESS (V009): the common case, fewer columns.
 pub const COMPLETE_COMMANDS: &str = statement("complete_commands");
@@ -89,6 +92,8 @@ mod tests {
         assert!(SEND_COMMANDS.contains("send_commands_v2"));
         assert!(FINISH_COMMANDS.contains("finish_commands_v1"));
         assert!(COMPLETE_COMMANDS.contains("complete_commands_v1"));
+        assert!(LEASE_MESSAGES.contains("lease_messages_v1"));
+        assert!(CLAIM_LEASED.contains("claim_leased_v1"));
     }
 
     #[test]
