@@ -4,8 +4,9 @@
 -- other claim that starts meanwhile walks past those rows one by one, trying each lock. In one
 -- transaction, the locks were held while the claim also updated the command rows and wrote the
 -- RECEIVED audit rows, three quarters of its time: with 4 worker processes (8 claims in flight)
--- each claim of 512 skipped ~2,000 locked rows (auto_explain, PostgreSQL 15), with 2 claims
--- ~280. Now the engine claims in two transactions on one connection:
+-- each claim of 512 skipped ~2,000 locked rows (auto_explain, PostgreSQL 15), with one process
+-- (2 claims in flight) ~280. Now the engine claims in two transactions on one connection
+-- (~470 skipped rows per claim with 4 processes):
 --   1. lease_messages_v1: pgmq.read's statement in vt order (V007), committed at once; it
 --      returns only the msg_ids. Its commit need not be flushed to disk
 --      (synchronous_commit = off for that transaction): lost in a crash, the lease never
