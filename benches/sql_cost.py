@@ -7,9 +7,9 @@
 
 N commands are sent with `send_batch` into a fresh database, the command table is analyzed, then
 one psycopg connection runs the engine's claim (batch of `--batch`: `lease_messages` then
-`claim_leased`; `claim_commands` with an SQL tree older than V010) and `complete_commands` (the
-engine's flush of SUCCESS outcomes; `finish_commands` with an SQL tree older than V009) in a
-loop until the queue is empty, with the exact statement text of `sql/statements/`.
+`claim_leased`; `claim_commands` with an SQL tree older than V009) and its flush
+(`complete_commands`, all SUCCESS; `finish_commands` with a tree older than V009) in a loop
+until the queue is empty, with the exact statement text of `sql/statements/`.
 The CPU time of that connection's server process (`/proc/<pid>/stat`: the server must run on this
 machine) over the loop, divided by N, is the figure: it is what one command costs the database on
 the hot path, without the noise of a worker and a harness sharing the machine. Used to A/B SQL
@@ -124,7 +124,7 @@ def _drain(dsn: str, batch: int, perf_out: str | None) -> dict[str, Any]:
     claim = _sql.statement("claim_commands")
     lease: str | None
     claim_leased: str | None
-    try:  # the engine's claim in two steps (V010); older trees: one statement
+    try:  # the engine's claim in two steps (V009); older trees: one statement
         lease, claim_leased = _sql.statement("lease_messages"), _sql.statement("claim_leased")
     except KeyError:
         lease = claim_leased = None

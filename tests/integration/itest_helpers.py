@@ -36,6 +36,18 @@ async def events(pool: AsyncConnectionPool[Any], command_id: UUID) -> list[str]:
     return [r[0] for r in rows]
 
 
+async def function_calls(pool: AsyncConnectionPool[Any], name: str) -> int:
+    """Calls of a commandbus function counted by pg_stat_user_functions (track_functions on;
+    a backend reports its counts when it goes idle, so callers poll)."""
+    rows = await fetch(
+        pool,
+        "SELECT coalesce(sum(calls), 0) FROM pg_stat_user_functions"
+        " WHERE schemaname = 'commandbus' AND funcname = %s",
+        name,
+    )
+    return int(rows[0][0])
+
+
 async def queue_depth(pool: AsyncConnectionPool[Any], queue: str) -> int:
     rows = await fetch(pool, f"SELECT count(*) FROM pgmq.q_{queue}")  # test-only name
     return int(rows[0][0])

@@ -10,7 +10,7 @@ from uuid import uuid4
 
 import psycopg
 import pytest
-from itest_helpers import events, fetch, queue_depth, read_queue, wait_until
+from itest_helpers import events, fetch, function_calls, queue_depth, read_queue, wait_until
 from psycopg_pool import AsyncConnectionPool
 
 import commandbus.bus
@@ -426,16 +426,6 @@ async def test_a_command_id_repeated_in_one_sql_call_is_named_and_nothing_is_wri
     assert await fetch(pool, "SELECT count(*) FROM pgmq.meta") == [(0,)]  # rolled back too
 
 
-async def _function_calls(pool: AsyncConnectionPool[Any], name: str) -> int:
-    rows = await fetch(
-        pool,
-        "SELECT coalesce(sum(calls), 0) FROM pg_stat_user_functions"
-        " WHERE schemaname = 'commandbus' AND funcname = %s",
-        name,
-    )
-    return int(rows[0][0])
-
-
 async def test_plain_sends_take_the_direct_statement_and_write_what_the_function_writes(
     pool: AsyncConnectionPool[Any],
 ) -> None:
@@ -455,10 +445,8 @@ async def test_plain_sends_take_the_direct_statement_and_write_what_the_function
         batch = await bus.send_batch([req])
         await bus.send("orders", "T", uuid4(), {}, reply_to="orders__replies")  # the function
         # The engine connection's function statistics reach the server at its next idle flush.
-        await wait_until(
-            lambda: _at_least(_function_calls(pool, "send_commands_v2"), 2), timeout=10
-        )
-        assert await _function_calls(pool, "send_commands_v2") == 2
+        await wait_until(lambda: _at_least(function_calls(pool, "send_commands_v2"), 2), timeout=10)
+        assert await function_calls(pool, "send_commands_v2") == 2
 
         # The same commands through the function (the caller's-connection path), for comparison.
         via_function = [uuid4() for _ in range(3)]

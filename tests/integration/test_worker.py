@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import Any
 from uuid import UUID, uuid4
 
 import psycopg
 import pytest
-from itest_helpers import events, fetch, queue_depth, read_queue, status_of, wait_until
+from itest_helpers import (
+    events,
+    fetch,
+    function_calls,
+    queue_depth,
+    read_queue,
+    status_of,
+    wait_until,
+)
 from psycopg_pool import AsyncConnectionPool
 
 from commandbus import (
@@ -768,14 +776,8 @@ async def test_engine_flushes_successes_alone_through_complete_commands(
     await bus.send("orders", "T", ok, {})
     await bus.send("orders", "T", failed, {})
 
-    async def calls(name: str) -> int:
-        rows = await fetch(
-            pool,
-            "SELECT coalesce(sum(calls), 0) FROM pg_stat_user_functions"
-            " WHERE schemaname = 'commandbus' AND funcname = %s",
-            name,
-        )
-        return int(rows[0][0])
+    def calls(name: str) -> Awaitable[int]:
+        return function_calls(pool, name)
 
     worker = Worker(pool, "orders")
     try:
@@ -799,7 +801,7 @@ async def _positive(value: Any) -> bool:
 async def test_claim_leaves_the_callers_planner_settings_alone(
     pool: AsyncConnectionPool[Any],
 ) -> None:
-    """The claim switches nested loops off for its UPDATE (V009, V010) and on again for the
+    """The claim switches nested loops off for its UPDATE (V009) and on again for the
     rest; the function's own SET clause restores the caller's value at exit, whatever it was."""
     from commandbus import _sql
 
@@ -816,7 +818,11 @@ async def test_claim_leaves_the_callers_planner_settings_alone(
                 assert len(await cur.fetchall()) == 2
                 await cur.execute("SHOW enable_nestloop")
                 assert await cur.fetchone() == (caller,)
-            async with conn.transaction(force_rollback=True):  # the two-step claim (V010)
+                # One transaction: its commit stays a flushed one (only the engine's lone lease
+                # step commits asynchronously).
+                await cur.execute("SHOW synchronous_commit")
+                assert await cur.fetchone() == ("on",)
+            async with conn.transaction(force_rollback=True):  # the two-step claim (V009)
                 await cur.execute(f"SET LOCAL enable_nestloop = {caller}")
                 await cur.execute(lease, ["orders", 30, 2])
                 [(leased,)] = await cur.fetchall()
@@ -829,7 +835,7 @@ async def test_claim_leaves_the_callers_planner_settings_alone(
 async def test_a_lease_whose_claim_never_ran_comes_back_with_attempts_untouched(
     pool: AsyncConnectionPool[Any],
 ) -> None:
-    """V010: the engine leases messages in one transaction and claims their commands in a
+    """V009: the engine leases messages in one transaction and claims their commands in a
     second. A worker that dies between the two leaves leased messages and unchanged commands:
     once the lease expires the command is claimed as attempt 1, since no handler ran. The first
     step's asynchronous commit stays inside its own transaction."""
@@ -839,14 +845,8 @@ async def test_a_lease_whose_claim_never_ran_comes_back_with_attempts_untouched(
     kept, gone = uuid4(), uuid4()
     await bus.send("orders", "T", kept, {})
     await bus.send("orders", "T", gone, {})
-    async with pool.connection() as conn:
-        await conn.set_autocommit(True)
-        cur = psycopg.AsyncRawCursor(conn)
-        await cur.execute(_sql.statement("lease_messages"), ["orders", 1, 10])
-        [(leased,)] = await cur.fetchall()
-        assert len(leased) == 2
-        await cur.execute("SHOW synchronous_commit")
-        assert await cur.fetchone() == ("on",)
+    leased = await _lease_only(pool)
+    assert len(leased) == 2
     assert await status_of(pool, "orders", kept) == "PENDING"
     # Leased: invisible to other claims until the lease expires.
     worker = Worker(pool, "orders")
@@ -876,19 +876,12 @@ async def test_a_lease_whose_claim_never_ran_comes_back_with_attempts_untouched(
 async def test_an_expired_lease_without_a_claim_is_attempt_one_again(
     pool: AsyncConnectionPool[Any],
 ) -> None:
-    """The poison guard counts claims, not leases: a lease lost before its claim (V010) does
+    """The poison guard counts claims, not leases: a lease lost before its claim (V009) does
     not use up an attempt."""
-    from commandbus import _sql
-
     bus = CommandBus(pool)
     cid = uuid4()
     await bus.send("orders", "T", cid, {}, max_attempts=1)
-    async with pool.connection() as conn:
-        await conn.set_autocommit(True)
-        cur = psycopg.AsyncRawCursor(conn)
-        await cur.execute(_sql.statement("lease_messages"), ["orders", 1, 10])
-        [(leased,)] = await cur.fetchall()
-    assert len(leased) == 1
+    assert len(await _lease_only(pool)) == 1
     await asyncio.sleep(1.2)
     worker = Worker(pool, "orders")
     try:
@@ -900,3 +893,18 @@ async def test_an_expired_lease_without_a_claim_is_attempt_one_again(
         await worker.close()
     assert await status_of(pool, "orders", cid) == "COMPLETED"
     assert await events(pool, cid) == ["SENT", "RECEIVED", "COMPLETED"]
+
+
+async def _lease_only(pool: AsyncConnectionPool[Any]) -> list[int]:
+    """The engine's first claim step alone (1 s leases, autocommit), as if the worker died
+    before the second; its asynchronous commit must not leak into the session."""
+    from commandbus import _sql
+
+    async with pool.connection() as conn:
+        await conn.set_autocommit(True)
+        cur = psycopg.AsyncRawCursor(conn)
+        await cur.execute(_sql.statement("lease_messages"), ["orders", 1, 10])
+        [(leased,)] = await cur.fetchall()
+        await cur.execute("SHOW synchronous_commit")
+        assert await cur.fetchone() == ("on",)
+    return list(leased)

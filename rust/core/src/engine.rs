@@ -427,7 +427,7 @@ impl Engine {
     }
 
     /// Claims up to `qty` commands for `vt` seconds, in two transactions on one connection
-    /// (V010): the messages are leased and committed at once, so the queue rows are locked
+    /// (V009): the messages are leased and committed at once, so the queue rows are locked
     /// only while they are read (other claims walk past locked rows one by one), then the
     /// leased messages' commands are claimed. If the second step fails, the leases expire and
     /// the messages come back with their attempts untouched: no handler ran.
