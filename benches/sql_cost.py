@@ -121,13 +121,13 @@ async def _send_cost(dsn: str, n: int, singles: int) -> dict[str, Any]:
 
 
 def _drain(dsn: str, batch: int, perf_out: str | None) -> dict[str, Any]:
-    claim = _sql.statement("claim_commands")
+    # The engine's claim in two steps (V009), or one statement (`claim_commands`) for an older
+    # tree: (lease, claim_leased) or (None, claim_commands).
     lease: str | None
-    claim_leased: str | None
-    try:  # the engine's claim in two steps (V009); older trees: one statement
-        lease, claim_leased = _sql.statement("lease_messages"), _sql.statement("claim_leased")
+    try:
+        lease, claim = _sql.statement("lease_messages"), _sql.statement("claim_leased")
     except KeyError:
-        lease = claim_leased = None
+        lease, claim = None, _sql.statement("claim_commands")
     try:  # the engine's flush of SUCCESS outcomes only (V009); older trees: the general one
         finish, general = _sql.statement("complete_commands"), False
     except KeyError:
@@ -150,12 +150,12 @@ def _drain(dsn: str, batch: int, perf_out: str | None) -> dict[str, Any]:
         claim_s = finish_s = 0.0
         while True:
             t = time.perf_counter()
-            if lease is None or claim_leased is None:
+            if lease is None:
                 rows = cur.execute(claim, ("cost", 30, batch, 3)).fetchall()
             else:
                 leased = cur.execute(lease, ("cost", 30, batch)).fetchone()
                 ids = leased[0] if leased else None
-                rows = cur.execute(claim_leased, ("cost", ids, 3)).fetchall() if ids else []
+                rows = cur.execute(claim, ("cost", ids, 3)).fetchall() if ids else []
             claim_s += time.perf_counter() - t
             if not rows:
                 break

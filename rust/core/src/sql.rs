@@ -32,7 +32,6 @@ const fn const_eq(a: &str, b: &str) -> bool {
 }
 
 pub const SEND_COMMANDS: &str = statement("send_commands");
-pub const CLAIM_COMMANDS: &str = statement("claim_commands");
 /// The claim in two steps (V009): lease the messages (committed at once), then claim them.
 pub const LEASE_MESSAGES: &str = statement("lease_messages");
 pub const CLAIM_LEASED: &str = statement("claim_leased");
