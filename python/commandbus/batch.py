@@ -28,13 +28,11 @@ from typing import Any, Protocol
 from uuid import UUID
 
 import psycopg
-from psycopg import AsyncConnection, AsyncRawCursor
-from psycopg.rows import tuple_row
+from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from commandbus import _sql
+from commandbus import _db
 from commandbus._dsn import pool_conninfo
-from commandbus._errors import map_psycopg_error
 from commandbus.exceptions import (
     CommandBusError,
     DuplicateBatchError,  # re-exported: its old home
@@ -76,24 +74,7 @@ class _SyncBatchGetter(Protocol):
     def get(self, domain: str, batch_id: UUID) -> BatchMetadata | None: ...
 
 
-# -- SQL plumbing shared with repositories/batch.py --------------------------------------------
-
-
-async def execute(
-    conn: AsyncConnection[Any],
-    name: str,
-    params: Sequence[Any] | None = None,
-    *,
-    domain: str | None = None,
-    batch_id: UUID | None = None,
-) -> list[tuple[Any, ...]]:
-    """Run the statement `sql/statements/<name>.sql`; return its rows (none for a command)."""
-    try:
-        async with AsyncRawCursor(conn, row_factory=tuple_row) as cur:
-            await cur.execute(_sql.statement(name), params)
-            return await cur.fetchall() if cur.description is not None else []
-    except psycopg.Error as err:
-        raise map_psycopg_error(err, domain) from err
+# -- rows ----------------------------------------------------------------------------------------
 
 
 def batch_from_row(row: Sequence[Any]) -> BatchMetadata:
@@ -224,13 +205,10 @@ async def watch_batch(
         _callbacks[key] = _Entry(callback, conninfo, owner, time.monotonic())
         _ensure_listener(conninfo, _connect_kwargs(pool))
     # The batch may have completed (and been announced) before the callback existed.
-    params = [[domain], [batch_id]]
     try:
-        if conn is not None:
-            rows = await execute(conn, "batch_get_many", params, domain=domain)
-        else:
-            async with pool.connection() as own:
-                rows = await execute(own, "batch_get_many", params, domain=domain)
+        rows = await _db.fetch_all(
+            conn or pool, "batch_get_many", [domain], [batch_id], domain=domain
+        )
     except (psycopg.Error, CommandBusError) as err:
         logger.debug("batch %s.%s: check at registration failed (%s)", domain, batch_id, err)
         return
@@ -445,7 +423,7 @@ class BatchListener:
                     logger.warning("batch listener cannot connect (%s); retry in %.1fs", err, delay)
                 else:
                     try:
-                        await execute(conn, "batch_listen")
+                        await _db.execute(conn, "batch_listen")
                         self.connections += 1
                         self.listening.set()
                         delay = LISTENER_RECONNECT_DELAY[0]
@@ -493,7 +471,9 @@ class BatchListener:
         """Fire the callbacks of the complete batches among `keys`; drop orphans."""
         if not keys:
             return
-        rows = await execute(conn, "batch_get_many", [[k[0] for k in keys], [k[1] for k in keys]])
+        rows = await _db.fetch_all(
+            conn, "batch_get_many", [k[0] for k in keys], [k[1] for k in keys]
+        )
         seen = _fire_completed(rows, self.conninfo)
         now = time.monotonic()
         with _lock:

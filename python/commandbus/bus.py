@@ -8,15 +8,12 @@ from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID, uuid4
 
-import psycopg
-from psycopg import AsyncConnection, AsyncRawCursor
-from psycopg.rows import tuple_row
+from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from commandbus import _native, _sql, retention
+from commandbus import _db, _native, retention
 from commandbus._bridge import call
 from commandbus._dsn import native_dsn, pool_conninfo
-from commandbus._errors import map_psycopg_error
 from commandbus._validation import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     command_message,
@@ -193,22 +190,8 @@ class CommandBus:
         if conn is None:
             args = cols.as_args()
             return await call(lambda c: self._native.send(c, (domain, *args)))  # type: ignore[no-any-return]
-        params = [
-            domain,
-            cols.command_ids,
-            cols.command_types,
-            cols.messages,
-            cols.correlation_ids,
-            cols.reply_tos,
-            cols.max_attempts,
-            cols.batch_ids,
-        ]
-        try:
-            async with AsyncRawCursor(conn, row_factory=tuple_row) as cur:
-                await cur.execute(_sql.statement("send_commands"), params)
-                rows = await cur.fetchall()
-        except psycopg.Error as err:
-            raise map_psycopg_error(err, domain) from err
+        # On the caller's connection: the statement joins the caller's transaction.
+        rows = await _db.fetch_all(conn, "send_commands", domain, *cols.as_args(), domain=domain)
         return [r[0] for r in rows]
 
     async def send(

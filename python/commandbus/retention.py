@@ -16,18 +16,14 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-import psycopg
-from psycopg import AsyncRawCursor
-from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from commandbus import _sql
-from commandbus._errors import map_psycopg_error
+from commandbus import _db
 from commandbus._validation import validate_domain
 from commandbus.exceptions import ValidationError
 
@@ -74,28 +70,13 @@ def _check_age(older_than: object) -> timedelta:
     return older_than
 
 
-async def _fetch_one(
-    pool: AsyncConnectionPool[Any], name: str, params: Sequence[Any]
-) -> dict[str, Any]:
-    """Run a one-row statement in its own transaction (committed on return)."""
-    try:
-        async with pool.connection() as conn, AsyncRawCursor(conn, row_factory=dict_row) as cur:
-            await cur.execute(_sql.statement(name), params)
-            row = await cur.fetchone()
-    except psycopg.Error as err:
-        raise map_psycopg_error(err) from err
-    assert row is not None
-    return row
-
-
 async def _cutoff(pool: AsyncConnectionPool[Any], older_than: datetime | timedelta) -> datetime:
     if isinstance(older_than, datetime):
         if older_than.tzinfo is None or older_than.utcoffset() is None:
             raise ValidationError("older_than", older_than, "must be a timezone-aware datetime")
         return older_than
     # The database clock decides "now", as for updated_at.
-    row = await _fetch_one(pool, "retention_cutoff", [_check_age(older_than)])
-    cutoff = row["cutoff"]
+    cutoff = await _db.fetch_value(pool, "retention_cutoff", _check_age(older_than))
     assert isinstance(cutoff, datetime)
     return cutoff
 
@@ -141,7 +122,9 @@ async def _prune(
     cutoff = await _cutoff(pool, older_than)
     total = PruneResult(cutoff=cutoff)
     while True:
-        row = await _fetch_one(pool, "retention_prune", [cutoff, domain, chunk_size])
+        # One chunk per call, each in its own transaction (committed on return).
+        row = await _db.fetch_one(pool, "retention_prune", cutoff, domain, chunk_size, rows=dict)
+        assert row is not None  # prune_v1 always returns its one row of counts
         total = PruneResult(
             commands=total.commands + row["commands"],
             audit_events=total.audit_events + row["audit_events"],

@@ -6,11 +6,11 @@ import logging
 from typing import Any
 
 import psycopg
-from psycopg import AsyncConnection, AsyncRawCursor
-from psycopg.rows import tuple_row
+from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from commandbus import _sql
+from commandbus import _db, _sql
+from commandbus.exceptions import DatabaseError
 
 logger = logging.getLogger(__name__)
 
@@ -34,22 +34,15 @@ def get_schema_sql() -> str:
     return "\n\n".join(parts) + "\n"
 
 
-async def _one(conn: AsyncConnection[Any], name: str, *params: Any) -> Any:
-    async with AsyncRawCursor(conn, row_factory=tuple_row) as cur:
-        await cur.execute(_sql.statement(name), list(params) or None)
-        row = await cur.fetchone() if cur.description else None
-    return row[0] if row else None
-
-
 async def _schema_exists(conn: AsyncConnection[Any]) -> bool:
-    return bool(await _one(conn, "schema_exists"))
+    return bool(await _db.fetch_value(conn, "schema_exists"))
 
 
 async def _install_pgmq(conn: AsyncConnection[Any]) -> str:
-    if await _one(conn, "setup_pgmq_installed"):
+    if await _db.fetch_value(conn, "setup_pgmq_installed"):
         return "present"
-    if await _one(conn, "setup_pgmq_available"):
-        await _one(conn, "setup_pgmq_extension")
+    if await _db.fetch_value(conn, "setup_pgmq_available"):
+        await _db.execute(conn, "setup_pgmq_extension")
         return "extension"
     from pgmq.install import get_embedded_install_sql
 
@@ -60,16 +53,18 @@ async def _install_pgmq(conn: AsyncConnection[Any]) -> str:
 async def _applied(conn: AsyncConnection[Any]) -> set[int]:
     """Versions recorded in commandbus.schema_migrations (empty before V001 ran)."""
     try:
-        async with conn.transaction(), AsyncRawCursor(conn, row_factory=tuple_row) as cur:
-            await cur.execute(_sql.statement("setup_migrations_applied"))
-            return {int(r[0]) for r in await cur.fetchall()}
-    except psycopg.errors.UndefinedTable:
-        return set()
+        async with conn.transaction():
+            rows = await _db.fetch_all(conn, "setup_migrations_applied")
+    except DatabaseError as err:
+        if isinstance(err.__cause__, psycopg.errors.UndefinedTable):
+            return set()
+        raise
+    return {int(r[0]) for r in rows}
 
 
 async def _setup(conn: AsyncConnection[Any], *, skip_if_exists: bool) -> bool:
     async with conn.transaction():
-        await _one(conn, "setup_lock", _SETUP_LOCK_KEY)
+        await _db.execute(conn, "setup_lock", _SETUP_LOCK_KEY)
         existed = await _schema_exists(conn)
         pgmq_how = await _install_pgmq(conn)
         applied = await _applied(conn) if existed else set()
@@ -78,7 +73,7 @@ async def _setup(conn: AsyncConnection[Any], *, skip_if_exists: bool) -> bool:
                 continue
             logger.info("applying commandbus migration V%03d__%s", version, name)
             await conn.execute(text)
-            await _one(conn, "setup_migration_record", version, name)
+            await _db.execute(conn, "setup_migration_record", version, name)
         logger.info("commandbus schema ready (PGMQ: %s, created: %s)", pgmq_how, not existed)
     return not existed
 

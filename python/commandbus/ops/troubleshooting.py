@@ -10,18 +10,14 @@ command at once, exactly one succeeds; the other gets :class:`InvalidOperationEr
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-import psycopg
-from psycopg import AsyncRawCursor
-from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool
 
-from commandbus import _sql
-from commandbus._errors import map_psycopg_error
+from commandbus import _db
 from commandbus._validation import (
     encode_json,
     validate_domain,
@@ -40,6 +36,8 @@ logger = logging.getLogger(__name__)
 
 #: Called after each chunk of a bulk action with the number of commands handled so far.
 ProgressCallback = Callable[[int], None]
+# One chunk of a bulk action: (cutoff, after) -> (examined, affected, cutoff, after).
+_BulkChunk = Callable[[datetime | None, UUID | None], Awaitable[_db.TupleRow | None]]
 
 DEFAULT_BULK_CHUNK_SIZE = 500
 # The same ceiling the worker puts on a handler's result.
@@ -91,20 +89,6 @@ class TroubleshootingQueue:
         """
         self._pool = pool
 
-    async def _fetch(
-        self, name: str, params: list[Any], domain: str | None, command_id: UUID | None = None
-    ) -> list[tuple[Any, ...]]:
-        """Run one statement of `sql/statements/` in its own transaction."""
-        try:
-            async with (
-                self._pool.connection() as conn,
-                AsyncRawCursor(conn, row_factory=tuple_row) as cur,
-            ):
-                await cur.execute(_sql.statement(name), params)
-                return await cur.fetchall() if cur.description is not None else []
-        except psycopg.Error as err:
-            raise map_psycopg_error(err, domain) from err
-
     # -- listing -------------------------------------------------------------------------
 
     async def list_troubleshooting(
@@ -119,19 +103,21 @@ class TroubleshootingQueue:
         validate_domain(domain)
         _check_optional_text("command_type", command_type)
         validate_page(limit, offset)
-        rows = await self._fetch("tsq_list", [domain, command_type, limit, offset], domain)
+        rows = await _db.fetch_all(
+            self._pool, "tsq_list", domain, command_type, limit, offset, domain=domain
+        )
         return [_row_to_item(r) for r in rows]
 
     async def count_troubleshooting(self, domain: str, command_type: str | None = None) -> int:
         """Count a domain's TSQ commands (optionally of one command type)."""
         validate_domain(domain)
         _check_optional_text("command_type", command_type)
-        rows = await self._fetch("tsq_count", [domain, command_type], domain)
-        return int(rows[0][0])
+        count = await _db.fetch_value(self._pool, "tsq_count", domain, command_type, domain=domain)
+        return int(count)
 
     async def list_domains(self) -> list[str]:
         """List the domains that have commands in the TSQ, in name order."""
-        rows = await self._fetch("tsq_domains", [], None)
+        rows = await _db.fetch_all(self._pool, "tsq_domains")
         return [str(r[0]) for r in rows]
 
     async def get_command_domain(self, command_id: UUID) -> str:
@@ -142,16 +128,16 @@ class TroubleshootingQueue:
             CommandNotFoundError: no domain has the command (domain reported as "unknown").
         """
         cid = validate_uuid(command_id, "command_id")
-        rows = await self._fetch("tsq_command_domain", [cid], None, cid)
-        if not rows:
+        row = await _db.fetch_one(self._pool, "tsq_command_domain", cid)
+        if row is None:
             raise CommandNotFoundError("unknown", str(cid))
-        return str(rows[0][0])
+        return str(row[0])
 
     async def list_command_ids(self, domain: str | None = None) -> list[UUID]:
         """Return the ids of all TSQ commands (of one domain, or all), newest first."""
         if domain is not None:
             validate_domain(domain)
-        rows = await self._fetch("tsq_command_ids", [domain], domain)
+        rows = await _db.fetch_all(self._pool, "tsq_command_ids", domain, domain=domain)
         return [r[0] for r in rows]
 
     async def list_all_troubleshooting(
@@ -168,7 +154,7 @@ class TroubleshootingQueue:
         if domain is not None:
             validate_domain(domain)
         validate_page(limit, offset)
-        rows = await self._fetch("tsq_list_all", [domain, limit, offset], domain)
+        rows = await _db.fetch_all(self._pool, "tsq_list_all", domain, limit, offset, domain=domain)
         command_ids = await self.list_command_ids(domain)
         return [_row_to_item(r) for r in rows], len(command_ids), command_ids
 
@@ -188,8 +174,9 @@ class TroubleshootingQueue:
         validate_domain(domain)
         cid = validate_uuid(command_id, "command_id")
         _check_optional_text("operator", operator)
-        rows = await self._fetch("tsq_retry", [domain, cid, operator], domain, cid)
-        new_msg_id = int(rows[0][0])
+        new_msg_id = int(
+            await _db.fetch_value(self._pool, "tsq_retry", domain, cid, operator, domain=domain)
+        )
         logger.info(
             "operator retry of %s.%s by %s: new msg_id %s", domain, cid, operator, new_msg_id
         )
@@ -210,7 +197,7 @@ class TroubleshootingQueue:
         if not isinstance(reason, str):
             raise ValidationError("reason", reason, "must be a str")
         _check_optional_text("operator", operator)
-        await self._fetch("tsq_cancel", [domain, cid, reason, operator], domain, cid)
+        await _db.execute(self._pool, "tsq_cancel", domain, cid, reason, operator, domain=domain)
         logger.info("operator cancel of %s.%s by %s: %s", domain, cid, operator, reason)
 
     async def operator_complete(
@@ -237,27 +224,25 @@ class TroubleshootingQueue:
             if not isinstance(result_data, dict):
                 raise ValidationError("result_data", result_data, "must be a dict or None")
             result_json = encode_json(result_data, "result_data", _MAX_RESULT_BYTES)
-        await self._fetch("tsq_complete", [domain, cid, result_json, operator], domain, cid)
+        await _db.execute(
+            self._pool, "tsq_complete", domain, cid, result_json, operator, domain=domain
+        )
         logger.info("operator complete of %s.%s by %s", domain, cid, operator)
 
     # -- bulk actions --------------------------------------------------------------------
 
-    async def _bulk(
-        self,
-        name: str,
-        domain: str,
-        head: list[Any],
-        chunk_size: int,
-        on_progress: ProgressCallback | None,
-    ) -> int:
+    @staticmethod
+    async def _bulk(chunk: _BulkChunk, on_progress: ProgressCallback | None) -> int:
         """Call a chunked bulk function until it finds nothing more; one transaction per chunk.
-        Only commands already in the TSQ when the first chunk ran are handled."""
+        `chunk(cutoff, after)` runs one chunk, resuming after the previous one's position. Only
+        commands already in the TSQ when the first chunk ran are handled."""
         cutoff: datetime | None = None
         after: UUID | None = None
         done = 0
         while True:
-            rows = await self._fetch(name, [*head, chunk_size, cutoff, after], domain)
-            examined, affected, cutoff, after = rows[0]
+            row = await chunk(cutoff, after)
+            assert row is not None  # the bulk functions always return their one row
+            examined, affected, cutoff, after = row
             if examined == 0:
                 return done
             done += int(affected)
@@ -281,7 +266,18 @@ class TroubleshootingQueue:
         _check_optional_text("operator", operator)
         validate_int("chunk_size", chunk_size, 1)
         total = await self._bulk(
-            "tsq_retry_all", domain, [domain, command_type, operator], chunk_size, on_progress
+            lambda cutoff, after: _db.fetch_one(
+                self._pool,
+                "tsq_retry_all",
+                domain,
+                command_type,
+                operator,
+                chunk_size,
+                cutoff,
+                after,
+                domain=domain,
+            ),
+            on_progress,
         )
         logger.info("operator bulk retry in %s by %s: %d commands", domain, operator, total)
         return total
@@ -306,10 +302,18 @@ class TroubleshootingQueue:
         _check_optional_text("operator", operator)
         validate_int("chunk_size", chunk_size, 1)
         total = await self._bulk(
-            "tsq_cancel_all",
-            domain,
-            [domain, reason, command_type, operator],
-            chunk_size,
+            lambda cutoff, after: _db.fetch_one(
+                self._pool,
+                "tsq_cancel_all",
+                domain,
+                reason,
+                command_type,
+                operator,
+                chunk_size,
+                cutoff,
+                after,
+                domain=domain,
+            ),
             on_progress,
         )
         logger.info("operator bulk cancel in %s by %s: %d commands", domain, operator, total)

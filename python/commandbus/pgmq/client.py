@@ -13,15 +13,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import psycopg
-from psycopg import AsyncConnection, AsyncRawCursor
-from psycopg.rows import dict_row
+from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from commandbus import _sql
-from commandbus._errors import map_psycopg_error
+from commandbus import _db
+from commandbus._errors import map_queue_error  # public here since the predecessor
 from commandbus._validation import encode_json, validate_queue_name
-from commandbus.exceptions import CommandBusError, DatabaseError, ValidationError
+from commandbus.exceptions import ValidationError
 
 logger = logging.getLogger(__name__)
 
@@ -54,17 +52,6 @@ class PgmqMessage:
 def notify_channel(queue_name: str) -> str:
     """The NOTIFY channel of a queue (`pgmq_notify_<queue_name>`)."""
     return f"{PGMQ_NOTIFY_CHANNEL}_{queue_name}"
-
-
-def map_queue_error(err: psycopg.Error, queue_name: str) -> CommandBusError:
-    """Map a driver error of a queue operation; a missing queue table gets a clear message."""
-    if err.sqlstate == "42P01" and f"q_{queue_name}" in str(err):
-        return DatabaseError(
-            f"PGMQ queue {queue_name!r} does not exist (create_queue() first)",
-            err.sqlstate,
-            queue_name,
-        )
-    return map_psycopg_error(err)
 
 
 def _as_message(value: Any) -> dict[str, Any]:
@@ -109,27 +96,13 @@ class PgmqClient:
     def pool(self) -> AsyncConnectionPool[Any]:
         return self._pool
 
-    async def _run(
-        self,
-        name: str,
-        params: Sequence[Any],
-        queue_name: str,
-        conn: AsyncConnection[Any] | None,
-    ) -> list[dict[str, Any]]:
-        """Run statement `name` on `conn` (or a pool connection) and return its rows by name."""
-        try:
-            if conn is not None:
-                return await _fetch(conn, name, params)
-            async with self._pool.connection() as acquired:
-                return await _fetch(acquired, name, params)
-        except psycopg.Error as err:
-            raise map_queue_error(err, queue_name) from err
-
     async def create_queue(self, queue_name: str, conn: AsyncConnection[Any] | None = None) -> None:
         """Create a queue if it does not exist (idempotent, safe under concurrent calls)."""
         validate_queue_name(queue_name, field="queue_name")
-        rows = await self._run("ensure_queue", [queue_name], queue_name, conn)
-        if rows and rows[0]["created"]:
+        created = await _db.fetch_value(
+            conn or self._pool, "ensure_queue", queue_name, queue=queue_name
+        )
+        if created:
             logger.debug("created queue %s", queue_name)
 
     async def send(
@@ -145,9 +118,17 @@ class PgmqClient:
         """
         validate_queue_name(queue_name, field="queue_name")
         text = encode_json(message, "message", _NO_LIMIT)
-        params = [queue_name, text, _check_seconds("delay", delay), notify_channel(queue_name)]
-        rows = await self._run("pgmq_send", params, queue_name, conn)
-        msg_id = int(rows[0]["msg_id"])
+        msg_id = int(
+            await _db.fetch_value(
+                conn or self._pool,
+                "pgmq_send",
+                queue_name,
+                text,
+                _check_seconds("delay", delay),
+                notify_channel(queue_name),
+                queue=queue_name,
+            )
+        )
         logger.debug("sent message %s to %s", msg_id, queue_name)
         return msg_id
 
@@ -167,13 +148,17 @@ class PgmqClient:
         if not messages:
             return []
         texts = [encode_json(m, "message", _NO_LIMIT) for m in messages]
-        rows = await self._run("pgmq_send_batch", [queue_name, texts, delay], queue_name, conn)
-        return [int(r["msg_id"]) for r in rows]
+        rows = await _db.fetch_all(
+            conn or self._pool, "pgmq_send_batch", queue_name, texts, delay, queue=queue_name
+        )
+        return [int(r[0]) for r in rows]
 
     async def notify(self, queue_name: str, conn: AsyncConnection[Any] | None = None) -> None:
         """NOTIFY `pgmq_notify_<queue_name>` (a wake-up hint for listening workers)."""
         validate_queue_name(queue_name, field="queue_name")
-        await self._run("pgmq_notify", [notify_channel(queue_name)], queue_name, conn)
+        await _db.execute(
+            conn or self._pool, "pgmq_notify", notify_channel(queue_name), queue=queue_name
+        )
 
     async def read(
         self,
@@ -187,8 +172,14 @@ class PgmqClient:
         _check_seconds("visibility_timeout", visibility_timeout)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValidationError("batch_size", batch_size, "must be an integer >= 1")
-        rows = await self._run(
-            "pgmq_read", [queue_name, visibility_timeout, batch_size], queue_name, conn
+        rows = await _db.fetch_all(
+            conn or self._pool,
+            "pgmq_read",
+            queue_name,
+            visibility_timeout,
+            batch_size,
+            rows=dict,
+            queue=queue_name,
         )
         return [_to_message(r) for r in rows]
 
@@ -197,8 +188,10 @@ class PgmqClient:
     ) -> bool:
         """Delete a message; returns False when it was not there."""
         validate_queue_name(queue_name, field="queue_name")
-        rows = await self._run("pgmq_delete", [queue_name, msg_id], queue_name, conn)
-        return bool(rows and rows[0]["deleted"])
+        deleted = await _db.fetch_value(
+            conn or self._pool, "pgmq_delete", queue_name, msg_id, queue=queue_name
+        )
+        return bool(deleted)
 
     async def delete_batch(
         self, queue_name: str, msg_ids: Sequence[int], conn: AsyncConnection[Any] | None = None
@@ -207,16 +200,20 @@ class PgmqClient:
         validate_queue_name(queue_name, field="queue_name")
         if not msg_ids:
             return []
-        rows = await self._run("pgmq_delete_batch", [queue_name, list(msg_ids)], queue_name, conn)
-        return [int(r["msg_id"]) for r in rows]
+        rows = await _db.fetch_all(
+            conn or self._pool, "pgmq_delete_batch", queue_name, list(msg_ids), queue=queue_name
+        )
+        return [int(r[0]) for r in rows]
 
     async def archive(
         self, queue_name: str, msg_id: int, conn: AsyncConnection[Any] | None = None
     ) -> bool:
         """Move a message to the queue's archive table; returns False when it was not there."""
         validate_queue_name(queue_name, field="queue_name")
-        rows = await self._run("pgmq_archive", [queue_name, msg_id], queue_name, conn)
-        return bool(rows and rows[0]["archived"])
+        archived = await _db.fetch_value(
+            conn or self._pool, "pgmq_archive", queue_name, msg_id, queue=queue_name
+        )
+        return bool(archived)
 
     async def archive_batch(
         self, queue_name: str, msg_ids: Sequence[int], conn: AsyncConnection[Any] | None = None
@@ -225,8 +222,10 @@ class PgmqClient:
         validate_queue_name(queue_name, field="queue_name")
         if not msg_ids:
             return []
-        rows = await self._run("pgmq_archive_batch", [queue_name, list(msg_ids)], queue_name, conn)
-        return [int(r["msg_id"]) for r in rows]
+        rows = await _db.fetch_all(
+            conn or self._pool, "pgmq_archive_batch", queue_name, list(msg_ids), queue=queue_name
+        )
+        return [int(r[0]) for r in rows]
 
     async def set_vt(
         self,
@@ -241,18 +240,15 @@ class PgmqClient:
         """
         validate_queue_name(queue_name, field="queue_name")
         _check_seconds("visibility_timeout", visibility_timeout)
-        rows = await self._run(
-            "pgmq_set_vt", [queue_name, msg_id, visibility_timeout], queue_name, conn
+        row = await _db.fetch_one(
+            conn or self._pool,
+            "pgmq_set_vt",
+            queue_name,
+            msg_id,
+            visibility_timeout,
+            queue=queue_name,
         )
-        return bool(rows)
-
-
-async def _fetch(
-    conn: AsyncConnection[Any], name: str, params: Sequence[Any]
-) -> list[dict[str, Any]]:
-    async with AsyncRawCursor(conn, row_factory=dict_row) as cur:
-        await cur.execute(_sql.statement(name), params)
-        return await cur.fetchall() if cur.description is not None else []
+        return row is not None
 
 
 __all__ = ["PGMQ_NOTIFY_CHANNEL", "PgmqClient", "PgmqMessage", "map_queue_error", "notify_channel"]

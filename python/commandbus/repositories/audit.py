@@ -13,13 +13,10 @@ from typing import Any, Protocol
 from uuid import UUID
 
 import orjson
-import psycopg
-from psycopg import AsyncConnection, AsyncRawCursor
-from psycopg.rows import dict_row
+from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from commandbus import _sql
-from commandbus._errors import map_psycopg_error
+from commandbus import _db
 from commandbus._validation import validate_uuid
 from commandbus.models import AuditEvent
 
@@ -97,18 +94,21 @@ class PostgresAuditLogger:
         """Write many audit rows in one statement: (domain, command_id, event_type, details)."""
         if not events:
             return
-        params = [
+        await _db.execute(
+            conn or self._pool,
+            "repo_audit_insert",
             [e[0] for e in events],
             [validate_uuid(e[1], "command_id") for e in events],
             [_event(e[2]) for e in events],
             [_details(e[3]) for e in events],
-        ]
-        await self._run("repo_audit_insert", params, conn)
+        )
         logger.debug("logged %d audit events", len(events))
 
     async def get_events(self, command_id: UUID, domain: str | None = None) -> list[AuditEvent]:
         """The command's audit events, oldest first (empty when unknown)."""
-        rows = await self._run("audit_trail", [validate_uuid(command_id, "command_id"), domain])
+        rows = await _db.fetch_all(
+            self._pool, "audit_trail", validate_uuid(command_id, "command_id"), domain, rows=dict
+        )
         return [
             AuditEvent(
                 audit_id=r["audit_id"],
@@ -120,25 +120,6 @@ class PostgresAuditLogger:
             )
             for r in rows
         ]
-
-    async def _run(
-        self, name: str, params: Sequence[Any], conn: AsyncConnection[Any] | None = None
-    ) -> list[dict[str, Any]]:
-        try:
-            if conn is not None:
-                return await _fetch(conn, name, params)
-            async with self._pool.connection() as acquired:
-                return await _fetch(acquired, name, params)
-        except psycopg.Error as err:
-            raise map_psycopg_error(err) from err
-
-
-async def _fetch(
-    conn: AsyncConnection[Any], name: str, params: Sequence[Any]
-) -> list[dict[str, Any]]:
-    async with AsyncRawCursor(conn, row_factory=dict_row) as cur:
-        await cur.execute(_sql.statement(name), params)
-        return await cur.fetchall() if cur.description is not None else []
 
 
 __all__ = ["AuditEventType", "AuditLogger", "AuditRecord", "PostgresAuditLogger"]

@@ -16,8 +16,9 @@ import orjson
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
+from commandbus import _db
 from commandbus._validation import validate_page
-from commandbus.batch import batch_from_row, execute
+from commandbus.batch import batch_from_row
 from commandbus.exceptions import ValidationError
 from commandbus.models import BatchMetadata, BatchStatus
 
@@ -40,19 +41,6 @@ class PostgresBatchRepository:
     def __init__(self, pool: AsyncConnectionPool[Any]) -> None:
         self._pool = pool
 
-    async def _rows(
-        self,
-        name: str,
-        params: Sequence[Any],
-        conn: AsyncConnection[Any] | None,
-        domain: str | None = None,
-        batch_id: UUID | None = None,
-    ) -> list[tuple[Any, ...]]:
-        if conn is not None:
-            return await execute(conn, name, params, domain=domain, batch_id=batch_id)
-        async with self._pool.connection() as own:
-            return await execute(own, name, params, domain=domain, batch_id=batch_id)
-
     async def create(
         self,
         domain: str,
@@ -67,30 +55,26 @@ class PostgresBatchRepository:
         command arrays of `send_commands_v2` without the batch ids: ids, types, queue messages
         (JSON text), correlation ids, reply queues, max attempts. Returns (command_id, msg_id,
         correlation_id) per command, in order."""
-        rows = await self._rows(
+        rows = await _db.fetch_all(
+            conn or self._pool,
             "batch_create",
-            [domain, batch_id, batch_type, name, custom_data_json, *columns],
-            conn,
-            domain,
-            batch_id,
-        )
+            domain, batch_id, batch_type, name, custom_data_json, *columns,
+            domain=domain,
+        )  # fmt: skip
         return [(r[0], r[1], r[2]) for r in rows]
 
     async def save(self, metadata: BatchMetadata, conn: AsyncConnection[Any] | None = None) -> None:
         """Insert a batch row as given (no commands). Raises DuplicateBatchError."""
         custom = None if metadata.custom_data is None else orjson.dumps(metadata.custom_data)
-        await self._rows(
+        await _db.execute(
+            conn or self._pool,
             "batch_save",
-            [
-                metadata.domain, metadata.batch_id, metadata.batch_type, metadata.name,
-                None if custom is None else custom.decode(), BatchStatus(metadata.status).value,
-                metadata.total_count, metadata.completed_count, metadata.failed_count,
-                metadata.canceled_count, metadata.in_troubleshooting_count, metadata.created_at,
-                metadata.started_at, metadata.completed_at,
-            ],
-            conn,
-            metadata.domain,
-            metadata.batch_id,
+            metadata.domain, metadata.batch_id, metadata.batch_type, metadata.name,
+            None if custom is None else custom.decode(), BatchStatus(metadata.status).value,
+            metadata.total_count, metadata.completed_count, metadata.failed_count,
+            metadata.canceled_count, metadata.in_troubleshooting_count, metadata.created_at,
+            metadata.started_at, metadata.completed_at,
+            domain=metadata.domain,
         )  # fmt: skip
         logger.debug("saved batch %s.%s", metadata.domain, metadata.batch_id)
 
@@ -98,15 +82,18 @@ class PostgresBatchRepository:
         self, domain: str, batch_id: UUID, conn: AsyncConnection[Any] | None = None
     ) -> BatchMetadata | None:
         """The batch, or None when it does not exist."""
-        rows = await self._rows("batch_get", [domain, batch_id], conn, domain)
-        return batch_from_row(rows[0]) if rows else None
+        row = await _db.fetch_one(conn or self._pool, "batch_get", domain, batch_id, domain=domain)
+        return None if row is None else batch_from_row(row)
 
     async def exists(
         self, domain: str, batch_id: UUID, conn: AsyncConnection[Any] | None = None
     ) -> bool:
         """True when the batch exists in the domain."""
-        rows = await self._rows("batch_exists", [domain, batch_id], conn, domain)
-        return bool(rows[0][0])
+        return bool(
+            await _db.fetch_value(
+                conn or self._pool, "batch_exists", domain, batch_id, domain=domain
+            )
+        )
 
     async def list_batches(
         self,
@@ -119,8 +106,14 @@ class PostgresBatchRepository:
     ) -> list[BatchMetadata]:
         """The domain's batches, newest first, optionally of one status."""
         validate_page(limit, offset)
-        rows = await self._rows(
-            "batch_list", [domain, _status_text(status), limit, offset], conn, domain
+        rows = await _db.fetch_all(
+            conn or self._pool,
+            "batch_list",
+            domain,
+            _status_text(status),
+            limit,
+            offset,
+            domain=domain,
         )
         return [batch_from_row(r) for r in rows]
 
@@ -131,8 +124,10 @@ class PostgresBatchRepository:
         deltas: tuple[int, int, int, int],
         conn: AsyncConnection[Any] | None,
     ) -> bool:
-        rows = await self._rows("batch_apply_delta", [domain, batch_id, *deltas], conn, domain)
-        return bool(rows[0][0])
+        completed = await _db.fetch_value(
+            conn or self._pool, "batch_apply_delta", domain, batch_id, *deltas, domain=domain
+        )
+        return bool(completed)
 
     async def tsq_complete(
         self, domain: str, batch_id: UUID, conn: AsyncConnection[Any] | None = None
@@ -161,10 +156,10 @@ class PostgresBatchRepository:
         """Recount the batch's counters from its commands (repair tool) and return the batch,
         or None when it does not exist."""
         if conn is not None:
-            await execute(conn, "batch_refresh_stats", [domain, batch_id], domain=domain)
+            await _db.execute(conn, "batch_refresh_stats", domain, batch_id, domain=domain)
             return await self.get(domain, batch_id, conn)
         async with self._pool.connection() as own:
-            await execute(own, "batch_refresh_stats", [domain, batch_id], domain=domain)
+            await _db.execute(own, "batch_refresh_stats", domain, batch_id, domain=domain)
             return await self.get(domain, batch_id, own)
 
 

@@ -10,19 +10,15 @@ The predecessor's `sp_*` methods keep their meaning as single statements
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Protocol
 from uuid import UUID
 
 import orjson
-import psycopg
-from psycopg import AsyncConnection, AsyncRawCursor
-from psycopg.rows import dict_row
+from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from commandbus import _sql
-from commandbus._errors import map_psycopg_error
+from commandbus import _db
 from commandbus._validation import validate_page, validate_uuid
 from commandbus.exceptions import DuplicateCommandError, ValidationError
 from commandbus.models import CommandMetadata, CommandStatus
@@ -108,21 +104,6 @@ class PostgresCommandRepository:
         """
         self._pool = pool
 
-    async def _run(
-        self,
-        name: str,
-        params: Sequence[Any],
-        conn: AsyncConnection[Any] | None = None,
-        domain: str | None = None,
-    ) -> list[Row]:
-        try:
-            if conn is not None:
-                return await _fetch(conn, name, params)
-            async with self._pool.connection() as acquired:
-                return await _fetch(acquired, name, params)
-        except psycopg.Error as err:
-            raise map_psycopg_error(err, domain) from err
-
     # -- writing rows ----------------------------------------------------------------------
 
     async def save(
@@ -165,7 +146,7 @@ class PostgresCommandRepository:
     async def _insert(
         self, conn: AsyncConnection[Any], metadata_list: list[CommandMetadata], cols: list[Any]
     ) -> None:
-        rows = await self._run("repo_command_insert", cols, conn)
+        rows = await _db.fetch_all(conn, "repo_command_insert", *cols, rows=dict)
         if len(rows) < len(metadata_list):
             inserted = {r["command_id"] for r in rows}
             seen: set[tuple[str, UUID]] = set()
@@ -185,24 +166,36 @@ class PostgresCommandRepository:
         conn: AsyncConnection[Any] | None = None,
     ) -> None:
         """Set the command's status."""
-        await self._run(
-            "repo_command_update_status", [domain, command_id, _status(status)], conn, domain
+        await _db.execute(
+            conn or self._pool,
+            "repo_command_update_status",
+            domain,
+            command_id,
+            _status(status),
+            domain=domain,
         )
 
     async def update_msg_id(
         self, domain: str, command_id: UUID, msg_id: int, conn: AsyncConnection[Any] | None = None
     ) -> None:
         """Set the command's current PGMQ message ID."""
-        await self._run("repo_command_update_msg_id", [domain, command_id, msg_id], conn, domain)
+        await _db.execute(
+            conn or self._pool,
+            "repo_command_update_msg_id",
+            domain,
+            command_id,
+            msg_id,
+            domain=domain,
+        )
 
     async def increment_attempts(
         self, domain: str, command_id: UUID, conn: AsyncConnection[Any] | None = None
     ) -> int:
         """Add one attempt; returns the new count (0 when the command does not exist)."""
-        rows = await self._run(
-            "repo_command_increment_attempts", [domain, command_id], conn, domain
+        attempts = await _db.fetch_value(
+            conn or self._pool, "repo_command_increment_attempts", domain, command_id, domain=domain
         )
-        return int(rows[0]["attempts"]) if rows else 0
+        return 0 if attempts is None else int(attempts)
 
     async def receive_command(
         self,
@@ -215,12 +208,18 @@ class PostgresCommandRepository:
 
         Returns (metadata, attempts), or None when not found or terminal.
         """
-        rows = await self._run(
-            "repo_command_receive", [domain, command_id, _status(new_status)], conn, domain
+        row = await _db.fetch_one(
+            conn or self._pool,
+            "repo_command_receive",
+            domain,
+            command_id,
+            _status(new_status),
+            rows=dict,
+            domain=domain,
         )
-        if not rows:
+        if row is None:
             return None
-        metadata = metadata_from_row(rows[0])
+        metadata = metadata_from_row(row)
         return metadata, metadata.attempts
 
     async def update_error(
@@ -233,11 +232,15 @@ class PostgresCommandRepository:
         conn: AsyncConnection[Any] | None = None,
     ) -> None:
         """Record the command's last error."""
-        await self._run(
+        await _db.execute(
+            conn or self._pool,
             "repo_command_update_error",
-            [domain, command_id, error_type, error_code, error_msg],
-            conn,
             domain,
+            command_id,
+            error_type,
+            error_code,
+            error_msg,
+            domain=domain,
         )
 
     async def finish_command(
@@ -251,11 +254,16 @@ class PostgresCommandRepository:
         conn: AsyncConnection[Any] | None = None,
     ) -> None:
         """Set status and (when given) the error fields in one statement."""
-        await self._run(
+        await _db.execute(
+            conn or self._pool,
             "repo_command_finish",
-            [domain, command_id, _status(status), error_type, error_code, error_msg],
-            conn,
             domain,
+            command_id,
+            _status(status),
+            error_type,
+            error_code,
+            error_msg,
+            domain=domain,
         )
 
     # -- reading ---------------------------------------------------------------------------
@@ -264,15 +272,19 @@ class PostgresCommandRepository:
         self, domain: str, command_id: UUID, conn: AsyncConnection[Any] | None = None
     ) -> CommandMetadata | None:
         """The command's metadata, or None."""
-        rows = await self._run("get_command", [domain, command_id], conn, domain)
-        return metadata_from_row(rows[0]) if rows else None
+        row = await _db.fetch_one(
+            conn or self._pool, "get_command", domain, command_id, rows=dict, domain=domain
+        )
+        return None if row is None else metadata_from_row(row)
 
     async def exists(
         self, domain: str, command_id: UUID, conn: AsyncConnection[Any] | None = None
     ) -> bool:
         """True when the command exists in the domain."""
-        rows = await self._run("command_exists", [domain, command_id], conn, domain)
-        return bool(rows and rows[0]["found"])
+        found = await _db.fetch_value(
+            conn or self._pool, "command_exists", domain, command_id, domain=domain
+        )
+        return bool(found)
 
     async def exists_batch(
         self, domain: str, command_ids: list[UUID], conn: AsyncConnection[Any] | None = None
@@ -280,7 +292,14 @@ class PostgresCommandRepository:
         """The subset of `command_ids` that exist in the domain."""
         if not command_ids:
             return set()
-        rows = await self._run("repo_command_existing", [domain, list(command_ids)], conn, domain)
+        rows = await _db.fetch_all(
+            conn or self._pool,
+            "repo_command_existing",
+            domain,
+            list(command_ids),
+            rows=dict,
+            domain=domain,
+        )
         return {r["command_id"] for r in rows}
 
     async def list_by_batch(
@@ -295,8 +314,16 @@ class PostgresCommandRepository:
         """The commands of a batch (optionally of one status), oldest first."""
         validate_page(limit, offset)
         status_text = None if status is None else _status(status)
-        rows = await self._run(
-            "batch_list_commands", [domain, batch_id, status_text, limit, offset], None, domain
+        rows = await _db.fetch_all(
+            self._pool,
+            "batch_list_commands",
+            domain,
+            batch_id,
+            status_text,
+            limit,
+            offset,
+            rows=dict,
+            domain=domain,
         )
         return [metadata_from_row(r) for r in rows]
 
@@ -313,8 +340,13 @@ class PostgresCommandRepository:
         """Commands matching the filters, newest first."""
         validate_page(limit, offset)
         status_text = None if status is None else _status(status)
-        params = [status_text, domain, command_type, created_after, created_before, limit, offset]
-        rows = await self._run("query_commands", params, None, domain)
+        rows = await _db.fetch_all(
+            self._pool,
+            "query_commands",
+            status_text, domain, command_type, created_after, created_before, limit, offset,
+            rows=dict,
+            domain=domain,
+        )  # fmt: skip
         return [metadata_from_row(r) for r in rows]
 
     # -- the predecessor's stored-procedure calls ------------------------------------------
@@ -329,11 +361,16 @@ class PostgresCommandRepository:
     ) -> tuple[CommandMetadata, int] | None:
         """`receive_command` plus its RECEIVED audit row and the start of its batch, in one
         statement. Returns (metadata, attempts), or None when not found or terminal."""
-        params = [domain, command_id, CommandStatus.IN_PROGRESS.value, msg_id, max_attempts]
-        rows = await self._run("repo_sp_receive_command", params, conn, domain)
-        if not rows:
+        row = await _db.fetch_one(
+            conn or self._pool,
+            "repo_sp_receive_command",
+            domain, command_id, CommandStatus.IN_PROGRESS.value, msg_id, max_attempts,
+            rows=dict,
+            domain=domain,
+        )  # fmt: skip
+        if row is None:
             return None
-        metadata = metadata_from_row(rows[0])
+        metadata = metadata_from_row(row)
         return metadata, metadata.attempts
 
     async def sp_finish_command(
@@ -353,10 +390,14 @@ class PostgresCommandRepository:
         `batch_id` by the transition, in one statement (a command already in `status` only
         gets the audit row). Returns True when this completed the batch."""
         details_json = orjson.dumps(details).decode() if details else None
-        params = [domain, command_id, _status(status), str(event_type), error_type, error_code,
-                  error_msg, details_json, batch_id]  # fmt: skip
-        rows = await self._run("repo_sp_finish_command", params, conn, domain)
-        return bool(rows and rows[0]["batch_complete"])
+        batch_complete = await _db.fetch_value(
+            conn or self._pool,
+            "repo_sp_finish_command",
+            domain, command_id, _status(status), str(event_type), error_type, error_code,
+            error_msg, details_json, batch_id,
+            domain=domain,
+        )  # fmt: skip
+        return bool(batch_complete)
 
     async def sp_fail_command(
         self,
@@ -371,16 +412,13 @@ class PostgresCommandRepository:
         conn: AsyncConnection[Any] | None = None,
     ) -> bool:
         """Record a failure and its FAILED audit row; False when the command does not exist."""
-        params = [domain, command_id, error_type, error_code, error_msg, attempt, max_attempts,
-                  msg_id]  # fmt: skip
-        rows = await self._run("repo_sp_fail_command", params, conn, domain)
-        return bool(rows and rows[0]["found"])
-
-
-async def _fetch(conn: AsyncConnection[Any], name: str, params: Sequence[Any]) -> list[Row]:
-    async with AsyncRawCursor(conn, row_factory=dict_row) as cur:
-        await cur.execute(_sql.statement(name), params)
-        return await cur.fetchall() if cur.description is not None else []
+        found = await _db.fetch_value(
+            conn or self._pool,
+            "repo_sp_fail_command",
+            domain, command_id, error_type, error_code, error_msg, attempt, max_attempts, msg_id,
+            domain=domain,
+        )  # fmt: skip
+        return bool(found)
 
 
 __all__ = ["CommandRepository", "PostgresCommandRepository", "metadata_from_row"]
