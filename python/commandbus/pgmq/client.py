@@ -1,6 +1,6 @@
 """PGMQ client: the predecessor's `PgmqClient` API over the SQL of `sql/statements/pgmq_*.sql`.
 
-Results are read by column name (PGMQ 1.13's `read` returns `msg_id, read_ct, enqueued_at,
+Messages are read by column name (PGMQ 1.13's `read` returns `msg_id, read_ct, enqueued_at,
 last_read_at, vt, message, headers`; older versions lack some of these: the statements select
 only the columns used). Every method takes an optional `conn=` to run inside the caller's
 transaction; without it a connection of the pool is used (and committed).
@@ -17,7 +17,7 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from commandbus import _db
-from commandbus._errors import map_queue_error  # public here since the predecessor
+from commandbus._errors import map_queue_error  # re-exported: part of this module's API
 from commandbus._validation import encode_json, validate_queue_name
 from commandbus.exceptions import ValidationError
 
