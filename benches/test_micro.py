@@ -173,7 +173,9 @@ def test_flush_100_outcomes_one_sql_call(benchmark: Any, env: Env, statement: st
             env.pool.connection() as conn,
             AsyncRawCursor(conn, row_factory=tuple_row) as cur,
         ):
-            await cur.execute(_sql.statement("claim_commands"), [DOMAIN, 300, BATCH, 3])
+            await cur.execute(_sql.statement("lease_messages"), [DOMAIN, 300, BATCH])
+            [(leased,)] = await cur.fetchall()
+            await cur.execute(_sql.statement("claim_leased"), [DOMAIN, leased, 3])
             return await cur.fetchall()
 
     def setup() -> None:

@@ -366,46 +366,6 @@ async def test_send_recovers_when_its_connections_were_killed(
         await bus.close()
 
 
-async def test_version_1_sql_entry_points_still_send(pool: AsyncConnectionPool[Any]) -> None:
-    """send_commands_v1 / create_batch_v1 (`data`, NULL correlation ids: what a client of an
-    older version calls during an upgrade) build the same messages the library builds."""
-    cid, bcid, batch_id = uuid4(), uuid4(), uuid4()
-    [(msg_id, corr)] = await fetch(
-        pool,
-        "SELECT msg_id, correlation_id FROM commandbus.send_commands_v1('orders', %s,"
-        " ARRAY['T'], ARRAY['{\"n\": 1}'::jsonb], ARRAY[NULL::uuid], ARRAY['orders__replies'],"
-        " ARRAY[3], ARRAY[NULL::uuid])",
-        [cid],
-    )
-    [(bmsg_id, bcorr)] = await fetch(
-        pool,
-        "SELECT msg_id, correlation_id FROM commandbus.create_batch_v1('orders', %s, 'COMMAND',"
-        " 'old', NULL, %s, ARRAY['T'], ARRAY[NULL::jsonb], ARRAY[NULL::uuid], ARRAY[NULL::text],"
-        " ARRAY[NULL::int])",
-        batch_id,
-        [bcid],
-    )
-    assert corr is not None and bcorr is not None and corr != bcorr
-    messages = {
-        r[0]: r[1] for r in await fetch(pool, "SELECT msg_id, message FROM pgmq.q_orders__commands")
-    }
-    assert messages == {
-        msg_id: {
-            "domain": "orders", "command_type": "T", "command_id": str(cid),
-            "correlation_id": str(corr), "reply_to": "orders__replies", "data": {"n": 1},
-        },
-        bmsg_id: {
-            "domain": "orders", "command_type": "T", "command_id": str(bcid),
-            "correlation_id": str(bcorr), "data": {},
-        },
-    }  # fmt: skip
-    rows = await fetch(
-        pool, "SELECT command_id, correlation_id, batch_id FROM commandbus.command ORDER BY msg_id"
-    )
-    assert rows == [(cid, corr, None), (bcid, bcorr, batch_id)]
-    assert await events(pool, cid) == ["SENT"] and await events(pool, bcid) == ["SENT"]
-
-
 async def test_a_command_id_repeated_in_one_sql_call_is_named_and_nothing_is_written(
     pool: AsyncConnectionPool[Any],
 ) -> None:
@@ -415,9 +375,10 @@ async def test_a_command_id_repeated_in_one_sql_call_is_named_and_nothing_is_wri
     with pytest.raises(psycopg.DatabaseError) as info:
         await fetch(
             pool,
-            "SELECT * FROM commandbus.send_commands_v1('orders', %s, ARRAY['T', 'T', 'T'],"
-            " ARRAY['{}', '{}', '{}']::jsonb[], ARRAY[NULL, NULL, NULL]::uuid[],"
-            " ARRAY[NULL, NULL, NULL]::text[], ARRAY[3, 3, 3], ARRAY[NULL, NULL, NULL]::uuid[])",
+            "SELECT * FROM commandbus.send_commands_v2('orders', %s, ARRAY['T', 'T', 'T'],"
+            " ARRAY['{}', '{}', '{}']::jsonb[], ARRAY[gen_random_uuid(), gen_random_uuid(),"
+            " gen_random_uuid()], ARRAY[NULL, NULL, NULL]::text[], ARRAY[3, 3, 3],"
+            " ARRAY[NULL, NULL, NULL]::uuid[])",
             [other, cid, cid],
         )
     assert info.value.sqlstate == "CB001"

@@ -801,28 +801,17 @@ async def _positive(value: Any) -> bool:
 async def test_claim_leaves_the_callers_planner_settings_alone(
     pool: AsyncConnectionPool[Any],
 ) -> None:
-    """The claim switches nested loops off for its UPDATE (V009) and on again for the
-    rest; the function's own SET clause restores the caller's value at exit, whatever it was."""
+    """The claim switches nested loops off for its UPDATE and on again for the rest; the
+    function's own SET clause restores the caller's value at exit, whatever it was."""
     from commandbus import _sql
 
     bus = CommandBus(pool)
     await bus.send_batch([SendRequest("orders", "T", uuid4(), {}) for _ in range(3)])
-    claim = _sql.statement("claim_commands")
     lease, claim_leased = _sql.statement("lease_messages"), _sql.statement("claim_leased")
     async with pool.connection() as conn:
         cur = psycopg.AsyncRawCursor(conn)
         for caller in ("on", "off"):
             async with conn.transaction(force_rollback=True):
-                await cur.execute(f"SET LOCAL enable_nestloop = {caller}")
-                await cur.execute(claim, ["orders", 30, 2, 3])
-                assert len(await cur.fetchall()) == 2
-                await cur.execute("SHOW enable_nestloop")
-                assert await cur.fetchone() == (caller,)
-                # One transaction: its commit stays a flushed one (only the engine's lone lease
-                # step commits asynchronously).
-                await cur.execute("SHOW synchronous_commit")
-                assert await cur.fetchone() == ("on",)
-            async with conn.transaction(force_rollback=True):  # the two-step claim (V009)
                 await cur.execute(f"SET LOCAL enable_nestloop = {caller}")
                 await cur.execute(lease, ["orders", 30, 2])
                 [(leased,)] = await cur.fetchall()
