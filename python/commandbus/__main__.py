@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
+import importlib.resources
 import json
 import os
 import sys
@@ -35,9 +37,16 @@ COMMAND_TYPE = "Noop"
 POLL_SECONDS = 0.2
 
 
+@functools.cache
+def _demo_statements() -> dict[str, str]:
+    """The demo's own queries (`demo.sql` next to this file, the format of `sql/statements/`)."""
+    source = importlib.resources.files("commandbus").joinpath("demo.sql").read_text()
+    return {s.name: s.text for s in _sql.parse_statements(source, "commandbus/demo.sql")}
+
+
 async def _query(pool: AsyncConnectionPool[Any], name: str, *params: Any) -> list[tuple[Any, ...]]:
     async with pool.connection() as conn, AsyncRawCursor(conn, row_factory=tuple_row) as cur:
-        await cur.execute(_sql.statement(name), list(params) or None)
+        await cur.execute(_demo_statements()[name], list(params) or None)
         return await cur.fetchall()
 
 
