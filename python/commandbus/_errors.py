@@ -1,6 +1,6 @@
 """Maps psycopg errors of the pure-Python path to our exceptions, as the Rust path does
 (rust/py/src/errors.rs): the same SQLSTATEs, the driver error kept as the cause. Every `CB`
-SQLSTATE of sql/ (listed in V002) is mapped here and only here."""
+SQLSTATE of sql/ (listed at the top of V001__baseline.sql) is mapped here and only here."""
 
 from __future__ import annotations
 
