@@ -92,8 +92,7 @@ fn main() {
     let mut seen: Vec<String> = Vec::new();
     for path in sql_files(&statements) {
         println!("cargo:rerun-if-changed={}", path.display());
-        let source = fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+        let source = fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
         for (name, text) in parse_statements(&source, &path) {
             assert!(
                 !seen.contains(&name),

@@ -90,7 +90,10 @@ mod tests {
             assert!(!name.is_empty() && !text.is_empty());
             assert!(STATEMENTS[..i].iter().all(|(other, _)| other != name), "{name} twice");
             assert!(!text.contains("-- name:"), "{name} holds another block");
-            assert!(!text.starts_with("--") && text.trim() == *text, "{name} keeps its header");
+            assert!(
+                !text.starts_with("--") && text.trim() == *text,
+                "{name} keeps its header"
+            );
         }
         assert!(SEND_COMMANDS_DIRECT.contains("{queue_table}"));
         assert!(RESERVE_MSG_IDS.contains("{queue_table}"));
