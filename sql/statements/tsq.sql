@@ -3,7 +3,7 @@
 
 -- name: tsq_list
 -- A domain's TSQ commands (of one type, or all when command_type is NULL) with their archived
--- message, most recently moved first, one page.
+-- message, most recently updated first, one page.
 -- $1 domain TEXT, $2 command_type TEXT, $3 limit INT, $4 offset INT
 SELECT c.domain, c.command_id, c.command_type, c.attempts, c.max_attempts, c.last_error_type,
        c.last_error_code, c.last_error_msg, c.correlation_id, nullif(c.reply_queue, '') AS reply_to,
@@ -17,7 +17,7 @@ LIMIT $3::int OFFSET $4::int
 
 -- name: tsq_list_all
 -- The TSQ commands of one domain, or of all when domain is NULL, with their archived message,
--- most recently moved first, one page.
+-- most recently updated first, one page.
 -- $1 domain TEXT, $2 limit INT, $3 offset INT
 SELECT c.domain, c.command_id, c.command_type, c.attempts, c.max_attempts, c.last_error_type,
        c.last_error_code, c.last_error_msg, c.correlation_id, nullif(c.reply_queue, '') AS reply_to,
@@ -55,7 +55,7 @@ WHERE in_tsq AND status = 'IN_TROUBLESHOOTING_QUEUE'
 ORDER BY created_at DESC, command_id
 
 -- name: tsq_command_domain
--- The domain of a command id (one where it is in the TSQ first).
+-- The domain of a command id (one where it is in the TSQ, when there are several).
 -- $1 command_id UUID
 SELECT domain
 FROM commandbus.command
