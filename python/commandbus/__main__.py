@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
+import importlib.resources
 import json
 import os
 import sys
@@ -20,7 +22,7 @@ from uuid import UUID
 
 from psycopg_pool import AsyncConnectionPool
 
-from commandbus import _db
+from commandbus import _db, _sql
 from commandbus.bus import CommandBus
 from commandbus.handler import HandlerRegistry
 from commandbus.models import Command, HandlerContext, SendRequest
@@ -33,6 +35,17 @@ COMMAND_TYPE = "Noop"
 POLL_SECONDS = 0.2
 
 
+@functools.cache
+def _demo_statements() -> dict[str, str]:
+    """The demo's own queries (`demo.sql` next to this file, the format of `sql/statements/`)."""
+    source = importlib.resources.files("commandbus").joinpath("demo.sql").read_text()
+    return {s.name: s.text for s in _sql.parse_statements(source, "commandbus/demo.sql")}
+
+
+async def _query(pool: AsyncConnectionPool[Any], name: str, *params: Any) -> list[tuple[Any, ...]]:
+    return await _db.fetch_all_text(pool, _demo_statements()[name], *params)
+
+
 async def _noop(command: Command, context: HandlerContext) -> dict[str, Any]:
     return {"ok": True}
 
@@ -43,12 +56,12 @@ def _progress(text: str) -> None:
 
 
 async def _statuses(pool: AsyncConnectionPool[Any], ids: list[UUID]) -> dict[str, int]:
-    rows = await _db.fetch_all(pool, "demo_statuses", DOMAIN, ids)
+    rows = await _query(pool, "demo_statuses", DOMAIN, ids)
     return {str(status): int(n) for status, n in rows}
 
 
 async def _audit_completed(pool: AsyncConnectionPool[Any], ids: list[UUID]) -> tuple[int, int]:
-    rows = await _db.fetch_all(pool, "demo_audit_completed", DOMAIN, ids)
+    rows = await _query(pool, "demo_audit_completed", DOMAIN, ids)
     return (int(rows[0][0]), int(rows[0][1])) if rows else (0, 0)
 
 
@@ -66,7 +79,7 @@ async def _work(pool: AsyncConnectionPool[Any], ids: list[UUID], args: argparse.
     registry.register(DOMAIN, COMMAND_TYPE, _noop)
     worker = Worker(pool, DOMAIN, registry)
     n = len(ids)
-    [(started,)] = await _db.fetch_all(pool, "demo_clock")
+    [(started,)] = await _query(pool, "demo_clock")
     t0 = time.perf_counter()
     task = asyncio.create_task(worker.run(concurrency=args.concurrency, poll_interval=1.0))
     try:
@@ -74,10 +87,10 @@ async def _work(pool: AsyncConnectionPool[Any], ids: list[UUID], args: argparse.
             await asyncio.sleep(POLL_SECONDS)
             # Progress from the updated_at index, not from the ids: dumping N ids every poll
             # took a third of this process's CPU, slowing the worker it measures.
-            [(done,)] = await _db.fetch_all(pool, "demo_completed_since", started, DOMAIN)
+            [(done,)] = await _query(pool, "demo_completed_since", started, DOMAIN)
             _progress(f"worked {done}/{n}")
             if done >= n:
-                [(last,)] = await _db.fetch_all(pool, "demo_last_done", started, DOMAIN, ids)
+                [(last,)] = await _query(pool, "demo_last_done", started, DOMAIN, ids)
                 return float(last) if last else time.perf_counter() - t0
             if task.done():
                 task.result()  # raises the worker's error

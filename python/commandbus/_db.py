@@ -34,14 +34,13 @@ T = TypeVar("T")
 
 async def _run(
     target: Target,
-    name: str,
+    query: str,
     params: Sequence[Any],
     row_factory: AsyncRowFactory[R],
     use: Callable[[AsyncRawCursor[R]], Awaitable[T]],
     domain: str | None,
     queue: str | None,
 ) -> T:
-    query = _sql.statement(name)
     # No parameters: None keeps psycopg on the simple protocol (statements like LISTEN).
     args = list(params) or None
     try:
@@ -112,8 +111,8 @@ async def fetch_all(
     names the PGMQ queue of the statement, so a missing queue table is reported by name.
     """
     if rows is dict:
-        return await _run(conn, name, params, dict_row, _all, domain, queue)
-    return await _run(conn, name, params, tuple_row, _all, domain, queue)
+        return await _run(conn, _sql.statement(name), params, dict_row, _all, domain, queue)
+    return await _run(conn, _sql.statement(name), params, tuple_row, _all, domain, queue)
 
 
 @overload
@@ -149,8 +148,8 @@ async def fetch_one(
     """Run statement `name`; return its first row (a tuple, or a dict with `rows=dict`), or
     None when it has none. `domain` and `queue` as for `fetch_all`."""
     if rows is dict:
-        return await _run(conn, name, params, dict_row, _one, domain, queue)
-    return await _run(conn, name, params, tuple_row, _one, domain, queue)
+        return await _run(conn, _sql.statement(name), params, dict_row, _one, domain, queue)
+    return await _run(conn, _sql.statement(name), params, tuple_row, _one, domain, queue)
 
 
 async def fetch_value(
@@ -162,7 +161,7 @@ async def fetch_value(
 ) -> Any:
     """Run statement `name`; return the first column of its first row, or None when it has
     no row. `domain` and `queue` as for `fetch_all`."""
-    row = await _run(conn, name, params, tuple_row, _one, domain, queue)
+    row = await _run(conn, _sql.statement(name), params, tuple_row, _one, domain, queue)
     return None if row is None else row[0]
 
 
@@ -175,7 +174,22 @@ async def execute(
 ) -> int:
     """Run statement `name`; return its rowcount (rows changed, or returned by a SELECT).
     `domain` and `queue` as for `fetch_all`."""
-    return await _run(conn, name, params, tuple_row, _rowcount, domain, queue)
+    return await _run(conn, _sql.statement(name), params, tuple_row, _rowcount, domain, queue)
 
 
-__all__ = ["DictRow", "Target", "TupleRow", "execute", "fetch_all", "fetch_one", "fetch_value"]
+async def fetch_all_text(conn: Target, query: str, *params: Any) -> list[TupleRow]:
+    """Run SQL that lives outside `sql/statements/` (the demo's own queries in `demo.sql`);
+    return all its rows as tuples. Errors are mapped as for `fetch_all`."""
+    return await _run(conn, query, params, tuple_row, _all, None, None)
+
+
+__all__ = [
+    "DictRow",
+    "Target",
+    "TupleRow",
+    "execute",
+    "fetch_all",
+    "fetch_all_text",
+    "fetch_one",
+    "fetch_value",
+]

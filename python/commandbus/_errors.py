@@ -2,8 +2,9 @@
 
 `database_error` is called for every PostgreSQL error, by the psycopg path (through
 `map_psycopg_error`) and by the Rust engine (rust/py/src/errors.rs), so both raise the same
-exception for the same SQLSTATE. Every `CB` SQLSTATE of sql/ (listed in V002) is mapped here and
-only here. The caller keeps the driver error as the cause (``raise ... from err``).
+exception for the same SQLSTATE. Every `CB` SQLSTATE of sql/ (listed at the top of
+V001__baseline.sql) is mapped here and only here. The caller keeps the driver error as the
+cause (``raise ... from err``).
 """
 
 from __future__ import annotations

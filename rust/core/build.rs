@@ -1,5 +1,9 @@
-//! Embeds every file of `sql/` (the one place SQL lives): `sql/migrations/V<NNN>__<name>.sql` in
-//! order, and `sql/statements/<name>.sql` by name. Adding a file is all it takes.
+//! Embeds the SQL of `sql/` (the one place it lives): `sql/migrations/V<NNN>__<name>.sql` in
+//! order, and the named statements of `sql/statements/*.sql`. A statements file holds blocks
+//! that each start with a `-- name: <name>` line, followed by header comment lines (what the
+//! statement does, its parameters) and the statement's text; comment and blank lines before the
+//! first block describe the file. The same format is parsed by `python/commandbus/_sql.py`
+//! (`parse_statements`) for the development override `RCMD_SQL_DIR`.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -13,6 +17,48 @@ fn sql_files(dir: &Path) -> Vec<PathBuf> {
         .collect();
     files.sort();
     files
+}
+
+/// The (name, text) blocks of a statements file: the text without its header comment lines,
+/// surrounding whitespace trimmed. Panics (a build error) on text outside a named block, a block
+/// without a text, or an invalid name.
+fn parse_statements(source: &str, path: &Path) -> Vec<(String, String)> {
+    let mut blocks: Vec<(String, String)> = Vec::new();
+    let mut in_header = false;
+    for (i, line) in source.lines().enumerate() {
+        if let Some(name) = line.strip_prefix("-- name:") {
+            let name = name.trim();
+            let valid = !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+            assert!(valid, "{}:{}: invalid statement name {name:?}", path.display(), i + 1);
+            blocks.push((name.to_owned(), String::new()));
+            in_header = true;
+            continue;
+        }
+        let Some((_, text)) = blocks.last_mut() else {
+            let trimmed = line.trim_start();
+            assert!(
+                trimmed.is_empty() || trimmed.starts_with("--"),
+                "{}:{}: SQL outside a `-- name:` block",
+                path.display(),
+                i + 1
+            );
+            continue;
+        };
+        if in_header && line.starts_with("--") {
+            continue;
+        }
+        in_header = false;
+        text.push_str(line);
+        text.push('\n');
+    }
+    for (name, text) in &mut blocks {
+        *text = text.trim().to_owned();
+        assert!(!text.is_empty(), "{}: statement {name} has no text", path.display());
+    }
+    blocks
 }
 
 fn main() {
@@ -43,10 +89,19 @@ fn main() {
     out.push_str("];\n\n/// Every protocol statement by name.\npub const STATEMENTS: &[(&str, &str)] = &[\n");
     let statements = root.join("statements");
     println!("cargo:rerun-if-changed={}", statements.display());
+    let mut seen: Vec<String> = Vec::new();
     for path in sql_files(&statements) {
         println!("cargo:rerun-if-changed={}", path.display());
-        let name = path.file_stem().unwrap().to_str().unwrap();
-        writeln!(out, "    ({name:?}, include_str!({:?})),", path.display().to_string()).unwrap();
+        let source = fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+        for (name, text) in parse_statements(&source, &path) {
+            assert!(
+                !seen.contains(&name),
+                "{}: statement {name} is defined twice",
+                path.display()
+            );
+            writeln!(out, "    ({name:?}, {text:?}),").unwrap();
+            seen.push(name);
+        }
     }
     out.push_str("];\n");
     fs::write(Path::new(&env::var("OUT_DIR").unwrap()).join("sql_files.rs"), out).unwrap();

@@ -3,7 +3,7 @@
 
 include!(concat!(env!("OUT_DIR"), "/sql_files.rs"));
 
-/// The text of a named statement of `sql/statements/`; panics on a name that does not exist,
+/// The text of a named statement of `sql/statements/*.sql`; panics on a name that does not exist,
 /// which the unit tests below rule out for every name the engine uses.
 pub const fn statement(name: &str) -> &'static str {
     let mut i = 0;
@@ -32,11 +32,11 @@ const fn const_eq(a: &str, b: &str) -> bool {
 }
 
 pub const SEND_COMMANDS: &str = statement("send_commands");
-/// The claim in two steps (V009): lease the messages (committed at once), then claim them.
+/// The claim in two steps: lease the messages (committed at once), then claim them.
 pub const LEASE_MESSAGES: &str = statement("lease_messages");
 pub const CLAIM_LEASED: &str = statement("claim_leased");
 pub const FINISH_COMMANDS: &str = statement("finish_commands");
-/// The flush of outcomes that are all SUCCESS (V009): the common case, fewer columns.
+/// The flush of outcomes that are all SUCCESS: the common case, fewer columns.
 pub const COMPLETE_COMMANDS: &str = statement("complete_commands");
 pub const EXTEND_LEASES: &str = statement("extend_leases");
 pub const RELEASE_COMMANDS: &str = statement("release_commands");
@@ -74,10 +74,29 @@ mod tests {
 
     #[test]
     fn migrations_are_numbered_in_order() {
-        for (i, (version, _, text)) in MIGRATIONS.iter().enumerate() {
+        assert_eq!(MIGRATIONS.first().map(|m| m.1), Some("baseline"));
+        for (i, (version, name, text)) in MIGRATIONS.iter().enumerate() {
             assert_eq!(*version as usize, i + 1);
             assert!(!text.trim().is_empty());
+            // Each migration records itself, so get_schema_sql() run by a tool is tracked.
+            let record = format!("VALUES ({version}, '{name}')");
+            assert!(text.contains(&record), "V{version:03} does not record itself");
         }
+    }
+
+    #[test]
+    fn statements_are_named_once_without_their_headers() {
+        for (i, (name, text)) in STATEMENTS.iter().enumerate() {
+            assert!(!name.is_empty() && !text.is_empty());
+            assert!(STATEMENTS[..i].iter().all(|(other, _)| other != name), "{name} twice");
+            assert!(!text.contains("-- name:"), "{name} holds another block");
+            assert!(
+                !text.starts_with("--") && text.trim() == *text,
+                "{name} keeps its header"
+            );
+        }
+        assert!(SEND_COMMANDS_DIRECT.contains("{queue_table}"));
+        assert!(RESERVE_MSG_IDS.contains("{queue_table}"));
     }
 
     #[test]

@@ -1,1 +1,0 @@
-LISTEN commandbus_batch

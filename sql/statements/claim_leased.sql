@@ -1,1 +1,0 @@
-SELECT msg_id, attempt, max_attempts, command_id, command_type, data::text AS data, correlation_id, reply_to, batch_id, (extract(epoch FROM created_at) * 1000000)::bigint AS created_at_us FROM commandbus.claim_leased_v1($1::text, $2::bigint[], $3::int)

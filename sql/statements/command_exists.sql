@@ -1,1 +1,0 @@
-SELECT EXISTS (SELECT 1 FROM commandbus.command WHERE domain = $1::text AND command_id = $2::uuid) AS found

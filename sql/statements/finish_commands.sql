@@ -1,1 +1,0 @@
-SELECT command_id, status FROM commandbus.finish_commands_v1($1::text, $2::uuid[], $3::bigint[], $4::int[], $5::text[], $6::jsonb[], $7::text[], $8::text[], $9::text[], $10::jsonb[], $11::int[], $12::int)

@@ -1,1 +1,0 @@
-SELECT pgmq.delete($1::text, $2::bigint) AS deleted

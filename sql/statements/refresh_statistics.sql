@@ -1,1 +1,0 @@
-SELECT commandbus.refresh_statistics_v1() AS analyzed

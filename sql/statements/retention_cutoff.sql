@@ -1,1 +1,0 @@
-SELECT now() - $1::interval AS cutoff

@@ -1,1 +1,0 @@
-SELECT version FROM commandbus.schema_migrations WHERE to_regclass('commandbus.schema_migrations') IS NOT NULL

@@ -1,1 +1,0 @@
-SELECT to_regclass('pgmq.meta') IS NOT NULL AS installed

@@ -1,1 +1,0 @@
-SELECT count(*) FROM commandbus.audit WHERE domain = $1::text AND event_type = 'COMPLETED'

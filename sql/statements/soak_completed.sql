@@ -1,1 +1,0 @@
-SELECT count(*) FROM commandbus.command WHERE domain = $1::text AND status = 'COMPLETED'

@@ -1,4 +1,0 @@
-SELECT DISTINCT domain
-FROM commandbus.command
-WHERE in_tsq AND status = 'IN_TROUBLESHOOTING_QUEUE'
-ORDER BY domain
