@@ -78,7 +78,7 @@ class _SyncBatchGetter(Protocol):
 
 
 def batch_from_row(row: Sequence[Any]) -> BatchMetadata:
-    """BatchMetadata of a row in the column order of `batch_get.sql`."""
+    """BatchMetadata of a row in the column order of the `batch_get` statement."""
     (domain, batch_id, batch_type, name, custom_data, status, total, completed, failed, canceled,
      tsq, created_at, started_at, completed_at) = row  # fmt: skip
     return BatchMetadata(

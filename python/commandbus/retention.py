@@ -2,7 +2,7 @@
 messages, and the completed batches left empty, in bounded chunks.
 
 `prune()` deletes COMPLETED, FAILED and CANCELED commands whose `updated_at` is older than the
-cutoff, one transaction per chunk (`commandbus.prune_v1`, V006), until nothing is left. PENDING,
+cutoff, one transaction per chunk (`commandbus.prune_v1`), until nothing is left. PENDING,
 IN_PROGRESS and IN_TROUBLESHOOTING_QUEUE commands are never touched. A batch is pruned once it
 is complete since before the cutoff and none of its commands (or processes) is left.
 Concurrent pruners are safe: rows locked by another one are skipped.

@@ -1,7 +1,7 @@
 """The troubleshooting queue (TSQ): commands that failed permanently or used up their retries,
 waiting for an operator to retry, cancel or complete them.
 
-Every operator action is one SQL function call in one transaction (sql/migrations/V004): it locks
+Every operator action is one SQL function call (`tsq_*_v1`) in one transaction: it locks
 the command row, checks that the command is still in the TSQ, writes the audit row with the
 operator's name, sends the reply and moves the batch counters. When two operators act on one
 command at once, exactly one succeeds; the other gets :class:`InvalidOperationError`.

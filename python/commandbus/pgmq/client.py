@@ -1,4 +1,4 @@
-"""PGMQ client: the predecessor's `PgmqClient` API over the SQL of `sql/statements/pgmq_*.sql`.
+"""PGMQ client: the predecessor's `PgmqClient` API over the SQL of `sql/statements/pgmq.sql`.
 
 Messages are read by column name (PGMQ 1.13's `read` returns `msg_id, read_ct, enqueued_at,
 last_read_at, vt, message, headers`; older versions lack some of these: the statements select

@@ -1,6 +1,6 @@
 """Audit log: the predecessor's `PostgresAuditLogger` and `AuditEventType`.
 
-The protocol functions write the audit rows of the hot path themselves (V002-V005); this logger
+The protocol functions write the audit rows of the hot path themselves; this logger
 is for code that records its own events (it writes the same table and keys).
 """
 

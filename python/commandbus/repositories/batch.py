@@ -1,6 +1,6 @@
 """Batch rows: the predecessor's ``PostgresBatchRepository``, on the statements of `sql/`.
 
-Counters and completion move only in ``commandbus.apply_batch_delta_v1`` (V003): the TSQ
+Counters and completion move only in ``commandbus.apply_batch_delta_v1``: the TSQ
 methods and ``refresh_stats`` call it, so BATCH_COMPLETED and the completion NOTIFY are written
 the same way whichever path completes a batch.
 """

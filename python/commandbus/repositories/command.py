@@ -1,10 +1,11 @@
 """Command metadata repository: the predecessor's `PostgresCommandRepository` over our schema.
 
-The bus and the worker do not use it (they call the protocol functions of V002 in batches);
+The bus and the worker do not use it (they call the protocol functions in batches);
 it serves code written against `reliable-cmd` that reads or edits command rows directly.
 Its writes are plain row updates: they are not fenced by a lease like the worker's outcomes.
 The predecessor's `sp_*` methods keep their meaning as single statements
-(`repo_sp_*.sql`); batch counters move through `apply_batch_delta_v1` (V003).
+(the `repo_sp_*` statements of `sql/statements/commands.sql`); batch counters move through
+`apply_batch_delta_v1`.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ class CommandRepository(Protocol):
 
 
 def metadata_from_row(row: Row) -> CommandMetadata:
-    """A `CommandMetadata` from a row with the columns of `get_command.sql`, read by name."""
+    """A `CommandMetadata` from a row with the columns of `get_command`, read by name."""
     max_attempts = row["max_attempts"]
     return CommandMetadata(
         domain=row["domain"],
