@@ -34,7 +34,7 @@ from commandbus import (
     _sql,
     setup_database,
 )
-from commandbus.testing import EmbeddedServer
+from commandbus.embedded import EmbeddedServer
 
 DOMAIN = "soak"
 

@@ -563,7 +563,7 @@ class EmbeddedServer:
         conf.update(self._settings)
         body = "".join(f"{k} = {_conf_value(v)}\n" for k, v in conf.items())
         # include_dir-free: a file included from postgresql.conf, rewritten per attempt.
-        (data / "rcmd.conf").write_text("# written by commandbus.testing\n" + body)
+        (data / "rcmd.conf").write_text("# written by commandbus.embedded\n" + body)
         main = data / "postgresql.conf"
         text = main.read_text()
         if "include 'rcmd.conf'" not in text:
