@@ -4,6 +4,7 @@ queue is idle, their outcomes returned in send order."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Any
 from uuid import UUID, uuid4
@@ -223,3 +224,17 @@ async def test_a_missing_handler_is_an_outcome(pool: Pool) -> None:
     assert meta.command_id == unknown
     assert meta.status == CommandStatus.PENDING
     assert meta.last_error_code == "HandlerNotFoundError"
+
+
+async def test_without_the_schema(pg_admin_dsn: str) -> None:
+    from commandbus import SchemaNotInstalledError
+    from commandbus.embedded import create_database, drop_database
+
+    name = f"rcmd_drain_noschema_{os.getpid()}"
+    dsn = create_database(pg_admin_dsn, name)
+    try:
+        async with AsyncConnectionPool(dsn, open=False) as empty:
+            with pytest.raises(SchemaNotInstalledError, match="setup_database"):
+                await drain_queue(empty, "orders", _registry())
+    finally:
+        drop_database(pg_admin_dsn, name)

@@ -21,6 +21,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from commandbus import _sql
 from commandbus.bus import CommandBus
+from commandbus.exceptions import SchemaNotInstalledError
 from commandbus.handler import HandlerRegistry
 from commandbus.models import CommandMetadata
 from commandbus.policies import RetryPolicy
@@ -106,7 +107,10 @@ async def drain_queue(
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     queue = _sql.command_queue(domain)
-    mark = int((await _rows(pool, "audit_last_id", []))[0][0])
+    try:
+        mark = int((await _rows(pool, "audit_last_id", []))[0][0])
+    except psycopg.errors.UndefinedTable as exc:
+        raise SchemaNotInstalledError(f"commandbus schema missing ({exc})", exc.sqlstate) from exc
     # Each round runs a worker until the queue looks idle, then stops it: stop() applies every
     # outcome and releases what the worker claimed but never started. Only a check made with
     # no worker running can tell "idle" for sure (a retry without backoff, a released lease).
