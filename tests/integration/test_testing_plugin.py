@@ -139,10 +139,15 @@ def test_a_user_can_bring_their_own_server(
 def test_in_a_fresh_interpreter(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, pg_admin_dsn: str
 ) -> None:
-    """A user's run: nothing of commandbus imported beforehand, the plugin found by name."""
+    """A user's run: nothing of commandbus imported before the conftest, the plugin found by
+    name. The conftest imports commandbus.testing before naming it: no "already imported so
+    cannot be rewritten" warning (an error under filterwarnings = error)."""
     monkeypatch.setenv("DATABASE_URL", pg_admin_dsn)
     pytester.makeini(STRICT_INI + "asyncio_mode = auto\n")
-    pytester.makeconftest('pytest_plugins = ["commandbus.testing"]\n')
+    pytester.makeconftest(
+        "from commandbus.testing import drain_queue  # noqa: F401\n\n"
+        'pytest_plugins = ["commandbus.testing"]\n'
+    )
     pytester.makepyfile(test_user=USER_TESTS)
     result = pytester.runpytest_subprocess(timeout=120)
     result.assert_outcomes(passed=3)
