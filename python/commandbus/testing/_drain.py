@@ -122,6 +122,7 @@ async def drain_queue(
             worker.run(concurrency=concurrency, poll_interval=poll_interval),
             name=f"rcmd-drain-{domain}",
         )
+        await asyncio.sleep(0)  # run() starts: stop() from here on stops it
         try:
             timed_out = await _until_idle(worker, run, pool, queue, wait_for_retries, deadline)
         except BaseException:  # the drain itself was cancelled: cut the handlers off
@@ -129,10 +130,12 @@ async def drain_queue(
             with contextlib.suppress(BaseException):
                 await run
             raise
-        # On timeout running handlers are cancelled (their attempt counts, retried at once).
-        await worker.stop(timeout=0 if timed_out else None)
+        # A claim answered after the idle check may still start handlers: stop() waits for
+        # them, up to the deadline. Handlers still running then are cancelled (their attempt
+        # counts: retried at once).
+        await worker.stop(timeout=0 if timed_out else max(0.0, deadline - loop.time()))
         await run  # raises what run() raised (SchemaNotInstalledError...)
-        if timed_out:
+        if timed_out or loop.time() >= deadline:
             left = await _pending(pool, queue, wait_for_retries)
             raise TimeoutError(
                 f"drain_queue({domain!r}): queue {queue} not idle after {timeout} s "
