@@ -34,7 +34,7 @@ from commandbus import (
     _sql,
     setup_database,
 )
-from commandbus.testing import EmbeddedServer
+from commandbus.embedded import EmbeddedServer
 
 DOMAIN = "soak"
 # The benchmark's own queries (benches/sql/soak.sql, the format of sql/statements/).

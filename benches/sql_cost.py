@@ -40,7 +40,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from commandbus import CommandBus, SendRequest, _sql, setup_database
-from commandbus.testing import EmbeddedServer, create_database, drop_database, install_pgmq
+from commandbus.embedded import EmbeddedServer, create_database, drop_database, install_pgmq
 
 
 def _backend_cpu_seconds(pid: int) -> float:

@@ -37,8 +37,8 @@ from psycopg_pool import AsyncConnectionPool
 
 from commandbus import CommandBus, SendRequest, _native, _sql, setup_database
 from commandbus._bridge import call
+from commandbus.embedded import EmbeddedServer, create_database, drop_database
 from commandbus.handler import HandlerRegistry
-from commandbus.testing import EmbeddedServer, create_database, drop_database
 from commandbus.worker import Worker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

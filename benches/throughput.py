@@ -53,7 +53,7 @@ from psycopg import AsyncConnection, sql
 
 import commandbus
 from commandbus import setup_database
-from commandbus.testing import EmbeddedServer, create_database, drop_database, install_pgmq
+from commandbus.embedded import EmbeddedServer, create_database, drop_database, install_pgmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _client import PgCpu, make_data, make_message

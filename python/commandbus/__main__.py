@@ -24,10 +24,10 @@ from psycopg_pool import AsyncConnectionPool
 
 from commandbus import _db, _sql
 from commandbus.bus import CommandBus
+from commandbus.embedded import EmbeddedServer
 from commandbus.handler import HandlerRegistry
 from commandbus.models import Command, HandlerContext, SendRequest
 from commandbus.setup import setup_database
-from commandbus.testing import EmbeddedServer
 from commandbus.worker import Worker
 
 DOMAIN = "demo"

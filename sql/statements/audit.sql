@@ -14,3 +14,9 @@ ORDER BY ts, audit_id
 INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)
 SELECT t.domain, t.command_id, t.event_type, t.details
 FROM unnest($1::text[], $2::uuid[], $3::text[], $4::jsonb[]) AS t(domain, command_id, event_type, details)
+
+-- name: audit_last_id
+-- The newest audit row's id (0 when there is none): a mark to find what happened after it
+-- (drain_queue).
+-- No parameters.
+SELECT coalesce(max(audit_id), 0)::bigint AS last_id FROM commandbus.audit

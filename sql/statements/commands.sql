@@ -192,3 +192,16 @@ WITH upd AS (
     FROM upd u
 )
 SELECT EXISTS (SELECT 1 FROM upd) AS found
+
+-- name: commands_claimed_since
+-- The commands of a domain claimed by a worker (or sorted into the troubleshooting queue when
+-- claimed: poison, malformed) after an audit row, in the order they were sent (drain_queue).
+-- $1 domain TEXT, $2 after_audit_id BIGINT
+SELECT c.command_id
+FROM commandbus.command c
+WHERE c.domain = $1::text
+  AND c.command_id IN (
+      SELECT a.command_id FROM commandbus.audit a
+      WHERE a.audit_id > $2::bigint AND a.domain = $1::text
+        AND a.event_type IN ('RECEIVED', 'MOVED_TO_TSQ'))
+ORDER BY c.created_at, c.msg_id NULLS LAST, c.command_id

@@ -49,3 +49,10 @@ SELECT a.msg_id FROM pgmq.archive($1::text, $2::bigint[]) AS a(msg_id)
 -- Sets a message's visibility timeout to vt seconds from now.
 -- $1 queue TEXT, $2 msg_id BIGINT, $3 vt_seconds INT
 SELECT msg_id FROM pgmq.set_vt($1::text, $2::bigint, $3::int)
+
+-- name: queue_message_counts
+-- Messages in a queue: all of them, and those visible now (no lease, no backoff pending).
+-- queue_visible_length came with PGMQ 1.5; with an older PGMQ `visible` is NULL.
+-- $1 queue TEXT
+SELECT m.queue_length AS total, (to_jsonb(m) ->> 'queue_visible_length')::bigint AS visible
+FROM pgmq.metrics($1::text) AS m

@@ -173,7 +173,7 @@ async def test_seed_readme_flow(database_url: str) -> None:
 
 async def test_setup_database_on_a_fresh_database(pg_admin_dsn: str) -> None:
     """The README's step 1 on an empty database: True, then False; the schema works."""
-    from commandbus.testing import create_database, drop_database
+    from commandbus.embedded import create_database, drop_database
 
     dsn = create_database(pg_admin_dsn, "rcmd_seed_setup")
     try:

@@ -24,8 +24,8 @@ from commandbus import (
     get_schema_sql,
     setup_database,
 )
+from commandbus.embedded import create_database, drop_database, install_pgmq
 from commandbus.exceptions import PostgresError
-from commandbus.testing import create_database, drop_database, install_pgmq
 
 # The tables of reliable-cmd 0.2.2 as its packaged migrations left them (what a team switching
 # packages has): no batch.batch_type, max_attempts NOT NULL, no command.result, no process tables.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from commandbus.testing import install_pgmq
+from commandbus.embedded import install_pgmq
 from conftest import _docker_answers
 
 

