@@ -897,3 +897,149 @@ async def _lease_only(pool: AsyncConnectionPool[Any]) -> list[int]:
         await cur.execute("SHOW synchronous_commit")
         assert await cur.fetchone() == ("on",)
     return list(leased)
+
+
+async def test_flush_failures_are_logged_as_they_happen_and_lose_nothing(
+    pool: AsyncConnectionPool[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The flush statement disappears while the worker runs: each failed flush reaches logging
+    (ERROR, logger commandbus.*) while the worker still runs, the outcomes stay held and are
+    retried, and once the statement is back every command is applied exactly once."""
+    registry = HandlerRegistry()
+
+    @registry.handler("orders", "Ping")
+    async def ping(cmd: Command, ctx: HandlerContext) -> None:
+        return None
+
+    bus = CommandBus(pool)
+    ids = [uuid4() for _ in range(20)]
+    await bus.send_batch(
+        [SendRequest(domain="orders", command_type="Ping", command_id=cid, data={}) for cid in ids]
+    )
+    signature = "commandbus.%s(TEXT, UUID[], BIGINT[], INT[], JSONB[])"
+    async with pool.connection() as conn:
+        await conn.execute(
+            f"ALTER FUNCTION {signature % 'complete_commands_v1'} RENAME TO complete_commands_off"
+        )
+    caplog.set_level("ERROR", logger="commandbus")
+    worker = Worker(pool, "orders", registry)
+    try:
+        async with running(worker):
+
+            def flush_errors() -> list[Any]:
+                return [
+                    r
+                    for r in caplog.records
+                    if r.levelname == "ERROR"
+                    and r.name.startswith("commandbus")
+                    and "outcome flush failed" in r.getMessage()
+                ]
+
+            async def logged() -> bool:
+                return bool(flush_errors())
+
+            await wait_until(logged, timeout=10)
+            assert worker.is_running
+            assert "complete_commands_v1" in flush_errors()[0].getMessage()
+            [(done,)] = await fetch(
+                pool, "SELECT count(*) FROM commandbus.command WHERE status = 'COMPLETED'"
+            )
+            assert done == 0
+            async with pool.connection() as conn:
+                await conn.execute(
+                    f"ALTER FUNCTION {signature % 'complete_commands_off'}"
+                    " RENAME TO complete_commands_v1"
+                )
+            for cid in ids:
+                await wait_status(pool, "orders", cid, "COMPLETED")
+    finally:
+        async with pool.connection() as conn:
+            await conn.execute(
+                "DO $$ BEGIN ALTER FUNCTION"
+                " commandbus.complete_commands_off(TEXT, UUID[], BIGINT[], INT[], JSONB[])"
+                " RENAME TO complete_commands_v1; EXCEPTION WHEN undefined_function THEN NULL; END $$"
+            )
+    for cid in ids:
+        assert (await events(pool, cid)).count("COMPLETED") == 1
+    assert await queue_depth(pool, "orders__commands") == 0
+    assert worker.stats()["flush_errors"] >= 1
+
+
+async def test_a_claim_failing_for_a_missing_schema_ends_the_run(
+    pool: AsyncConnectionPool[Any],
+) -> None:
+    """A claim failure that means the schema is gone (undefined function) ends the run with
+    SchemaNotInstalledError, after the stop sequence (other claim failures are retried: see
+    test_worker_survives_its_connections_being_killed)."""
+    from commandbus import SchemaNotInstalledError
+
+    registry = HandlerRegistry()
+
+    @registry.handler("orders", "Ping")
+    async def ping(cmd: Command, ctx: HandlerContext) -> None:
+        return None
+
+    lease = "commandbus.%s(TEXT, INT, INT, BOOLEAN)"
+    worker = Worker(pool, "orders", registry)
+    task = asyncio.create_task(worker.run(concurrency=4, poll_interval=0.05))
+    try:
+        await wait_until(_is(lambda: worker.is_running and worker.stats().get("claimed") == 0))
+        async with pool.connection() as conn:
+            await conn.execute(f"ALTER FUNCTION {lease % 'lease_messages_v1'} RENAME TO lease_off")
+        with pytest.raises(SchemaNotInstalledError):
+            await asyncio.wait_for(task, 10)
+        assert not worker.is_running
+    finally:
+        async with pool.connection() as conn:
+            await conn.execute(
+                "DO $$ BEGIN ALTER FUNCTION commandbus.lease_off(TEXT, INT, INT, BOOLEAN)"
+                " RENAME TO lease_messages_v1; EXCEPTION WHEN undefined_function THEN NULL; END $$"
+            )
+        if not task.done():
+            await worker.stop(timeout=1)
+    # The worker works again once the schema is back.
+    cid = uuid4()
+    await CommandBus(pool).send("orders", "Ping", cid, {})
+    async with running(Worker(pool, "orders", registry)):
+        await wait_status(pool, "orders", cid, "COMPLETED")
+
+
+async def test_the_retry_policy_decides_with_the_commands_own_max_attempts(
+    pool: AsyncConnectionPool[Any],
+) -> None:
+    """The worker's RetryPolicy decides retry or exhausted: the command's max_attempts (4) over
+    the policy's (2), the schedule's last value reused past its end and rounded up."""
+    registry = HandlerRegistry()
+    calls = 0
+
+    @registry.handler("orders", "Flaky")
+    async def flaky(cmd: Command, ctx: HandlerContext) -> None:
+        nonlocal calls
+        calls += 1
+        assert ctx.max_attempts == 4
+        raise TransientCommandError("TIMEOUT", "gateway timeout")
+
+    schedule: Any = [0.01]
+    policy = RetryPolicy(max_attempts=2, backoff_schedule=schedule)
+    cid = uuid4()
+    await CommandBus(pool).send("orders", "Flaky", cid, {}, max_attempts=4)
+    async with running(Worker(pool, "orders", registry, retry_policy=policy)):
+        await wait_status(pool, "orders", cid, "IN_TROUBLESHOOTING_QUEUE")
+    assert calls == 4
+    rows = await fetch(
+        pool,
+        "SELECT event_type, details_json FROM commandbus.audit WHERE command_id = %s"
+        " AND event_type IN ('RETRY_SCHEDULED', 'RETRY_EXHAUSTED', 'MOVED_TO_TSQ') ORDER BY audit_id",
+        cid,
+    )
+    assert [r[0] for r in rows] == ["RETRY_SCHEDULED"] * 3 + ["RETRY_EXHAUSTED", "MOVED_TO_TSQ"]
+    assert [r[1]["backoff_seconds"] for r in rows[:3]] == [1, 1, 1]
+    assert rows[3][1] == {"msg_id": rows[3][1]["msg_id"], "attempt": 4, "max_attempts": 4}
+    assert rows[4][1]["reason"] == "EXHAUSTED" and rows[4][1]["max_attempts"] == 4
+
+
+def _is(check: Any) -> Any:
+    async def wrapped() -> bool:
+        return bool(check())
+
+    return wrapped
