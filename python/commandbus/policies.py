@@ -22,7 +22,7 @@ class RetryPolicy:
         backoff_schedule: Visibility timeouts in seconds before each retry.
             After a failed attempt ``n`` the delay is ``backoff_schedule[n-1]``;
             the last value is reused beyond the end of the schedule. Float
-            values are rounded up to whole seconds by :meth:`get_backoff`.
+            values are rounded up to whole seconds.
 
     Example:
         ``RetryPolicy(max_attempts=4, backoff_schedule=[10, 60, 300])`` retries

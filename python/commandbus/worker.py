@@ -18,9 +18,9 @@ import orjson
 from psycopg_pool import AsyncConnectionPool
 
 from commandbus import _native
-from commandbus._native import Outcome
 from commandbus._bridge import call
 from commandbus._dsn import native_dsn, pool_conninfo
+from commandbus._native import Outcome
 from commandbus._sql import command_queue
 from commandbus._validation import decode_json, encode_json, validate_domain
 from commandbus.exceptions import (
@@ -511,7 +511,9 @@ class Worker:
     ) -> None:
         """Record a failure: retry after the backoff, or the TSQ once attempts are used up.
         With `is_transient=False` the command goes to the TSQ at once."""
-        await self._finish(received, self._step_failure(received, error, permanent=not is_transient))
+        await self._finish(
+            received, self._step_failure(received, error, permanent=not is_transient)
+        )
 
     async def fail_permanent(self, received: ReceivedCommand, error: PermanentCommandError) -> None:
         """Move the command to the troubleshooting queue."""

@@ -957,7 +957,8 @@ async def test_flush_failures_are_logged_as_they_happen_and_lose_nothing(
             await conn.execute(
                 "DO $$ BEGIN ALTER FUNCTION"
                 " commandbus.complete_commands_off(TEXT, UUID[], BIGINT[], INT[], JSONB[])"
-                " RENAME TO complete_commands_v1; EXCEPTION WHEN undefined_function THEN NULL; END $$"
+                " RENAME TO complete_commands_v1;"
+                " EXCEPTION WHEN undefined_function THEN NULL; END $$"
             )
     for cid in ids:
         assert (await events(pool, cid)).count("COMPLETED") == 1
@@ -1029,7 +1030,8 @@ async def test_the_retry_policy_decides_with_the_commands_own_max_attempts(
     rows = await fetch(
         pool,
         "SELECT event_type, details_json FROM commandbus.audit WHERE command_id = %s"
-        " AND event_type IN ('RETRY_SCHEDULED', 'RETRY_EXHAUSTED', 'MOVED_TO_TSQ') ORDER BY audit_id",
+        " AND event_type IN ('RETRY_SCHEDULED', 'RETRY_EXHAUSTED', 'MOVED_TO_TSQ')"
+        " ORDER BY audit_id",
         cid,
     )
     assert [r[0] for r in rows] == ["RETRY_SCHEDULED"] * 3 + ["RETRY_EXHAUSTED", "MOVED_TO_TSQ"]

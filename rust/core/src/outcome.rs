@@ -50,10 +50,6 @@ impl Outcome {
             Outcome::BusinessRule(_) => "BUSINESS_RULE",
         }
     }
-
-    pub fn is_success(&self) -> bool {
-        matches!(self, Outcome::Success { .. })
-    }
 }
 
 /// An outcome reported for a held lease.

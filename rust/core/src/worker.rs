@@ -1,7 +1,8 @@
-//! The worker's hot path: the claim loop (slot accounting, claims in flight, backpressure,
-//! NOTIFY wake-up with polling fallback, claim retries), lease tracking, lease keeper, outcome
-//! flusher and the shutdown sequence. Python only runs handlers: it awaits `next_batch`, and
-//! reports each outcome with `report`, a non-blocking push into a channel.
+//! The worker's hot path: the claim loop (in `claim_loop.rs`: slot accounting, claims in flight,
+//! backpressure, NOTIFY wake-up with polling fallback, claim retries), lease tracking, lease
+//! keeper, outcome flusher, background-failure events and the shutdown sequence. Python only
+//! runs handlers: it awaits `next_batch`, and reports each outcome with `report`, a
+//! non-blocking push into a channel that frees the command's slot.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -9,8 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch, Notify};
-use tokio::task::{JoinHandle, JoinSet};
-use tokio::time::Instant;
+use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use crate::engine::{Claimed, Engine};
@@ -19,14 +19,11 @@ use crate::events::{EventKind, Events, WorkerEvent};
 use crate::outcome::{Lease, Outcome, Report};
 use crate::sql;
 
+mod claim_loop;
+
 /// Outcomes allowed to wait for their flush before claims pause, at least: a small worker
 /// keeps claiming while one flush runs.
 const MIN_UNFLUSHED: usize = 64;
-/// Claims sent at once. With one, the loop sat idle for a whole claim round trip per batch;
-/// with two, the next batch is being claimed while the current one runs.
-const MAX_CLAIMS_IN_FLIGHT: usize = 2;
-/// Claim retries back off from 0.2 s, doubling, up to this.
-const MAX_CLAIM_BACKOFF: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -227,145 +224,6 @@ impl WorkerCore {
             .await?;
         self.register(&claimed);
         Ok(claimed)
-    }
-
-    /// Free slots, given `held` leases: a claim is due when half the slots are free, or some are
-    /// and nothing is held (one round trip per many handlers, and no idle worker).
-    fn claim_size(&self, held: usize) -> Option<usize> {
-        let concurrency = self.cfg.concurrency.max(1);
-        let chunk = (concurrency / 2).max(1);
-        let free = concurrency.saturating_sub(held + self.reserved.load(Ordering::Acquire));
-        (free >= chunk || (free > 0 && held == 0)).then(|| free.min(chunk))
-    }
-
-    /// The claim loop: keeps up to two claims of half the slots in flight while slots are free,
-    /// hands what they claim to `next_batch`, and backs off after a failed claim (the failure
-    /// goes to `next_batch` as well: the caller decides whether it ends the run).
-    async fn claim_loop(self: Arc<Self>) {
-        let mut claims: JoinSet<CoreResult<Vec<Claimed>>> = JoinSet::new();
-        let mut sizes: HashMap<tokio::task::Id, usize> = HashMap::new();
-        let mut stop_rx = self.stop_tx.subscribe();
-        let mut failures: u32 = 0;
-        let mut paused_until: Option<Instant> = None;
-        loop {
-            if *stop_rx.borrow_and_update() {
-                break;
-            }
-            let slot_freed = self.slot_freed.notified();
-            if paused_until.is_none() {
-                while claims.len() < MAX_CLAIMS_IN_FLIGHT {
-                    let held = lock(&self.in_flight).len();
-                    let Some(size) = self.claim_size(held) else { break };
-                    self.reserved.fetch_add(size, Ordering::AcqRel);
-                    let core = Arc::clone(&self);
-                    let handle = claims.spawn(async move { core.claim_when_due(size).await });
-                    sizes.insert(handle.id(), size);
-                }
-            }
-            tokio::select! {
-                Some(joined) = claims.join_next_with_id(), if !claims.is_empty() => {
-                    let (id, result) = match joined {
-                        Ok((id, result)) => (id, result),
-                        // A claim task panicked: a bug of ours, reported like a failed claim.
-                        Err(e) => (e.id(), Err(CoreError::Protocol(format!("claim task failed: {e}")))),
-                    };
-                    if let Some(size) = sizes.remove(&id) {
-                        self.reserved.fetch_sub(size, Ordering::AcqRel);
-                    }
-                    match result {
-                        Ok(batch) => {
-                            failures = 0;
-                            if !batch.is_empty() {
-                                self.deliver(Ok(batch));
-                            }
-                        }
-                        Err(CoreError::Closed(_)) => {}
-                        Err(err) => {
-                            failures = failures.saturating_add(1);
-                            let delay = Duration::from_millis(100)
-                                .saturating_mul(1u32 << failures.min(16))
-                                .min(MAX_CLAIM_BACKOFF);
-                            paused_until = Some(Instant::now() + delay);
-                            self.note_error(&err);
-                            self.deliver(Err(err));
-                        }
-                    }
-                }
-                _ = tokio::time::sleep_until(paused_until.unwrap_or_else(Instant::now)), if paused_until.is_some() => {
-                    paused_until = None;
-                }
-                _ = slot_freed => {}
-                _ = stop_rx.changed() => {}
-            }
-        }
-        // The claims answer at once now, or finish the statement they are in: what they claimed
-        // is registered, and released by `shutdown` (never started).
-        while claims.join_next().await.is_some() {}
-        self.reserved.store(0, Ordering::Release);
-    }
-
-    /// One claim of the loop: waits while the flusher is behind, then claims up to `max`; when
-    /// nothing is there, waits for NOTIFY (or `poll_interval`) and claims again. Empty once
-    /// the worker is stopping.
-    async fn claim_when_due(&self, max: usize) -> CoreResult<Vec<Claimed>> {
-        let mut stop_rx = self.stop_tx.subscribe();
-        loop {
-            if *stop_rx.borrow_and_update() {
-                return Ok(Vec::new());
-            }
-            // Backpressure: no new leases while the flusher is behind.
-            let flushed = self.flushed.notified();
-            if self.unflushed.load(Ordering::Acquire) > self.cfg.max_unflushed {
-                tokio::select! {
-                    _ = flushed => {}
-                    // A flush ends with notify_waiters; re-check now and then regardless.
-                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-                    _ = stop_rx.changed() => {}
-                }
-                continue;
-            }
-            let claimed = self.claim_now(max, self.cfg.visibility_timeout).await?;
-            if !claimed.is_empty() {
-                return Ok(claimed);
-            }
-            tokio::select! {
-                _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(self.cfg.poll_interval) => {}
-                _ = stop_rx.changed() => {}
-            }
-        }
-    }
-
-    fn deliver(&self, item: CoreResult<Vec<Claimed>>) {
-        lock(&self.ready).push_back(item);
-        self.batch_ready.notify_one();
-    }
-
-    /// The next claimed batch, once the loop has one; an error when a claim failed (the loop
-    /// retries after a backoff); empty once the worker is stopping. The batch's leases are held
-    /// before it is handed out, so a caller that goes away loses nothing: shutdown releases
-    /// whatever was never reported.
-    pub async fn next_batch(&self) -> CoreResult<Vec<Claimed>> {
-        if !self.started.load(Ordering::Acquire) {
-            return Err(CoreError::Invalid {
-                field: "worker",
-                reason: "next_batch before start".to_owned(),
-            });
-        }
-        let mut stop_rx = self.stop_tx.subscribe();
-        loop {
-            if *stop_rx.borrow_and_update() {
-                return Ok(Vec::new());
-            }
-            let ready = self.batch_ready.notified();
-            if let Some(item) = lock(&self.ready).pop_front() {
-                return item;
-            }
-            tokio::select! {
-                _ = ready => {}
-                _ = stop_rx.changed() => {}
-            }
-        }
     }
 
     /// The next problem worth a log line (flush or lease extension failures, repeats folded
@@ -623,7 +481,7 @@ mod tests {
     use super::*;
     use crate::engine::EngineConfig;
 
-    fn core(concurrency: usize) -> Arc<WorkerCore> {
+    pub(super) fn core(concurrency: usize) -> Arc<WorkerCore> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -638,24 +496,6 @@ mod tests {
         assert_eq!(WorkerConfig::new("d").with_concurrency(8).max_unflushed, 64);
         assert_eq!(WorkerConfig::new("d").with_concurrency(1024).max_unflushed, 1024);
         assert_eq!(WorkerConfig::new("d").with_concurrency(0).concurrency, 1);
-    }
-
-    #[test]
-    fn claims_half_the_slots_or_any_when_idle() {
-        let c = core(8);
-        assert_eq!(c.claim_size(0), Some(4));
-        assert_eq!(c.claim_size(4), Some(4));
-        assert_eq!(c.claim_size(5), None, "3 free of 8: wait for half");
-        c.reserved.store(4, Ordering::Release);
-        assert_eq!(c.claim_size(0), Some(4));
-        assert_eq!(c.claim_size(1), None);
-        c.reserved.store(7, Ordering::Release);
-        assert_eq!(c.claim_size(0), Some(1), "nothing held: claim what is free");
-        c.reserved.store(8, Ordering::Release);
-        assert_eq!(c.claim_size(0), None);
-        let one = core(1);
-        assert_eq!(one.claim_size(0), Some(1));
-        assert_eq!(one.claim_size(1), None);
     }
 
     #[test]
