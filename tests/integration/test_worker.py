@@ -595,7 +595,7 @@ async def test_claims_pause_while_outcomes_wait_for_a_slow_flush(
 
 async def test_no_index_covers_a_column_the_hot_path_writes(pool: AsyncConnectionPool[Any]) -> None:
     """Claims and flushes update command rows in place (HOT) only while no index, nor any
-    partial index's predicate, uses a column they change (V007); an index on one of them
+    partial index's predicate, uses a column they change; an index on one of them
     would silently cost every command a write into every index of the table."""
     hot = {"status", "attempts", "updated_at", "last_error_type", "last_error_code",
            "last_error_msg", "result"}  # fmt: skip
@@ -642,7 +642,7 @@ async def test_claims_take_messages_in_the_order_they_became_visible(
 async def test_one_claim_sorts_claimable_poison_orphan_and_stale_messages(
     pool: AsyncConnectionPool[Any],
 ) -> None:
-    """V009: the claim's UPDATE leaves out commands whose attempts are used up, and only the
+    """The claim's UPDATE leaves out commands whose attempts are used up, and only the
     messages it did not claim are looked up again. One claim that reads all five kinds."""
     bus = CommandBus(pool)
     done, last, poison, normal, orphan = (uuid4() for _ in range(5))
@@ -692,7 +692,7 @@ async def test_one_claim_sorts_claimable_poison_orphan_and_stale_messages(
 async def test_all_success_flush_writes_what_the_general_flush_writes(
     pool: AsyncConnectionPool[Any],
 ) -> None:
-    """V009: a flush of SUCCESS outcomes only goes through complete_commands_v1; it must leave
+    """A flush of SUCCESS outcomes only goes through complete_commands_v1; it must leave
     the rows finish_commands_v1 leaves for SUCCESS: command row, COMPLETED audit details,
     reply, deleted message, batch counters (and the batch's completion)."""
     from commandbus import BatchCommand
@@ -824,7 +824,7 @@ async def test_claim_leaves_the_callers_planner_settings_alone(
 async def test_a_lease_whose_claim_never_ran_comes_back_with_attempts_untouched(
     pool: AsyncConnectionPool[Any],
 ) -> None:
-    """V009: the engine leases messages in one transaction and claims their commands in a
+    """The engine leases messages in one transaction and claims their commands in a
     second. A worker that dies between the two leaves leased messages and unchanged commands:
     once the lease expires the command is claimed as attempt 1, since no handler ran. The first
     step's asynchronous commit stays inside its own transaction."""
@@ -865,7 +865,7 @@ async def test_a_lease_whose_claim_never_ran_comes_back_with_attempts_untouched(
 async def test_an_expired_lease_without_a_claim_is_attempt_one_again(
     pool: AsyncConnectionPool[Any],
 ) -> None:
-    """The poison guard counts claims, not leases: a lease lost before its claim (V009) does
+    """The poison guard counts claims, not leases: a lease lost before its claim does
     not use up an attempt."""
     bus = CommandBus(pool)
     cid = uuid4()
