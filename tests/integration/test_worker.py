@@ -488,6 +488,35 @@ async def test_step_api_close_releases_unfinished_leases(pool: AsyncConnectionPo
         await other.close()
 
 
+async def test_batches_claimed_but_never_taken_are_released_at_shutdown(
+    pool: AsyncConnectionPool[Any],
+) -> None:
+    """The engine's claim loop holds what it claimed until Python takes it: an await of
+    next_batch that is cancelled (its batch dropped on the floor), and a batch nobody asked
+    for, lose nothing; shutdown releases both (attempt undone, visible now)."""
+    from commandbus._bridge import call
+
+    bus = CommandBus(pool)
+    ids = [uuid4() for _ in range(5)]
+    for cid in ids:
+        await bus.send("orders", "T", cid, {})
+    worker = Worker(pool, "orders", HandlerRegistry(), visibility_timeout=300)
+    native = worker._new_native(use_notify=False, poll_interval=0.05, concurrency=8)
+    await call(native.start)
+    taken = call(native.next_batch)
+    taken.cancel()
+    await wait_until(_is(lambda: native.stats()["claimed"] == 5))
+    assert await call(native.shutdown) == 5
+    for cid in ids:
+        meta = await bus.get_command("orders", cid)
+        assert meta is not None and meta.status.value == "PENDING" and meta.attempts == 0
+        assert (await events(pool, cid))[-1] == "RELEASED"
+    [(visible,)] = await fetch(
+        pool, "SELECT count(*) FROM pgmq.q_orders__commands WHERE vt <= clock_timestamp()"
+    )
+    assert visible == 5
+
+
 async def test_step_api_fail_variants(pool: AsyncConnectionPool[Any]) -> None:
     """The predecessor's step API: fail (retry / TSQ when exhausted), fail_permanent,
     fail_business_rule."""

@@ -175,9 +175,9 @@ impl WorkerCore {
         *lock(&self.last_error) = Some(err.to_string());
     }
 
-    /// Creates the queue if needed and starts the claim loop, the flusher, the listener and the
-    /// lease keeper. Must run inside the tokio runtime. The step API never calls it: it claims
-    /// with `claim_now` and applies with `finish_now`.
+    /// Creates the queue if needed and starts the flusher, the listener and the lease keeper.
+    /// Must run inside the tokio runtime. The claim loop starts with the first `next_batch`, so
+    /// a caller that claims with `claim_now` (the step API) holds only what it asked for.
     pub async fn start(self: &Arc<Self>) -> CoreResult<()> {
         if lock(&self.outcomes).is_some() {
             return Ok(());
@@ -194,7 +194,6 @@ impl WorkerCore {
         if self.cfg.auto_extend {
             tasks.push(tokio::spawn(Self::lease_keeper(Arc::clone(self))));
         }
-        *lock(&self.claim_loop) = Some(tokio::spawn(Self::claim_loop(Arc::clone(self))));
         self.started.store(true, Ordering::Release);
         Ok(())
     }

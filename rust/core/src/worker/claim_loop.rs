@@ -34,7 +34,7 @@ impl WorkerCore {
     /// The claim loop: keeps up to two claims of half the slots in flight while slots are free,
     /// hands what they claim to `next_batch`, and backs off after a failed claim (the failure
     /// goes to `next_batch` as well: the caller decides whether it ends the run).
-    pub(super) async fn claim_loop(self: Arc<Self>) {
+    async fn claim_loop(self: Arc<Self>) {
         let mut claims: JoinSet<CoreResult<Vec<Claimed>>> = JoinSet::new();
         let mut sizes: HashMap<tokio::task::Id, usize> = HashMap::new();
         let mut stop_rx = self.stop_tx.subscribe();
@@ -129,6 +129,16 @@ impl WorkerCore {
         }
     }
 
+    /// Spawns the claim loop unless it runs or the worker is stopping (checked under the lock
+    /// `shutdown` takes the loop's handle with, after it set the stop flag: no loop starts
+    /// behind its back).
+    fn ensure_claim_loop(self: &Arc<Self>) {
+        let mut handle = lock(&self.claim_loop);
+        if handle.is_none() && !self.stopping() {
+            *handle = Some(tokio::spawn(Self::claim_loop(Arc::clone(self))));
+        }
+    }
+
     fn deliver(&self, item: CoreResult<Vec<Claimed>>) {
         lock(&self.ready).push_back(item);
         self.batch_ready.notify_one();
@@ -138,13 +148,14 @@ impl WorkerCore {
     /// retries after a backoff); empty once the worker is stopping. The batch's leases are held
     /// before it is handed out, so a caller that goes away loses nothing: shutdown releases
     /// whatever was never reported.
-    pub async fn next_batch(&self) -> CoreResult<Vec<Claimed>> {
+    pub async fn next_batch(self: &Arc<Self>) -> CoreResult<Vec<Claimed>> {
         if !self.started.load(Ordering::Acquire) {
             return Err(CoreError::Invalid {
                 field: "worker",
                 reason: "next_batch before start".to_owned(),
             });
         }
+        self.ensure_claim_loop();
         let mut stop_rx = self.stop_tx.subscribe();
         loop {
             if *stop_rx.borrow_and_update() {
