@@ -129,7 +129,7 @@ def test_decode_claimed_batch_of_100(benchmark: Any, env: Env) -> None:
     received = benchmark(decode)
     assert received[0].command.data["pad"].startswith("x")
     for item in items:  # give the leases back through the normal path
-        native.report(item[0], item[1], "SUCCESS")
+        native.report(item[0], item[1], _native.Outcome.success(None))
     env.run(_wrap(lambda: call(native.flush)))
 
 
@@ -148,7 +148,7 @@ def test_flush_100_outcomes_engine(benchmark: Any, env: Env) -> None:
 
     async def report_and_flush() -> None:
         for item in state["items"]:
-            native.report(item[0], item[1], "SUCCESS")
+            native.report(item[0], item[1], _native.Outcome.success(None))
         await call(native.flush)
 
     before = native.stats()

@@ -64,7 +64,7 @@ def call(start: Callable[[_native.Completions], int]) -> asyncio.Future[Any]:
     """Start a native call on the running loop and return the future of its result.
 
     `start` receives the loop's `Completions` and returns the call's token, e.g.
-    `await call(lambda c: native.next_batch(c, 64))`.
+    `await call(native.next_batch)` or `await call(lambda c: native.receive(c, 64, 30))`.
     """
     loop = asyncio.get_running_loop()
     bridge = _bridges.get(loop)

@@ -1,9 +1,17 @@
 """Type stub of the Rust extension `commandbus._native` (rust/py)."""
 
-from typing import TypeAlias, final
+from typing import Literal, TypeAlias, final
 from uuid import UUID
 
-__all__ = ["Completions", "NativeBus", "NativeWorker", "__version__", "migrations", "statements"]
+__all__ = [
+    "Completions",
+    "NativeBus",
+    "NativeWorker",
+    "Outcome",
+    "__version__",
+    "migrations",
+    "statements",
+]
 
 __version__: str
 
@@ -51,6 +59,28 @@ class NativeBus:
     def close(self, completions: Completions) -> int: ...
 
 @final
+class Outcome:
+    """A handler's outcome (immutable). The worker's RetryPolicy has already decided between
+    `retry` and `exhausted`; the flush applies what it is given."""
+
+    @staticmethod
+    def success(result: str | None = None) -> Outcome: ...
+    @staticmethod
+    def retry(code: str, message: str, details: str | None, backoff: int) -> Outcome: ...
+    @staticmethod
+    def exhausted(code: str, message: str, details: str | None) -> Outcome: ...
+    @staticmethod
+    def permanent(
+        code: str, message: str, details: str | None, error_type: str = "PERMANENT"
+    ) -> Outcome: ...
+    @staticmethod
+    def business_rule(code: str, message: str, details: str | None) -> Outcome: ...
+    @property
+    def kind(self) -> Literal["SUCCESS", "RETRY", "EXHAUSTED", "PERMANENT", "BUSINESS_RULE"]: ...
+    @property
+    def backoff(self) -> int | None: ...
+
+@final
 class NativeWorker:
     def __new__(
         cls,
@@ -63,35 +93,15 @@ class NativeWorker:
         max_flush: int = 1000,
         auto_extend: bool = False,
         max_connections: int = 4,
-        max_unflushed: int = 1000,
+        concurrency: int = 1,
     ) -> NativeWorker: ...
     def start(self, completions: Completions) -> int: ...
-    def next_batch(self, completions: Completions, max: int) -> int: ...
+    def next_batch(self, completions: Completions) -> int: ...
+    def next_event(self, completions: Completions) -> int: ...
     def receive(self, completions: Completions, max: int, visibility_timeout: int) -> int: ...
-    def report(
-        self,
-        msg_id: int,
-        attempt: int,
-        kind: str,
-        result: str | None = None,
-        error_type: str | None = None,
-        error_code: str | None = None,
-        error_msg: str | None = None,
-        error_details: str | None = None,
-        backoff: int = 0,
-    ) -> bool: ...
+    def report(self, msg_id: int, attempt: int, outcome: Outcome) -> bool: ...
     def finish_now(
-        self,
-        completions: Completions,
-        msg_id: int,
-        attempt: int,
-        kind: str,
-        result: str | None = None,
-        error_type: str | None = None,
-        error_code: str | None = None,
-        error_msg: str | None = None,
-        error_details: str | None = None,
-        backoff: int = 0,
+        self, completions: Completions, msg_id: int, attempt: int, outcome: Outcome
     ) -> int: ...
     def extend(self, completions: Completions, msg_id: int, attempt: int, seconds: int) -> int: ...
     def flush(self, completions: Completions) -> int: ...

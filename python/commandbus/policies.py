@@ -22,7 +22,7 @@ class RetryPolicy:
         backoff_schedule: Visibility timeouts in seconds before each retry.
             After a failed attempt ``n`` the delay is ``backoff_schedule[n-1]``;
             the last value is reused beyond the end of the schedule. Float
-            values are rounded up to whole seconds by :meth:`get_backoff`.
+            values are rounded up to whole seconds.
 
     Example:
         ``RetryPolicy(max_attempts=4, backoff_schedule=[10, 60, 300])`` retries
@@ -52,25 +52,30 @@ class RetryPolicy:
                     "must be a finite number of seconds >= 0",
                 )
 
+    def retry_after(self, attempt: int, max_attempts: int | None = None) -> int | None:
+        """Decide what a transient failure of ``attempt`` (1-based) means: the seconds to wait
+        before the next attempt, or None when the attempts are used up (the command goes to
+        the troubleshooting queue as exhausted).
+
+        ``max_attempts`` is the command's own limit (from ``send``); None means this policy's.
+        This is the one place the worker decides between retry and exhausted.
+        """
+        limit = self.max_attempts if max_attempts is None else max_attempts
+        if attempt >= limit:
+            return None
+        schedule = self.backoff_schedule
+        if not schedule:
+            return _FALLBACK_BACKOFF
+        return math.ceil(schedule[min(max(attempt, 1), len(schedule)) - 1])
+
     def get_backoff(self, attempt: int) -> int:
         """Return the delay in seconds before retrying after ``attempt``.
 
         ``attempt`` is 1-based. Returns 0 when no retry should occur
         (``attempt >= max_attempts``).
         """
-        if attempt >= self.max_attempts:
-            return 0
-        schedule = self.backoff_schedule
-        if not schedule:
-            return _FALLBACK_BACKOFF
-        index = attempt - 1
-        if index < 0:
-            value = schedule[0]
-        elif index < len(schedule):
-            value = schedule[index]
-        else:
-            value = schedule[-1]
-        return math.ceil(value)
+        delay = self.retry_after(attempt)
+        return 0 if delay is None else delay
 
     def should_retry(self, attempt: int) -> bool:
         """Return True if another attempt is allowed after ``attempt``."""

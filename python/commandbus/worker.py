@@ -1,11 +1,11 @@
-"""Worker: runs handlers for one domain. The Rust engine claims commands, keeps leases and
-applies outcomes in batched flushes; this module only runs the handlers."""
+"""Worker: runs handlers for one domain. The Rust engine claims commands (slots, backpressure,
+waiting), keeps leases and applies outcomes in batched flushes; this module runs the handlers
+and decides what each outcome is (the RetryPolicy chooses between retry and exhausted)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import inspect
 import logging
 import signal
@@ -20,6 +20,7 @@ from psycopg_pool import AsyncConnectionPool
 from commandbus import _native
 from commandbus._bridge import call
 from commandbus._dsn import native_dsn, pool_conninfo
+from commandbus._native import Outcome
 from commandbus._sql import command_queue
 from commandbus._validation import decode_json, encode_json, validate_domain
 from commandbus.exceptions import (
@@ -41,9 +42,8 @@ logger = logging.getLogger(__name__)
 
 # Results and error details are stored in the command row: keep them bounded.
 _MAX_RESULT_BYTES = 8 * 1_048_576
-# Outcomes allowed to wait for their flush before claims pause (at least: small workers keep
-# claiming while one flush runs).
-_MIN_UNFLUSHED = 64
+# Most handlers return None: one shared outcome instead of one object per command.
+_SUCCESS = Outcome.success(None)
 
 ClaimedTuple = tuple[int, int, int, Any, str, str, Any, str | None, Any, int]
 
@@ -76,10 +76,6 @@ class _LeaseExtender:
                 self._msg_id,
                 self._attempt,
             )
-
-
-def _next_batch(native: _native.NativeWorker, free: int, completions: _native.Completions) -> int:
-    return native.next_batch(completions, free)
 
 
 def _details_json(details: dict[str, Any]) -> str | None:
@@ -148,10 +144,7 @@ class Worker:
         self._stop_timeout: float | None = None
         self._signal_stop_timeout = 30.0
         self._stopped = asyncio.Event()
-        self._wake = asyncio.Event()
         self._in_flight: set[asyncio.Task[None]] = set()
-        # Claims sent and not yet answered (future -> slots reserved for it).
-        self._claims: dict[asyncio.Future[list[ClaimedTuple]], int] = {}
         self._native: _native.NativeWorker | None = None
         self._step_native: _native.NativeWorker | None = None
         self._executor: ThreadPoolExecutor | None = None
@@ -188,16 +181,8 @@ class Worker:
             poll_interval=poll_interval,
             max_flush=self._max_flush,
             auto_extend=self._auto_extend,
-            # Claims pause while more outcomes than this wait for their flush: a worker holds
-            # at most about 2 x concurrency + this many leases, however slow the database.
-            max_unflushed=max(concurrency, _MIN_UNFLUSHED),
+            concurrency=concurrency,
         )
-
-    def _backoff(self, attempt: int) -> int:
-        schedule = self._retry_policy.backoff_schedule
-        if not schedule:
-            return 30
-        return int(schedule[min(max(attempt, 1) - 1, len(schedule) - 1)])
 
     # -- decoding ------------------------------------------------------------------------
 
@@ -248,19 +233,39 @@ class Worker:
         )
         return ReceivedCommand(command=command, context=context, msg_id=msg_id, metadata=metadata)
 
-    def _outcome_args(self, error: BaseException, attempt: int) -> tuple[Any, ...]:
-        """(kind, result, error_type, error_code, error_msg, error_details, backoff)."""
+    def _failure(
+        self, error: BaseException, attempt: int, max_attempts: int, *, permanent: bool = False
+    ) -> Outcome:
+        """The outcome of a handler error. A transient failure is retried after the retry
+        policy's backoff, or exhausted once `max_attempts` (the command's own, else the
+        policy's) are used up; `permanent` sends any error to the TSQ at once."""
+        if isinstance(error, BusinessRuleException | PermanentCommandError | TransientCommandError):
+            code, message, details = error.code, error.error_message, _details_json(error.details)
+        else:
+            code, message, details = type(error).__name__, str(error), None
         if isinstance(error, BusinessRuleException):
-            return ("BUSINESS_RULE", None, "BUSINESS_RULE", error.code, error.error_message,
-                    _details_json(error.details), 0)  # fmt: skip
-        if isinstance(error, PermanentCommandError):
-            return ("PERMANENT", None, "PERMANENT", error.code, error.error_message,
-                    _details_json(error.details), 0)  # fmt: skip
-        if isinstance(error, TransientCommandError):
-            return ("TRANSIENT", None, "TRANSIENT", error.code, error.error_message,
-                    _details_json(error.details), self._backoff(attempt))  # fmt: skip
-        return ("TRANSIENT", None, "TRANSIENT", type(error).__name__, str(error), None,
-                self._backoff(attempt))  # fmt: skip
+            error_type = "BUSINESS_RULE"
+        elif isinstance(error, PermanentCommandError):
+            error_type = "PERMANENT"
+        else:
+            error_type = "TRANSIENT"
+        if permanent or error_type == "PERMANENT":
+            return Outcome.permanent(code, message, details, error_type)
+        if error_type == "BUSINESS_RULE":
+            return Outcome.business_rule(code, message, details)
+        backoff = self._retry_policy.retry_after(attempt, max_attempts)
+        if backoff is None:
+            return Outcome.exhausted(code, message, details)
+        return Outcome.retry(code, message, details, backoff)
+
+    def _stopped_outcome(self, attempt: int, max_attempts: int) -> Outcome:
+        """A handler cut off at stop: the attempt was made (side effects may be half done), so
+        it counts like a transient failure, and the retry policy decides as for any other; a
+        retry is due at once (the command did nothing wrong)."""
+        code, message = "WORKER_STOPPED", "handler cancelled when its worker stopped"
+        if self._retry_policy.retry_after(attempt, max_attempts) is None:
+            return Outcome.exhausted(code, message, None)
+        return Outcome.retry(code, message, None, 0)
 
     # -- the run loop --------------------------------------------------------------------
 
@@ -282,35 +287,26 @@ class Worker:
         return result
 
     async def _execute(self, native: _native.NativeWorker, item: ClaimedTuple) -> None:
-        msg_id, attempt = item[0], item[1]
+        msg_id, attempt, max_attempts = item[0], item[1], item[2]
         try:
             result = await self._call_handler(*self._decode(native, item))
+            if result is None:
+                native.report(msg_id, attempt, _SUCCESS)
+                return
             try:
-                result_json = (
-                    None if result is None else encode_json(result, "result", _MAX_RESULT_BYTES)
-                )
+                result_json = encode_json(result, "result", _MAX_RESULT_BYTES)
             except (SerializationError, ValidationError) as exc:
                 raise PermanentCommandError("RESULT_NOT_SERIALIZABLE", str(exc)) from exc
-            native.report(msg_id, attempt, "SUCCESS", result_json)
+            native.report(msg_id, attempt, Outcome.success(result_json))
         except asyncio.CancelledError:
-            # Cut off at stop: the attempt was made (side effects may be half done), so it
-            # counts: a transient failure retried at once, and the poison guard still applies.
-            native.report(
-                msg_id, attempt, "TRANSIENT", None, "TRANSIENT", "WORKER_STOPPED",
-                "handler cancelled when its worker stopped", None, 0,
-            )  # fmt: skip
+            native.report(msg_id, attempt, self._stopped_outcome(attempt, max_attempts))
             raise
         except (TransientCommandError, PermanentCommandError, BusinessRuleException) as exc:
             logger.info("command msg_id=%s attempt=%s failed: %s", msg_id, attempt, exc)
-            native.report(msg_id, attempt, *self._outcome_args(exc, attempt))
+            native.report(msg_id, attempt, self._failure(exc, attempt, max_attempts))
         except Exception as exc:
             logger.exception("handler of msg_id=%s attempt=%s raised", msg_id, attempt)
-            native.report(msg_id, attempt, *self._outcome_args(exc, attempt))
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._in_flight.discard(task)
-        if not self._wake.is_set():
-            self._wake.set()
+            native.report(msg_id, attempt, self._failure(exc, attempt, max_attempts))
 
     async def run(
         self,
@@ -352,8 +348,12 @@ class Worker:
         logger.info("worker for %s starting (concurrency=%d)", self._domain, concurrency)
         retention_stop = asyncio.Event()
         retention_task: asyncio.Task[None] | None = None
+        events_task: asyncio.Task[None] | None = None
         try:
             await call(native.start)
+            events_task = asyncio.create_task(
+                self._log_events(native), name=f"rcmd-events-{self._domain}"
+            )
             if self._retention is not None:
                 retention_task = asyncio.create_task(
                     run_retention(
@@ -361,58 +361,25 @@ class Worker:
                     ),
                     name=f"rcmd-retention-{self._domain}",
                 )
-            reported_errors = 0
-            claim_failures = 0
-            # Two claims of half the slots each may be in flight: the next batch is already
-            # being claimed while the current one runs (one claim at a time left the loop
-            # idle for a whole claim round trip per batch). A claim is sent once half the
-            # slots are free (or nothing runs): one round trip per many handlers.
-            chunk = max(1, concurrency // 2)
-            claims = self._claims
-            claims.clear()
+            # The engine claims when slots are free (a slot frees when its outcome is
+            # reported) and hands each claimed batch over here; empty means stopping.
+            in_flight = self._in_flight
             while not self._stop_requested:
-                free = concurrency - len(self._in_flight) - sum(claims.values())
-                if len(claims) < 2 and (free >= chunk or (free > 0 and not self._in_flight)):
-                    size = min(free, chunk)
-                    claims[call(functools.partial(_next_batch, native, size))] = size
+                try:
+                    batch: list[ClaimedTuple] = await call(native.next_batch)
+                except SchemaNotInstalledError:
+                    raise
+                except DatabaseError as exc:
+                    # The database went away for a moment (restart, failover, network): the
+                    # engine retries with backoff; sqlx reconnects underneath.
+                    logger.warning("worker for %s: claim failed (%s), retrying", self._domain, exc)
                     continue
-                self._wake.clear()
-                woken: asyncio.Future[Any] = asyncio.ensure_future(self._wake.wait())
-                waiting: list[asyncio.Future[Any]] = [*claims, woken]
-                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                woken.cancel()
-                for fut in [f for f in claims if f in done]:
-                    del claims[fut]
-                    try:
-                        batch: list[ClaimedTuple] = fut.result()
-                    except SchemaNotInstalledError:
-                        raise
-                    except DatabaseError as exc:
-                        # The database went away for a moment (restart, failover, network):
-                        # keep the worker alive, retry with backoff; sqlx reconnects underneath.
-                        claim_failures += 1
-                        delay = min(0.1 * 2**claim_failures, 5.0)
-                        logger.warning(
-                            "worker for %s: claim failed (%s), retrying in %.1f s",
-                            self._domain, exc, delay,
-                        )  # fmt: skip
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(self._wait_stop(), delay)
-                        continue
-                    claim_failures = 0
-                    for item in batch:
-                        task = asyncio.create_task(self._execute(native, item))
-                        self._in_flight.add(task)
-                        task.add_done_callback(self._task_done)
-                stats = native.stats()
-                errors = int(stats.get("flush_errors") or 0)
-                if errors > reported_errors:
-                    reported_errors = errors
-                    logger.error(
-                        "worker for %s: outcome flush failed: %s",
-                        self._domain,
-                        stats.get("last_error"),
-                    )
+                if not batch:
+                    break
+                for item in batch:
+                    task = asyncio.create_task(self._execute(native, item))
+                    in_flight.add(task)
+                    task.add_done_callback(in_flight.discard)
         finally:
             if handle_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT):
@@ -420,7 +387,22 @@ class Worker:
             if retention_task is not None:
                 retention_stop.set()
                 await retention_task  # logs and swallows prune errors itself
-            await self._shutdown(native)
+            await self._shutdown(native, events_task)
+
+    async def _log_events(self, native: _native.NativeWorker) -> None:
+        """Logs the engine's background failures as they happen, until it shuts down."""
+        while (event := await call(native.next_event)) is not None:
+            kind, message, count = event
+            times = f" ({count} times)" if count > 1 else ""
+            if kind == "flush":
+                logger.error(
+                    "worker for %s: outcome flush failed%s, retrying: %s",
+                    self._domain, times, message,
+                )  # fmt: skip
+            else:
+                logger.warning(
+                    "worker for %s: lease extension failed%s: %s", self._domain, times, message
+                )
 
     def _on_signal(self) -> None:
         if self._stop_requested:
@@ -434,27 +416,19 @@ class Worker:
         self._stop_timeout = self._signal_stop_timeout
         self._request_stop()
 
-    async def _wait_stop(self) -> None:
-        while not self._stop_requested:
-            self._wake.clear()
-            await self._wake.wait()
-
     def _request_stop(self) -> None:
         self._stop_requested = True
         if self._native is not None:
             self._native.stop_claiming()
-        self._wake.set()
 
-    async def _shutdown(self, native: _native.NativeWorker) -> None:
+    async def _shutdown(
+        self, native: _native.NativeWorker, events_task: asyncio.Task[None] | None
+    ) -> None:
         """The stop sequence: stop claiming; let in-flight handlers finish (up to the stop
-        timeout), cancel the rest; flush every outcome; release unreported leases; close."""
+        timeout), cancel the rest; flush every outcome; release unreported leases (batches
+        claimed and never started included); close."""
         native.stop_claiming()
         try:
-            if self._claims:
-                # They answer at once now; what they claimed was never started and is
-                # released by native.shutdown() below (attempt undone).
-                await asyncio.wait(list(self._claims))
-                self._claims.clear()
             if self._in_flight:
                 _done, pending = await asyncio.wait(
                     set(self._in_flight), timeout=self._stop_timeout
@@ -469,7 +443,11 @@ class Worker:
             released = await call(native.shutdown)
             if released:
                 logger.info("worker for %s released %d unfinished commands", self._domain, released)
+            if events_task is not None:
+                await events_task  # ends once the engine is shut down, after the last event
         finally:
+            if events_task is not None and not events_task.done():
+                events_task.cancel()
             if self._executor is not None:
                 self._executor.shutdown(wait=False, cancel_futures=True)
                 self._executor = None
@@ -503,9 +481,9 @@ class Worker:
         items = await call(lambda c: native.receive(c, batch_size, vt))
         return [self._received(native, item) for item in items]
 
-    async def _finish(self, received: ReceivedCommand, args: tuple[Any, ...]) -> bool:
+    async def _finish(self, received: ReceivedCommand, outcome: Outcome) -> bool:
         native, msg_id, attempt = self._step(), received.msg_id, received.context.attempt
-        applied: bool = await call(lambda c: native.finish_now(c, msg_id, attempt, *args))
+        applied: bool = await call(lambda c: native.finish_now(c, msg_id, attempt, outcome))
         if not applied:
             logger.warning(
                 "outcome for command %s ignored: its lease (msg %s, attempt %s) is no longer held",
@@ -515,32 +493,37 @@ class Worker:
             )
         return applied
 
+    def _step_failure(
+        self, received: ReceivedCommand, error: BaseException, *, permanent: bool = False
+    ) -> Outcome:
+        ctx = received.context
+        return self._failure(error, ctx.attempt, ctx.max_attempts, permanent=permanent)
+
     async def complete(
         self, received: ReceivedCommand, result: dict[str, Any] | None = None
     ) -> None:
         """Mark the command COMPLETED (result stored, SUCCESS reply where `reply_to` is set)."""
         result_json = None if result is None else encode_json(result, "result", _MAX_RESULT_BYTES)
-        await self._finish(received, ("SUCCESS", result_json))
+        await self._finish(received, Outcome.success(result_json))
 
     async def fail(
         self, received: ReceivedCommand, error: Exception, is_transient: bool = True
     ) -> None:
         """Record a failure: retry after the backoff, or the TSQ once attempts are used up.
         With `is_transient=False` the command goes to the TSQ at once."""
-        args = self._outcome_args(error, received.context.attempt)
-        if not is_transient:
-            args = ("PERMANENT", *args[1:6], 0)
-        await self._finish(received, args)
+        await self._finish(
+            received, self._step_failure(received, error, permanent=not is_transient)
+        )
 
     async def fail_permanent(self, received: ReceivedCommand, error: PermanentCommandError) -> None:
         """Move the command to the troubleshooting queue."""
-        await self._finish(received, self._outcome_args(error, received.context.attempt))
+        await self._finish(received, self._step_failure(received, error))
 
     async def fail_business_rule(
         self, received: ReceivedCommand, error: BusinessRuleException
     ) -> None:
         """Mark the command FAILED (FAILED reply where `reply_to` is set)."""
-        await self._finish(received, self._outcome_args(error, received.context.attempt))
+        await self._finish(received, self._step_failure(received, error))
 
     async def close(self) -> None:
         """Release the step API's unfinished leases and close its connections."""

@@ -596,9 +596,12 @@ END $$;
 
 -- Applies handler outcomes of one domain in one call (the worker's flush). Outcome codes:
 -- SUCCESS -> COMPLETED (result stored, message deleted, SUCCESS reply);
--- TRANSIENT -> retry after the backoff (message visibility pushed forward), or the TSQ with
---   reason EXHAUSTED once the command's own max_attempts is used up;
+-- RETRY -> a transient failure retried after the backoff (message visibility pushed forward);
+-- EXHAUSTED -> a transient failure of the last allowed attempt: the TSQ with reason EXHAUSTED;
 -- PERMANENT -> the TSQ at once; BUSINESS_RULE -> FAILED with a FAILED reply.
+-- The worker's retry policy chooses between RETRY and EXHAUSTED (it knows the command's
+-- max_attempts from the claim); this function applies what it is told. p_default_max_attempts
+-- only fills the audit details of commands sent without a max_attempts.
 -- Fenced: a row applies only while the command is IN_PROGRESS under the same (msg_id, attempt)
 -- lease; a late outcome from an expired lease changes nothing and is not returned.
 -- Batch counters move in one row update per batch per call (apply_batch_delta_v1).
@@ -633,8 +636,18 @@ DECLARE
     v_reply_q TEXT[];
     v_reply_msg JSONB[];
     v_batches BIGINT;
+    v_bad TEXT;
     r RECORD;
 BEGIN
+    -- An unknown code (a caller that still sends TRANSIENT and expects this function to choose)
+    -- fails the whole flush instead of leaving a row without a status.
+    SELECT coalesce(o.code, 'NULL') INTO v_bad FROM unnest(p_outcomes) AS o(code)
+    WHERE o.code IS NULL OR o.code NOT IN ('SUCCESS', 'RETRY', 'EXHAUSTED', 'PERMANENT', 'BUSINESS_RULE')
+    LIMIT 1;
+    IF v_bad IS NOT NULL THEN
+        RAISE EXCEPTION 'invalid outcome code (SUCCESS, RETRY, EXHAUSTED, PERMANENT or BUSINESS_RULE)'
+            USING ERRCODE = 'CB003', DETAIL = v_bad;
+    END IF;
     WITH i AS (
         SELECT * FROM unnest(p_command_ids, p_msg_ids, p_attempts, p_outcomes, p_results, p_error_types,
                              p_error_codes, p_error_msgs, p_error_details, p_backoffs)
@@ -644,10 +657,9 @@ BEGIN
         SET status = CASE
                 WHEN i.outcome = 'SUCCESS' THEN 'COMPLETED'
                 WHEN i.outcome = 'BUSINESS_RULE' THEN 'FAILED'
-                WHEN i.outcome = 'PERMANENT' THEN 'IN_TROUBLESHOOTING_QUEUE'
-                WHEN i.att >= coalesce(c.max_attempts, p_default_max_attempts) THEN 'IN_TROUBLESHOOTING_QUEUE'
+                WHEN i.outcome IN ('PERMANENT', 'EXHAUSTED') THEN 'IN_TROUBLESHOOTING_QUEUE'
                 -- Waiting out the backoff: PENDING also fences a repeated outcome for this lease.
-                ELSE 'PENDING' END,
+                WHEN i.outcome = 'RETRY' THEN 'PENDING' END,
             result = CASE WHEN i.outcome = 'SUCCESS' THEN i.result ELSE c.result END,
             last_error_type = CASE WHEN i.outcome = 'SUCCESS' THEN c.last_error_type ELSE i.etype END,
             last_error_code = CASE WHEN i.outcome = 'SUCCESS' THEN c.last_error_code ELSE i.ecode END,
@@ -684,10 +696,10 @@ BEGIN
                END
         FROM upd u CROSS JOIN LATERAL (VALUES
             (1, 'COMPLETED', u.outcome = 'SUCCESS'),
-            (2, 'FAILED', u.outcome = 'TRANSIENT'),
-            (3, 'RETRY_SCHEDULED', u.outcome = 'TRANSIENT' AND u.status = 'PENDING'),
-            (4, 'RETRY_EXHAUSTED', u.outcome = 'TRANSIENT' AND u.status = 'IN_TROUBLESHOOTING_QUEUE'),
-            (5, 'MOVED_TO_TSQ', u.outcome = 'TRANSIENT' AND u.status = 'IN_TROUBLESHOOTING_QUEUE'),
+            (2, 'FAILED', u.outcome IN ('RETRY', 'EXHAUSTED')),
+            (3, 'RETRY_SCHEDULED', u.outcome = 'RETRY'),
+            (4, 'RETRY_EXHAUSTED', u.outcome = 'EXHAUSTED'),
+            (5, 'MOVED_TO_TSQ', u.outcome = 'EXHAUSTED'),
             (6, 'MOVED_TO_TSQ', u.outcome = 'PERMANENT'),
             (7, 'BUSINESS_RULE_FAILED', u.outcome = 'BUSINESS_RULE')
         ) AS e(k, ev, keep)

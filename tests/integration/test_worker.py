@@ -488,6 +488,35 @@ async def test_step_api_close_releases_unfinished_leases(pool: AsyncConnectionPo
         await other.close()
 
 
+async def test_batches_claimed_but_never_taken_are_released_at_shutdown(
+    pool: AsyncConnectionPool[Any],
+) -> None:
+    """The engine's claim loop holds what it claimed until Python takes it: an await of
+    next_batch that is cancelled (its batch dropped on the floor), and a batch nobody asked
+    for, lose nothing; shutdown releases both (attempt undone, visible now)."""
+    from commandbus._bridge import call
+
+    bus = CommandBus(pool)
+    ids = [uuid4() for _ in range(5)]
+    for cid in ids:
+        await bus.send("orders", "T", cid, {})
+    worker = Worker(pool, "orders", HandlerRegistry(), visibility_timeout=300)
+    native = worker._new_native(use_notify=False, poll_interval=0.05, concurrency=8)
+    await call(native.start)
+    taken = call(native.next_batch)
+    taken.cancel()
+    await wait_until(_is(lambda: native.stats()["claimed"] == 5))
+    assert await call(native.shutdown) == 5
+    for cid in ids:
+        meta = await bus.get_command("orders", cid)
+        assert meta is not None and meta.status.value == "PENDING" and meta.attempts == 0
+        assert (await events(pool, cid))[-1] == "RELEASED"
+    [(visible,)] = await fetch(
+        pool, "SELECT count(*) FROM pgmq.q_orders__commands WHERE vt <= clock_timestamp()"
+    )
+    assert visible == 5
+
+
 async def test_step_api_fail_variants(pool: AsyncConnectionPool[Any]) -> None:
     """The predecessor's step API: fail (retry / TSQ when exhausted), fail_permanent,
     fail_business_rule."""
@@ -595,7 +624,7 @@ async def test_claims_pause_while_outcomes_wait_for_a_slow_flush(
 
 async def test_no_index_covers_a_column_the_hot_path_writes(pool: AsyncConnectionPool[Any]) -> None:
     """Claims and flushes update command rows in place (HOT) only while no index, nor any
-    partial index's predicate, uses a column they change (V007); an index on one of them
+    partial index's predicate, uses a column they change; an index on one of them
     would silently cost every command a write into every index of the table."""
     hot = {"status", "attempts", "updated_at", "last_error_type", "last_error_code",
            "last_error_msg", "result"}  # fmt: skip
@@ -642,7 +671,7 @@ async def test_claims_take_messages_in_the_order_they_became_visible(
 async def test_one_claim_sorts_claimable_poison_orphan_and_stale_messages(
     pool: AsyncConnectionPool[Any],
 ) -> None:
-    """V009: the claim's UPDATE leaves out commands whose attempts are used up, and only the
+    """The claim's UPDATE leaves out commands whose attempts are used up, and only the
     messages it did not claim are looked up again. One claim that reads all five kinds."""
     bus = CommandBus(pool)
     done, last, poison, normal, orphan = (uuid4() for _ in range(5))
@@ -692,7 +721,7 @@ async def test_one_claim_sorts_claimable_poison_orphan_and_stale_messages(
 async def test_all_success_flush_writes_what_the_general_flush_writes(
     pool: AsyncConnectionPool[Any],
 ) -> None:
-    """V009: a flush of SUCCESS outcomes only goes through complete_commands_v1; it must leave
+    """A flush of SUCCESS outcomes only goes through complete_commands_v1; it must leave
     the rows finish_commands_v1 leaves for SUCCESS: command row, COMPLETED audit details,
     reply, deleted message, batch counters (and the batch's completion)."""
     from commandbus import BatchCommand
@@ -824,7 +853,7 @@ async def test_claim_leaves_the_callers_planner_settings_alone(
 async def test_a_lease_whose_claim_never_ran_comes_back_with_attempts_untouched(
     pool: AsyncConnectionPool[Any],
 ) -> None:
-    """V009: the engine leases messages in one transaction and claims their commands in a
+    """The engine leases messages in one transaction and claims their commands in a
     second. A worker that dies between the two leaves leased messages and unchanged commands:
     once the lease expires the command is claimed as attempt 1, since no handler ran. The first
     step's asynchronous commit stays inside its own transaction."""
@@ -865,7 +894,7 @@ async def test_a_lease_whose_claim_never_ran_comes_back_with_attempts_untouched(
 async def test_an_expired_lease_without_a_claim_is_attempt_one_again(
     pool: AsyncConnectionPool[Any],
 ) -> None:
-    """The poison guard counts claims, not leases: a lease lost before its claim (V009) does
+    """The poison guard counts claims, not leases: a lease lost before its claim does
     not use up an attempt."""
     bus = CommandBus(pool)
     cid = uuid4()
@@ -897,3 +926,151 @@ async def _lease_only(pool: AsyncConnectionPool[Any]) -> list[int]:
         await cur.execute("SHOW synchronous_commit")
         assert await cur.fetchone() == ("on",)
     return list(leased)
+
+
+async def test_flush_failures_are_logged_as_they_happen_and_lose_nothing(
+    pool: AsyncConnectionPool[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The flush statement disappears while the worker runs: each failed flush reaches logging
+    (ERROR, logger commandbus.*) while the worker still runs, the outcomes stay held and are
+    retried, and once the statement is back every command is applied exactly once."""
+    registry = HandlerRegistry()
+
+    @registry.handler("orders", "Ping")
+    async def ping(cmd: Command, ctx: HandlerContext) -> None:
+        return None
+
+    bus = CommandBus(pool)
+    ids = [uuid4() for _ in range(20)]
+    await bus.send_batch(
+        [SendRequest(domain="orders", command_type="Ping", command_id=cid, data={}) for cid in ids]
+    )
+    signature = "commandbus.%s(TEXT, UUID[], BIGINT[], INT[], JSONB[])"
+    async with pool.connection() as conn:
+        await conn.execute(
+            f"ALTER FUNCTION {signature % 'complete_commands_v1'} RENAME TO complete_commands_off"
+        )
+    caplog.set_level("ERROR", logger="commandbus")
+    worker = Worker(pool, "orders", registry)
+    try:
+        async with running(worker):
+
+            def flush_errors() -> list[Any]:
+                return [
+                    r
+                    for r in caplog.records
+                    if r.levelname == "ERROR"
+                    and r.name.startswith("commandbus")
+                    and "outcome flush failed" in r.getMessage()
+                ]
+
+            async def logged() -> bool:
+                return bool(flush_errors())
+
+            await wait_until(logged, timeout=10)
+            assert worker.is_running
+            assert "complete_commands_v1" in flush_errors()[0].getMessage()
+            [(done,)] = await fetch(
+                pool, "SELECT count(*) FROM commandbus.command WHERE status = 'COMPLETED'"
+            )
+            assert done == 0
+            async with pool.connection() as conn:
+                await conn.execute(
+                    f"ALTER FUNCTION {signature % 'complete_commands_off'}"
+                    " RENAME TO complete_commands_v1"
+                )
+            for cid in ids:
+                await wait_status(pool, "orders", cid, "COMPLETED")
+    finally:
+        async with pool.connection() as conn:
+            await conn.execute(
+                "DO $$ BEGIN ALTER FUNCTION"
+                " commandbus.complete_commands_off(TEXT, UUID[], BIGINT[], INT[], JSONB[])"
+                " RENAME TO complete_commands_v1;"
+                " EXCEPTION WHEN undefined_function THEN NULL; END $$"
+            )
+    for cid in ids:
+        assert (await events(pool, cid)).count("COMPLETED") == 1
+    assert await queue_depth(pool, "orders__commands") == 0
+    assert worker.stats()["flush_errors"] >= 1
+
+
+async def test_a_claim_failing_for_a_missing_schema_ends_the_run(
+    pool: AsyncConnectionPool[Any],
+) -> None:
+    """A claim failure that means the schema is gone (undefined function) ends the run with
+    SchemaNotInstalledError, after the stop sequence (other claim failures are retried: see
+    test_worker_survives_its_connections_being_killed)."""
+    from commandbus import SchemaNotInstalledError
+
+    registry = HandlerRegistry()
+
+    @registry.handler("orders", "Ping")
+    async def ping(cmd: Command, ctx: HandlerContext) -> None:
+        return None
+
+    lease = "commandbus.%s(TEXT, INT, INT, BOOLEAN)"
+    worker = Worker(pool, "orders", registry)
+    task = asyncio.create_task(worker.run(concurrency=4, poll_interval=0.05))
+    try:
+        await wait_until(_is(lambda: worker.is_running and worker.stats().get("claimed") == 0))
+        async with pool.connection() as conn:
+            await conn.execute(f"ALTER FUNCTION {lease % 'lease_messages_v1'} RENAME TO lease_off")
+        with pytest.raises(SchemaNotInstalledError):
+            await asyncio.wait_for(task, 10)
+        assert not worker.is_running
+    finally:
+        async with pool.connection() as conn:
+            await conn.execute(
+                "DO $$ BEGIN ALTER FUNCTION commandbus.lease_off(TEXT, INT, INT, BOOLEAN)"
+                " RENAME TO lease_messages_v1; EXCEPTION WHEN undefined_function THEN NULL; END $$"
+            )
+        if not task.done():
+            await worker.stop(timeout=1)
+    # The worker works again once the schema is back.
+    cid = uuid4()
+    await CommandBus(pool).send("orders", "Ping", cid, {})
+    async with running(Worker(pool, "orders", registry)):
+        await wait_status(pool, "orders", cid, "COMPLETED")
+
+
+async def test_the_retry_policy_decides_with_the_commands_own_max_attempts(
+    pool: AsyncConnectionPool[Any],
+) -> None:
+    """The worker's RetryPolicy decides retry or exhausted: the command's max_attempts (4) over
+    the policy's (2), the schedule's last value reused past its end and rounded up."""
+    registry = HandlerRegistry()
+    calls = 0
+
+    @registry.handler("orders", "Flaky")
+    async def flaky(cmd: Command, ctx: HandlerContext) -> None:
+        nonlocal calls
+        calls += 1
+        assert ctx.max_attempts == 4
+        raise TransientCommandError("TIMEOUT", "gateway timeout")
+
+    schedule: Any = [0.01]
+    policy = RetryPolicy(max_attempts=2, backoff_schedule=schedule)
+    cid = uuid4()
+    await CommandBus(pool).send("orders", "Flaky", cid, {}, max_attempts=4)
+    async with running(Worker(pool, "orders", registry, retry_policy=policy)):
+        await wait_status(pool, "orders", cid, "IN_TROUBLESHOOTING_QUEUE")
+    assert calls == 4
+    rows = await fetch(
+        pool,
+        "SELECT event_type, details_json FROM commandbus.audit WHERE command_id = %s"
+        " AND event_type IN ('RETRY_SCHEDULED', 'RETRY_EXHAUSTED', 'MOVED_TO_TSQ')"
+        " ORDER BY audit_id",
+        cid,
+    )
+    assert [r[0] for r in rows] == ["RETRY_SCHEDULED"] * 3 + ["RETRY_EXHAUSTED", "MOVED_TO_TSQ"]
+    assert [r[1]["backoff_seconds"] for r in rows[:3]] == [1, 1, 1]
+    assert rows[3][1] == {"msg_id": rows[3][1]["msg_id"], "attempt": 4, "max_attempts": 4}
+    assert rows[4][1]["reason"] == "EXHAUSTED" and rows[4][1]["max_attempts"] == 4
+
+
+def _is(check: Any) -> Any:
+    async def wrapped() -> bool:
+        return bool(check())
+
+    return wrapped

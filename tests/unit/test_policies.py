@@ -104,3 +104,37 @@ def test_rejects_non_list_schedule(schedule: object) -> None:
         RetryPolicy(backoff_schedule=schedule)  # type: ignore[arg-type]
     assert info.value.field == "backoff_schedule"
     assert repr(schedule) in str(info.value)
+
+
+def test_retry_after_decides_retry_or_exhausted_with_the_policy_limit() -> None:
+    policy = RetryPolicy(max_attempts=3, backoff_schedule=[10, 60])
+    assert [policy.retry_after(n) for n in (1, 2, 3, 4)] == [10, 60, None, None]
+
+
+def test_retry_after_obeys_the_commands_own_max_attempts() -> None:
+    policy = RetryPolicy(max_attempts=2, backoff_schedule=[5, 7])
+    # More attempts than the policy allows: the schedule goes on past the policy's limit.
+    assert [policy.retry_after(n, 4) for n in (1, 2, 3, 4)] == [5, 7, 7, None]
+    # Fewer: exhausted sooner.
+    assert policy.retry_after(1, 1) is None
+    assert policy.retry_after(1, None) == 5
+
+
+def test_retry_after_rounds_floats_up_and_keeps_zero() -> None:
+    schedule: Any = [0.2, 1.5, 0]
+    policy = RetryPolicy(max_attempts=9, backoff_schedule=schedule)
+    values = [policy.retry_after(n) for n in (1, 2, 3, 4)]
+    assert values == [1, 2, 0, 0]
+    assert all(type(v) is int for v in values)
+
+
+def test_retry_after_empty_schedule_falls_back_to_30() -> None:
+    policy = RetryPolicy(max_attempts=3, backoff_schedule=[])
+    assert [policy.retry_after(n) for n in (0, 1, 2, 3)] == [30, 30, 30, None]
+    assert policy.retry_after(5, 10) == 30
+
+
+def test_get_backoff_is_retry_after_with_zero_for_exhausted() -> None:
+    policy = RetryPolicy(max_attempts=4, backoff_schedule=[3, 9])
+    for n in range(-1, 7):
+        assert policy.get_backoff(n) == (policy.retry_after(n) or 0)

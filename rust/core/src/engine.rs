@@ -13,7 +13,7 @@ use tokio::task::{JoinError, JoinHandle};
 use uuid::Uuid;
 
 use crate::error::{CoreError, CoreResult};
-use crate::outcome::{FinishColumns, Lease, Outcome};
+use crate::outcome::{FinishColumns, Lease, Report};
 use crate::sql;
 
 /// A pooled connection idle for this long is pinged before it is handed out again.
@@ -172,10 +172,6 @@ impl Engine {
             })
             .connect_lazy_with(opts);
         Ok(Engine { pool })
-    }
-
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
     }
 
     pub async fn close(&self) {
@@ -426,10 +422,10 @@ impl Engine {
         Ok(msg_ids)
     }
 
-    /// Claims up to `qty` commands for `vt` seconds, in two transactions on one connection
-    /// (V009): the messages are leased and committed at once, so the queue rows are locked
-    /// only while they are read (other claims walk past locked rows one by one), then the
-    /// leased messages' commands are claimed. If the second step fails, the leases expire and
+    /// Claims up to `qty` commands for `vt` seconds, in two transactions on one connection:
+    /// the messages are leased and committed at once, so the queue rows are locked only while
+    /// they are read (other claims walk past locked rows one by one), then the leased
+    /// messages' commands are claimed. If the second step fails, the leases expire and
     /// the messages come back with their attempts untouched: no handler ran.
     pub async fn claim(&self, domain: &str, vt: i32, qty: i32, default_max_attempts: i32) -> CoreResult<Vec<Claimed>> {
         if qty <= 0 {
@@ -456,14 +452,15 @@ impl Engine {
 
     /// Applies outcomes in one transaction; returns the (command_id, new status) of those the
     /// fence let through. A flush of SUCCESS outcomes only goes through `complete_commands_v1`
-    /// (V009), any other through `finish_commands_v1`.
+    /// (fewer columns, no failure audit kinds), any other through `finish_commands_v1`.
+    /// `default_max_attempts` only fills the audit details of commands sent without one.
     pub async fn finish(
         &self,
         domain: &str,
-        outcomes: Vec<Outcome>,
+        reports: Vec<Report>,
         default_max_attempts: i32,
     ) -> CoreResult<Vec<(Uuid, String)>> {
-        let cols = FinishColumns::from_outcomes(outcomes);
+        let cols = FinishColumns::from_reports(reports);
         if cols.is_empty() {
             return Ok(Vec::new());
         }

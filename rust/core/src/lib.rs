@@ -4,11 +4,13 @@
 
 pub mod engine;
 pub mod error;
+pub mod events;
 pub mod outcome;
 pub mod sql;
 pub mod worker;
 
 pub use engine::{Claimed, Engine, EngineConfig, SendBatch, SendFailure, SendUnit};
 pub use error::{CoreError, CoreResult};
-pub use outcome::{Lease, Outcome, OutcomeKind};
+pub use events::{EventKind, WorkerEvent};
+pub use outcome::{Failure, Lease, Outcome, Report};
 pub use worker::{WorkerConfig, WorkerCore, WorkerStats};

@@ -1,9 +1,11 @@
-//! The worker's hot path: claim loop (NOTIFY wake-up, polling fallback), lease tracking, lease
-//! keeper, outcome flusher and the shutdown sequence. Python only runs handlers: it awaits
-//! `next_batch`, and reports each outcome with `report`, a non-blocking push into a channel.
+//! The worker's hot path: the claim loop (in `claim_loop.rs`: slot accounting, claims in flight,
+//! backpressure, NOTIFY wake-up with polling fallback, claim retries), lease tracking, lease
+//! keeper, outcome flusher, background-failure events and the shutdown sequence. Python only
+//! runs handlers: it awaits `next_batch`, and reports each outcome with `report`, a
+//! non-blocking push into a channel that frees the command's slot.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -13,8 +15,15 @@ use uuid::Uuid;
 
 use crate::engine::{Claimed, Engine};
 use crate::error::{CoreError, CoreResult};
-use crate::outcome::{Lease, Outcome};
+use crate::events::{EventKind, Events, WorkerEvent};
+use crate::outcome::{Lease, Outcome, Report};
 use crate::sql;
+
+mod claim_loop;
+
+/// Outcomes allowed to wait for their flush before claims pause, at least: a small worker
+/// keeps claiming while one flush runs.
+const MIN_UNFLUSHED: usize = 64;
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -27,10 +36,13 @@ pub struct WorkerConfig {
     pub poll_interval: Duration,
     /// Most outcomes applied in one flush.
     pub max_flush: usize,
-    /// `next_batch` claims nothing while more outcomes than this wait for their flush, so the
-    /// leases a worker holds stay bounded when the database applies outcomes more slowly than
-    /// handlers produce them (unbounded, the claimed-but-unfinished messages piled up, every
-    /// claim had to scan past them, and their leases could expire into redeliveries).
+    /// Handlers that run at once: leases claimed and not yet reported (running, or claimed and
+    /// waiting to be taken) plus those being claimed never exceed it.
+    pub concurrency: usize,
+    /// Claims pause while more outcomes than this wait for their flush, so the leases a worker
+    /// holds stay bounded when the database applies outcomes more slowly than handlers produce
+    /// them (unbounded, the claimed-but-unfinished messages piled up, every claim had to scan
+    /// past them, and their leases could expire into redeliveries).
     pub max_unflushed: usize,
     /// Keep extending the leases of running handlers (for handlers longer than the timeout).
     pub auto_extend: bool,
@@ -45,9 +57,18 @@ impl WorkerConfig {
             use_notify: true,
             poll_interval: Duration::from_secs(1),
             max_flush: 1000,
-            max_unflushed: 1000,
+            concurrency: 1,
+            max_unflushed: MIN_UNFLUSHED,
             auto_extend: false,
         }
+    }
+
+    /// Sets the concurrency and the backpressure threshold that goes with it: an outcome counts
+    /// as in flight until it is applied, so claims cannot outrun a slow database.
+    pub fn with_concurrency(mut self, concurrency: usize) -> Self {
+        self.concurrency = concurrency.max(1);
+        self.max_unflushed = self.concurrency.max(MIN_UNFLUSHED);
+        self
     }
 }
 
@@ -77,7 +98,7 @@ pub struct WorkerStats {
 }
 
 enum FlushMsg {
-    Outcome(Outcome),
+    Report(Report),
     Barrier(oneshot::Sender<()>),
 }
 
@@ -85,17 +106,28 @@ pub struct WorkerCore {
     engine: Engine,
     cfg: WorkerConfig,
     queue: String,
-    /// Leases claimed and not yet reported, keyed by (msg_id, attempt).
+    /// Leases claimed and not yet reported, keyed by (msg_id, attempt): the slots in use.
     in_flight: Mutex<HashMap<(i64, i32), Uuid>>,
+    /// Slots reserved by the claims in flight.
+    reserved: AtomicUsize,
+    /// Claimed batches (or claim failures) not yet taken by `next_batch`.
+    ready: Mutex<VecDeque<CoreResult<Vec<Claimed>>>>,
+    batch_ready: Notify,
+    /// Notified by `report` when enough slots are free for a claim.
+    slot_freed: Notify,
     outcomes: Mutex<Option<mpsc::UnboundedSender<FlushMsg>>>,
     /// Outcomes reported and not yet through `flush_with_retry`.
     unflushed: AtomicUsize,
-    /// Notified after every flush (wakes a `next_batch` held back by `max_unflushed`).
+    /// Notified after every flush (wakes a claim held back by `max_unflushed`).
     flushed: Notify,
     stop_tx: watch::Sender<bool>,
-    wake: Arc<Notify>,
-    counters: Arc<Counters>,
-    last_error: Arc<Mutex<Option<String>>>,
+    /// NOTIFY from the queue: messages arrived.
+    wake: Notify,
+    started: AtomicBool,
+    events: Events,
+    counters: Counters,
+    last_error: Mutex<Option<String>>,
+    claim_loop: Mutex<Option<JoinHandle<()>>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -113,23 +145,26 @@ impl WorkerCore {
             cfg,
             queue,
             in_flight: Mutex::new(HashMap::new()),
+            reserved: AtomicUsize::new(0),
+            ready: Mutex::new(VecDeque::new()),
+            batch_ready: Notify::new(),
+            slot_freed: Notify::new(),
             outcomes: Mutex::new(None),
             unflushed: AtomicUsize::new(0),
             flushed: Notify::new(),
             stop_tx,
-            wake: Arc::new(Notify::new()),
-            counters: Arc::new(Counters::default()),
-            last_error: Arc::new(Mutex::new(None)),
+            wake: Notify::new(),
+            started: AtomicBool::new(false),
+            events: Events::default(),
+            counters: Counters::default(),
+            last_error: Mutex::new(None),
+            claim_loop: Mutex::new(None),
             tasks: Mutex::new(Vec::new()),
         })
     }
 
     pub fn config(&self) -> &WorkerConfig {
         &self.cfg
-    }
-
-    pub fn engine(&self) -> &Engine {
-        &self.engine
     }
 
     fn stopping(&self) -> bool {
@@ -141,7 +176,8 @@ impl WorkerCore {
     }
 
     /// Creates the queue if needed and starts the flusher, the listener and the lease keeper.
-    /// Must run inside the tokio runtime.
+    /// Must run inside the tokio runtime. The claim loop starts with the first `next_batch`, so
+    /// a caller that claims with `claim_now` (the step API) holds only what it asked for.
     pub async fn start(self: &Arc<Self>) -> CoreResult<()> {
         if lock(&self.outcomes).is_some() {
             return Ok(());
@@ -158,6 +194,7 @@ impl WorkerCore {
         if self.cfg.auto_extend {
             tasks.push(tokio::spawn(Self::lease_keeper(Arc::clone(self))));
         }
+        self.started.store(true, Ordering::Release);
         Ok(())
     }
 
@@ -169,7 +206,8 @@ impl WorkerCore {
         self.counters.claimed.fetch_add(claimed.len() as u64, Ordering::Relaxed);
     }
 
-    /// Claims up to `max` commands now, without waiting (the step API's `receive`).
+    /// Claims up to `max` commands now, without waiting (the step API's `receive`, and each
+    /// claim of the loop).
     pub async fn claim_now(&self, max: usize, visibility_timeout: i32) -> CoreResult<Vec<Claimed>> {
         if self.stopping() {
             return Err(CoreError::Closed("worker"));
@@ -187,47 +225,21 @@ impl WorkerCore {
         Ok(claimed)
     }
 
-    /// Waits until at least one command can be claimed (NOTIFY wake-up, or polling every
-    /// `poll_interval`), claims up to `max`, and returns them; returns an empty batch once the
-    /// worker is stopping. Claimed leases are registered before they are returned, so a caller
-    /// that goes away cannot lose them: shutdown releases whatever was never reported.
-    pub async fn next_batch(&self, max: usize) -> CoreResult<Vec<Claimed>> {
-        let mut stop_rx = self.stop_tx.subscribe();
-        loop {
-            if *stop_rx.borrow_and_update() {
-                return Ok(Vec::new());
-            }
-            // Backpressure: no new leases while the flusher is behind.
-            let flushed = self.flushed.notified();
-            if self.unflushed.load(Ordering::Acquire) > self.cfg.max_unflushed {
-                tokio::select! {
-                    _ = flushed => {}
-                    // A flush ends with notify_waiters; re-check now and then regardless.
-                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-                    _ = stop_rx.changed() => {}
-                }
-                continue;
-            }
-            let claimed = self.claim_now(max, self.cfg.visibility_timeout).await?;
-            if !claimed.is_empty() {
-                return Ok(claimed);
-            }
-            tokio::select! {
-                _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(self.cfg.poll_interval) => {}
-                _ = stop_rx.changed() => {}
-            }
-        }
+    /// The next problem worth a log line (flush or lease extension failures, repeats folded
+    /// into one with a count); None once the worker is shut down and nothing is left.
+    pub async fn next_event(&self) -> Option<WorkerEvent> {
+        self.events.next().await
     }
 
-    fn take_lease(&self, msg_id: i64, attempt: i32) -> Option<Lease> {
-        lock(&self.in_flight)
-            .remove(&(msg_id, attempt))
-            .map(|command_id| Lease {
-                command_id,
-                msg_id,
-                attempt,
-            })
+    /// Removes a held lease; also returns how many are held after it.
+    fn take_lease(&self, msg_id: i64, attempt: i32) -> (Option<Lease>, usize) {
+        let mut map = lock(&self.in_flight);
+        let lease = map.remove(&(msg_id, attempt)).map(|command_id| Lease {
+            command_id,
+            msg_id,
+            attempt,
+        });
+        (lease, map.len())
     }
 
     pub fn lease(&self, msg_id: i64, attempt: i32) -> Option<Lease> {
@@ -238,31 +250,36 @@ impl WorkerCore {
         })
     }
 
-    /// Queues an outcome for the next flush. Returns false when this worker holds no such lease
-    /// (already reported, or released).
-    pub fn report(&self, mut outcome: Outcome) -> CoreResult<bool> {
+    /// Queues an outcome for the next flush; its slot is free from now on. Returns false when
+    /// this worker holds no such lease (already reported, or released).
+    pub fn report(&self, msg_id: i64, attempt: i32, outcome: Outcome) -> CoreResult<bool> {
         let sender = lock(&self.outcomes).clone().ok_or(CoreError::Closed("worker"))?;
-        let Some(lease) = self.take_lease(outcome.lease.msg_id, outcome.lease.attempt) else {
+        let (Some(lease), held) = self.take_lease(msg_id, attempt) else {
             return Ok(false);
         };
-        outcome.lease = lease;
         self.unflushed.fetch_add(1, Ordering::AcqRel);
-        if sender.send(FlushMsg::Outcome(outcome)).is_err() {
+        if sender.send(FlushMsg::Report(Report { lease, outcome })).is_err() {
             self.unflushed.fetch_sub(1, Ordering::AcqRel);
             return Err(CoreError::Closed("worker"));
+        }
+        if self.claim_size(held).is_some() {
+            self.slot_freed.notify_one();
         }
         Ok(true)
     }
 
     /// Applies one outcome now and returns whether the fence let it through (the step API).
-    pub async fn finish_now(&self, mut outcome: Outcome) -> CoreResult<bool> {
-        let Some(lease) = self.take_lease(outcome.lease.msg_id, outcome.lease.attempt) else {
+    pub async fn finish_now(&self, msg_id: i64, attempt: i32, outcome: Outcome) -> CoreResult<bool> {
+        let (Some(lease), _) = self.take_lease(msg_id, attempt) else {
             return Ok(false);
         };
-        outcome.lease = lease;
         let applied = self
             .engine
-            .finish(&self.cfg.domain, vec![outcome], self.cfg.default_max_attempts)
+            .finish(
+                &self.cfg.domain,
+                vec![Report { lease, outcome }],
+                self.cfg.default_max_attempts,
+            )
             .await?;
         Ok(!applied.is_empty())
     }
@@ -287,19 +304,25 @@ impl WorkerCore {
         Ok(())
     }
 
-    /// First step of a stop: `next_batch` returns at once (empty) and claims no more; outcomes
-    /// can still be reported until `shutdown`.
+    /// First step of a stop: claims end, `next_batch` returns at once (empty); outcomes can
+    /// still be reported until `shutdown`.
     pub fn stop_claiming(&self) {
         self.stop_tx.send_replace(true);
         self.wake.notify_waiters();
     }
 
-    /// The graceful-stop sequence: stop claiming, apply every reported outcome, release the
-    /// leases whose outcome never came (unstarted or abandoned handlers), stop the tasks, close
-    /// the pool. Returns how many leases were released.
+    /// The graceful-stop sequence: stop claiming, wait for the claims in flight, apply every
+    /// reported outcome, release the leases whose outcome never came (batches never taken,
+    /// abandoned handlers), stop the tasks, close the pool. Returns how many leases were
+    /// released.
     pub async fn shutdown(&self) -> CoreResult<i32> {
         self.stop_claiming();
+        let claim_loop = lock(&self.claim_loop).take();
+        if let Some(handle) = claim_loop {
+            let _ = handle.await;
+        }
         self.flush().await?;
+        lock(&self.ready).clear();
         let leases: Vec<Lease> = lock(&self.in_flight)
             .drain()
             .map(|((msg_id, attempt), command_id)| Lease {
@@ -315,6 +338,7 @@ impl WorkerCore {
             let _ = t.await;
         }
         self.engine.close().await;
+        self.events.close();
         let released = released?;
         self.counters
             .released
@@ -347,7 +371,7 @@ impl WorkerCore {
             let mut next = Some(first);
             while let Some(msg) = next.take() {
                 match msg {
-                    FlushMsg::Outcome(o) => batch.push(o),
+                    FlushMsg::Report(r) => batch.push(r),
                     FlushMsg::Barrier(b) => barriers.push(b),
                 }
                 if batch.len() < max {
@@ -366,7 +390,7 @@ impl WorkerCore {
         }
     }
 
-    async fn flush_with_retry(&self, batch: Vec<Outcome>) {
+    async fn flush_with_retry(&self, batch: Vec<Report>) {
         let n = batch.len() as u64;
         let mut delay = Duration::from_millis(50);
         // About a minute of retries: past that the leases have expired anyway and the commands
@@ -391,6 +415,7 @@ impl WorkerCore {
                     if matches!(err, CoreError::Closed(_)) {
                         return;
                     }
+                    self.events.push(EventKind::FlushFailed, err.to_string());
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(2));
                 }
@@ -405,6 +430,7 @@ impl WorkerCore {
             let mut listener = match self.engine.listener(&channel).await {
                 Ok(l) => l,
                 Err(err) => {
+                    // Polling still finds the work; only the wake-up is late.
                     self.note_error(&err);
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
@@ -443,7 +469,41 @@ impl WorkerCore {
                 .collect();
             if let Err(err) = self.engine.extend(&self.cfg.domain, &leases, vt).await {
                 self.note_error(&err);
+                self.events.push(EventKind::LeaseExtensionFailed, err.to_string());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::EngineConfig;
+
+    pub(super) fn core(concurrency: usize) -> Arc<WorkerCore> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _guard = rt.enter();
+        let engine = Engine::connect_lazy(&EngineConfig::new("postgresql://nobody@127.0.0.1:1/none")).unwrap();
+        WorkerCore::new(engine, WorkerConfig::new("orders").with_concurrency(concurrency))
+    }
+
+    #[test]
+    fn backpressure_follows_concurrency() {
+        assert_eq!(WorkerConfig::new("d").with_concurrency(8).max_unflushed, 64);
+        assert_eq!(WorkerConfig::new("d").with_concurrency(1024).max_unflushed, 1024);
+        assert_eq!(WorkerConfig::new("d").with_concurrency(0).concurrency, 1);
+    }
+
+    #[test]
+    fn next_batch_needs_start() {
+        let c = core(4);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        assert!(matches!(rt.block_on(c.next_batch()), Err(CoreError::Invalid { .. })));
     }
 }

@@ -19,7 +19,7 @@ use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use pyo3::types::PyList;
 use pyo3::IntoPyObjectExt;
-use rcmd_core::{Claimed, CoreError, SendFailure};
+use rcmd_core::{Claimed, CoreError, SendFailure, WorkerEvent};
 use uuid::Uuid;
 
 use crate::errors::to_pyerr;
@@ -46,6 +46,8 @@ pub enum Ready {
     Bool(bool),
     Int(i32),
     Claimed(Vec<Claimed>),
+    /// (kind, message, count), or None: no more events.
+    Event(Option<WorkerEvent>),
     Sent(Vec<i64>),
     SentUnits(Vec<Vec<i64>>),
     Failed(CoreError, Option<String>),
@@ -79,6 +81,7 @@ impl Ready {
                     .collect();
                 rows.into_py_any(py)?
             }
+            Ready::Event(event) => event.map(|e| (e.kind.as_str(), e.message, e.count)).into_py_any(py)?,
             Ready::Sent(msg_ids) => msg_ids.into_py_any(py)?,
             Ready::SentUnits(units) => units.into_py_any(py)?,
             Ready::SendFailed(SendFailure { index, domain, error }) => {

@@ -5,6 +5,7 @@ use pyo3::prelude::*;
 mod bridge;
 mod bus;
 mod errors;
+mod outcome;
 mod runtime;
 mod worker;
 
@@ -27,6 +28,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(statements, m)?)?;
     m.add_class::<bridge::Completions>()?;
     m.add_class::<bus::NativeBus>()?;
+    m.add_class::<outcome::Outcome>()?;
     m.add_class::<worker::NativeWorker>()?;
     Ok(())
 }

@@ -1,12 +1,9 @@
-//! The one tokio runtime of the process, built lazily on first use. A runtime does not survive `fork()`: a child that inherited one gets a
-//! clear error instead of a hang.
+//! The one tokio runtime of the process, built lazily on first use. A runtime does not survive
+//! `fork()`: a child that inherited one gets a clear error instead of a hang.
 //!
 //! One worker thread by default: the engine only moves bytes between PostgreSQL and Python (a few
 //! microseconds of CPU per command), and every extra thread competes with the Python thread and
-//! PostgreSQL for the cores. Measured with `benches/throughput.py --skip-predecessor --commands
-//! 50000 --concurrency 1024 --processes 1,2,4` on 2 cores, two alternating rounds: 1 thread
-//! 13,939-15,381 / 14,954-17,837 / 15,516-15,640 commands/s for 1 / 2 / 4 worker processes,
-//! 2 threads 13,131-13,835 / 13,072-14,184 / 13,224-13,317. `RCMD_TOKIO_THREADS` (1-64) sets it.
+//! PostgreSQL for the cores. `RCMD_TOKIO_THREADS` (1-64) changes it.
 
 use std::sync::OnceLock;
 

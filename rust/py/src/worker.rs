@@ -1,16 +1,17 @@
-//! NativeWorker: the Rust side of `Worker`. Claimed batches cross into Python in one conversion;
-//! outcomes come back through `report`, which only pushes into the flusher's channel.
+//! NativeWorker: the Rust side of `Worker`. The core's claim loop hands out claimed batches, each
+//! crossing into Python in one conversion; outcomes come back through `report`, which only
+//! pushes into the flusher's channel.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
-use rcmd_core::{CoreResult, Engine, EngineConfig, Lease, Outcome, OutcomeKind, WorkerConfig, WorkerCore};
-use uuid::Uuid;
+use rcmd_core::{CoreResult, Engine, EngineConfig, WorkerConfig, WorkerCore};
 
 use crate::bridge::{Completions, Ready};
 use crate::errors::to_pyerr;
+use crate::outcome::Outcome;
 use crate::runtime::runtime;
 
 fn ready<T>(result: CoreResult<T>, domain: &str, ok: impl FnOnce(T) -> Ready) -> Ready {
@@ -25,41 +26,12 @@ pub struct NativeWorker {
     core: Arc<WorkerCore>,
 }
 
-#[allow(clippy::too_many_arguments)]
-fn outcome(
-    msg_id: i64,
-    attempt: i32,
-    kind: &str,
-    result: Option<String>,
-    error_type: Option<String>,
-    error_code: Option<String>,
-    error_msg: Option<String>,
-    error_details: Option<String>,
-    backoff: i32,
-) -> PyResult<Outcome> {
-    Ok(Outcome {
-        // The command id is filled in from the held lease.
-        lease: Lease {
-            command_id: Uuid::nil(),
-            msg_id,
-            attempt,
-        },
-        kind: OutcomeKind::parse(kind).map_err(|e| to_pyerr(e, None))?,
-        result,
-        error_type,
-        error_code,
-        error_msg,
-        error_details,
-        backoff,
-    })
-}
-
 #[pymethods]
 impl NativeWorker {
     #[new]
     #[pyo3(signature = (dsn, domain, visibility_timeout = 30, default_max_attempts = 3, use_notify = true,
                         poll_interval = 1.0, max_flush = 1000, auto_extend = false, max_connections = 4,
-                        max_unflushed = 1000))]
+                        concurrency = 1))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         dsn: String,
@@ -71,7 +43,7 @@ impl NativeWorker {
         max_flush: usize,
         auto_extend: bool,
         max_connections: u32,
-        max_unflushed: usize,
+        concurrency: usize,
     ) -> PyResult<Self> {
         let rt = runtime()?;
         let _guard = rt.enter();
@@ -79,13 +51,12 @@ impl NativeWorker {
         ecfg.max_connections = max_connections.max(3);
         ecfg.application_name = format!("rcmd-worker:{domain}");
         let engine = Engine::connect_lazy(&ecfg).map_err(|e| to_pyerr(e, Some(&domain)))?;
-        let mut cfg = WorkerConfig::new(domain);
+        let mut cfg = WorkerConfig::new(domain).with_concurrency(concurrency);
         cfg.visibility_timeout = visibility_timeout;
         cfg.default_max_attempts = default_max_attempts;
         cfg.use_notify = use_notify;
         cfg.poll_interval = Duration::from_secs_f64(poll_interval.max(0.001));
         cfg.max_flush = max_flush;
-        cfg.max_unflushed = max_unflushed;
         cfg.auto_extend = auto_extend;
         Ok(NativeWorker {
             core: WorkerCore::new(engine, cfg),
@@ -97,10 +68,18 @@ impl NativeWorker {
         completions.spawn(async move { ready(core.start().await, &core.config().domain, |()| Ready::Unit) })
     }
 
-    /// Waits for work and claims up to `max` commands; empty once the worker is stopping.
-    fn next_batch(&self, completions: &Completions, max: usize) -> PyResult<u64> {
+    /// Resolves with the next batch the claim loop claimed (its leases already held); raises
+    /// when a claim failed (the loop retries after a backoff); empty once the worker stops.
+    fn next_batch(&self, completions: &Completions) -> PyResult<u64> {
         let core = Arc::clone(&self.core);
-        completions.spawn(async move { ready(core.next_batch(max).await, &core.config().domain, Ready::Claimed) })
+        completions.spawn(async move { ready(core.next_batch().await, &core.config().domain, Ready::Claimed) })
+    }
+
+    /// Resolves with the next background failure as (kind, message, count), kind "flush" or
+    /// "extend"; None once the worker is shut down.
+    fn next_event(&self, completions: &Completions) -> PyResult<u64> {
+        let core = Arc::clone(&self.core);
+        completions.spawn(async move { Ready::Event(core.next_event().await) })
     }
 
     /// Claims up to `max` commands now, without waiting (step API).
@@ -115,64 +94,25 @@ impl NativeWorker {
         })
     }
 
-    /// Queues an outcome for the next flush (no I/O, no waiting). False if the lease is not held.
-    #[pyo3(signature = (msg_id, attempt, kind, result=None, error_type=None, error_code=None, error_msg=None, error_details=None, backoff=0))]
-    #[allow(clippy::too_many_arguments)]
-    fn report(
-        &self,
-        msg_id: i64,
-        attempt: i32,
-        kind: &str,
-        result: Option<String>,
-        error_type: Option<String>,
-        error_code: Option<String>,
-        error_msg: Option<String>,
-        error_details: Option<String>,
-        backoff: i32,
-    ) -> PyResult<bool> {
-        let o = outcome(
-            msg_id,
-            attempt,
-            kind,
-            result,
-            error_type,
-            error_code,
-            error_msg,
-            error_details,
-            backoff,
-        )?;
-        self.core.report(o).map_err(|e| to_pyerr(e, None))
+    /// Queues an outcome for the next flush (no I/O, no waiting); its slot is free from now on.
+    /// False if the lease is not held.
+    fn report(&self, msg_id: i64, attempt: i32, outcome: &Outcome) -> PyResult<bool> {
+        self.core
+            .report(msg_id, attempt, outcome.inner.clone())
+            .map_err(|e| to_pyerr(e, None))
     }
 
     /// Applies one outcome now (step API); resolves to whether the fence let it through.
-    #[pyo3(signature = (completions, msg_id, attempt, kind, result=None, error_type=None, error_code=None, error_msg=None, error_details=None, backoff=0))]
-    #[allow(clippy::too_many_arguments)]
-    fn finish_now(
-        &self,
-        completions: &Completions,
-        msg_id: i64,
-        attempt: i32,
-        kind: &str,
-        result: Option<String>,
-        error_type: Option<String>,
-        error_code: Option<String>,
-        error_msg: Option<String>,
-        error_details: Option<String>,
-        backoff: i32,
-    ) -> PyResult<u64> {
-        let o = outcome(
-            msg_id,
-            attempt,
-            kind,
-            result,
-            error_type,
-            error_code,
-            error_msg,
-            error_details,
-            backoff,
-        )?;
+    fn finish_now(&self, completions: &Completions, msg_id: i64, attempt: i32, outcome: &Outcome) -> PyResult<u64> {
         let core = Arc::clone(&self.core);
-        completions.spawn(async move { ready(core.finish_now(o).await, &core.config().domain, Ready::Bool) })
+        let outcome = outcome.inner.clone();
+        completions.spawn(async move {
+            ready(
+                core.finish_now(msg_id, attempt, outcome).await,
+                &core.config().domain,
+                Ready::Bool,
+            )
+        })
     }
 
     /// Extends a held lease by `seconds`; resolves to False when the lease is no longer ours.
