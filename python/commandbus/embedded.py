@@ -52,6 +52,7 @@ __all__ = [
     "drop_database",
     "embedded_postgres_version",
     "install_pgmq",
+    "pid_alive",
 ]
 
 #: System user that runs the embedded server when we are root.
@@ -191,7 +192,7 @@ def _postmaster_pid(data_dir: Path) -> int | None:
         return None
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """True if ``pid`` runs (a zombie waiting for a slow init to reap it counts as dead)."""
     try:
         os.kill(pid, 0)
@@ -211,7 +212,7 @@ def _stop_and_remove(base: Path, run_as: _RunAs | None, mode: str = "immediate")
     """Stop the server whose files live under ``base`` (if running) and delete ``base``."""
     data_dir = base / "data"
     pid = _postmaster_pid(data_dir)
-    if pid is not None and _pid_alive(pid):
+    if pid is not None and pid_alive(pid):
         stopped = False
         try:
             pg_ctl = _pginstall_dir() / "bin" / "pg_ctl"
@@ -235,13 +236,13 @@ def _stop_and_remove(base: Path, run_as: _RunAs | None, mode: str = "immediate")
             stopped = proc.returncode == 0
         except (OSError, subprocess.SubprocessError, EmbeddedServerError):
             pass
-        if not stopped and _pid_alive(pid):
+        if not stopped and pid_alive(pid):
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGQUIT)  # immediate shutdown
             deadline = time.monotonic() + 5
-            while _pid_alive(pid) and time.monotonic() < deadline:
+            while pid_alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            if _pid_alive(pid):
+            if pid_alive(pid):
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
     shutil.rmtree(base, ignore_errors=True)
@@ -284,7 +285,7 @@ def _reap_stale_servers(parent: Path, run_as: _RunAs | None) -> None:
             owner = int((base / "owner.pid").read_text().strip())
         except (OSError, ValueError):
             continue
-        if owner == os.getpid() or _pid_alive(owner):
+        if owner == os.getpid() or pid_alive(owner):
             continue
         with contextlib.suppress(Exception):
             _stop_and_remove(base, run_as, mode="immediate")

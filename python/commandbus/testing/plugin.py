@@ -42,7 +42,13 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool
 
-from commandbus.embedded import EmbeddedServer, create_database, drop_database, install_pgmq
+from commandbus.embedded import (
+    EmbeddedServer,
+    create_database,
+    drop_database,
+    install_pgmq,
+    pid_alive,
+)
 
 #: The fixtures that reach the database.
 DATABASE_FIXTURES = frozenset(
@@ -109,16 +115,6 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
 # --------------------------------------------------------------------------
 
 
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def drop_stale_databases(admin_dsn: str) -> None:
     """Drop the databases of this plugin left by killed test runs on this machine (only on a
     server on this host, where their process ids mean something)."""
@@ -132,7 +128,7 @@ def drop_stale_databases(admin_dsn: str) -> None:
         ]
     for name in names:
         match = _OUR_DATABASE.match(name)
-        if match and not _process_exists(int(match.group(1))):
+        if match and not pid_alive(int(match.group(1))):
             drop_database(admin_dsn, name)
 
 
