@@ -9,20 +9,20 @@
 SELECT msg_id FROM commandbus.send_commands_v2($1::text, $2::uuid[], $3::text[], $4::jsonb[], $5::uuid[], $6::text[], $7::int[], $8::uuid[])
 
 -- name: send_commands_direct
--- The send of plain commands (no batch_id, no reply_to) of one domain whose queue exists: the
--- rows `send_commands_v2` writes for them, in one statement with no function call. The Rust
--- engine replaces {queue_table} with the quoted name of the queue's PGMQ table
--- ("q_<domain>__commands"), so the statement is prepared once per connection and domain: the
--- function's `EXECUTE format(...)` is parsed and planned on every call, and each of its plpgsql
--- statements has a cost of its own. The engine sends through the function instead when this statement fails with
--- undefined_table (queue or schema missing: the function creates the queue or names what is
--- missing) or unique_violation (the function names the duplicate command_id, CB001). Nothing is
--- written then, as one statement commits or fails whole. Each command's msg_id is taken first
--- (from the queue's own sequence, or $7 when given), so every row of a command carries the same
--- msg_id by construction. The messages' vt is the statement's clock_timestamp(), or $8 (micro-
--- seconds since the epoch) when given: `send_ordered` reserves msg_ids and vt for each unit in
--- unit order (reserve_msg_ids), so units whose statements run at once still take ids and
--- become claimable in the order they were sent. Returns the msg_ids in input order.
+-- The send of plain commands (no batch_id, no reply_to) of one domain whose queue exists: the rows
+-- `send_commands_v2` writes for them, in one statement with no function call. The Rust engine
+-- replaces {queue_table} with the quoted name of the queue's PGMQ table ("q_<domain>__commands"),
+-- so the statement is prepared once per connection and domain: the function's `EXECUTE format(...)`
+-- is parsed and planned on every call, and each of its plpgsql statements has a cost of its own.
+-- The engine sends through the function instead when this statement fails with undefined_table
+-- (queue or schema missing: the function creates the queue or names what is missing) or
+-- unique_violation (the function names the duplicate command_id, CB001). Nothing is written then,
+-- as one statement commits or fails whole. Each command's msg_id is taken first (from the queue's
+-- own sequence, or $7 when given), so every row of a command carries the same msg_id by
+-- construction. The messages' vt is the statement's clock_timestamp(), or $8 (microseconds since
+-- the epoch) when given: `send_ordered` reserves msg_ids and vt for each unit in unit order
+-- (reserve_msg_ids), so units whose statements run at once still take ids and become claimable in
+-- the order they were sent. Returns the msg_ids in input order.
 -- $1 domain TEXT, $2 command_ids UUID[], $3 command_types TEXT[], $4 messages JSONB[],
 -- $5 correlation_ids UUID[], $6 max_attempts INT[],
 -- $7 msg_ids INT8[] (NULL: from the sequence; the whole array may be NULL),
@@ -56,8 +56,9 @@ FROM t
 
 -- name: reserve_msg_ids
 -- The next `count` msg_ids of a queue, in order, from its own sequence, and the server's
--- clock_timestamp() as microseconds since the epoch: what `send_commands_direct` takes as $7 and $8 for a unit of
--- `send_ordered` ({queue_table} as there). A reservation never used leaves a gap in the ids.
+-- clock_timestamp() as microseconds since the epoch: what `send_commands_direct` takes as $7 and $8
+-- for a unit of `send_ordered` ({queue_table} as there). A reservation never used leaves a gap in
+-- the ids.
 -- $1 count INT, {queue_table} as in send_commands_direct
 SELECT array_agg(nextval((SELECT pg_get_serial_sequence('pgmq.{queue_table}', 'msg_id'))::regclass) ORDER BY g) AS msg_ids,
        (extract(epoch FROM clock_timestamp()) * 1000000)::int8 AS vt_us

@@ -1,5 +1,6 @@
 -- The troubleshooting queue (TSQ): listings and operator actions. TSQ filters say
--- `in_tsq AND status = 'IN_TROUBLESHOOTING_QUEUE'` so they can use the partial index ix_command_tsq.
+-- `in_tsq AND status = 'IN_TROUBLESHOOTING_QUEUE'` so they can use the partial index
+-- ix_command_tsq.
 
 -- name: tsq_list
 -- A domain's TSQ commands (of one type, or all when command_type is NULL) with their archived
