@@ -1133,7 +1133,9 @@ BEGIN
 END $$;
 
 -- Re-sends the archived messages of TSQ commands the caller has locked: status PENDING,
--- attempts 0, msg_id = the new message (nothing else is cleared), OPERATOR_RETRY audit rows,
+-- attempts 0, msg_id = the new message, last_error_type / _code / _msg cleared (as the
+-- predecessor's operator_retry does; the errors stay in the audit trail: FAILED and
+-- MOVED_TO_TSQ rows carry them), OPERATOR_RETRY audit rows,
 -- batch in_troubleshooting - 1, NOTIFY for the workers. The message keeps every archived key;
 -- its command_id is set to the row's, so a retried malformed message is claimable. Commands
 -- without a usable archived message are skipped (not returned).
@@ -1169,7 +1171,8 @@ BEGIN
 
     WITH upd AS (
         UPDATE commandbus.command c
-        SET status = 'PENDING', attempts = 0, msg_id = t.mid, updated_at = now()
+        SET status = 'PENDING', attempts = 0, msg_id = t.mid, last_error_type = NULL,
+            last_error_code = NULL, last_error_msg = NULL, updated_at = now()
         FROM unnest(v_ids, v_new) AS t(cid, mid)
         WHERE c.domain = p_domain AND c.command_id = ANY (v_ids) AND c.command_id = t.cid
         RETURNING c.command_id, c.msg_id

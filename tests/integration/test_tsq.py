@@ -198,7 +198,7 @@ async def test_retry_makes_the_command_workable_again(pool: Pool) -> None:
         " WHERE command_id = %s",
         cid,
     )
-    assert row == ("PENDING", 0, new_msg_id, "DECLINED")
+    assert row == ("PENDING", 0, new_msg_id, None)  # the last error is cleared, as before
     assert await audit_details(pool, cid, "OPERATOR_RETRY") == {
         "operator": "alice",
         "new_msg_id": new_msg_id,
