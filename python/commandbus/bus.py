@@ -434,10 +434,20 @@ class CommandBus:
         status: BatchStatus | None = None,
         limit: int = 100,
         offset: int = 0,
+        waiting_for_operator: bool | None = None,
     ) -> list[BatchMetadata]:
-        """Return the domain's batches, newest first, optionally only those in `status`."""
+        """Return the domain's batches, newest first, optionally only those in `status`.
+
+        `waiting_for_operator=True` returns only the batches whose remaining commands all wait
+        in the troubleshooting queue (`BatchMetadata.waiting_for_operator`: such a batch stays
+        IN_PROGRESS and runs no `on_complete` until an operator acts), False only the others.
+        """
         return await PostgresBatchRepository(self._pool).list_batches(
-            domain, status=status, limit=limit, offset=offset
+            domain,
+            status=status,
+            limit=limit,
+            offset=offset,
+            waiting_for_operator=waiting_for_operator,
         )
 
     async def list_batch_commands(

@@ -315,6 +315,17 @@ class BatchMetadata:
     started_at: datetime | None = None
     completed_at: datetime | None = None
 
+    @property
+    def waiting_for_operator(self) -> bool:
+        """True when every command of the batch that is not finished waits in the
+        troubleshooting queue: the batch cannot complete (nor run ``on_complete``) until an
+        operator retries, completes or cancels them. A command in the TSQ is not finished; the
+        status stays ``IN_PROGRESS`` meanwhile. ``list_batches(..., waiting_for_operator=True)``
+        finds these batches."""
+        remaining = self.total_count - self.completed_count - self.failed_count
+        remaining -= self.canceled_count
+        return self.in_troubleshooting_count > 0 and self.in_troubleshooting_count >= remaining
+
 
 @dataclass
 class CreateBatchResult:

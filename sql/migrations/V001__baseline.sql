@@ -915,10 +915,11 @@ END $$;
 -- The one place batch counters and batch completion are computed (the flush, once per batch per
 -- call, and every operator action call it). Moves a batch's counters by the given deltas in one
 -- row update. When the batch becomes complete (completed + failed + canceled = total and nothing
--- in the TSQ), sets its final status (COMPLETED, or COMPLETED_WITH_FAILURES when something
--- failed or was canceled), writes a BATCH_COMPLETED audit row and announces it with
--- NOTIFY commandbus_batch '<domain>:<batch_id>' (the process that registered on_complete
--- listens). Returns TRUE only on that transition.
+-- in the TSQ: a command in the TSQ is not finished, so a batch whose remaining commands all wait
+-- there stays IN_PROGRESS until an operator retries, completes or cancels them), sets its final
+-- status (COMPLETED, or COMPLETED_WITH_FAILURES when something failed or was canceled), writes a
+-- BATCH_COMPLETED audit row and announces it with NOTIFY commandbus_batch '<domain>:<batch_id>'
+-- (the process that registered on_complete listens). Returns TRUE only on that transition.
 CREATE OR REPLACE FUNCTION commandbus.apply_batch_delta_v1(
     p_domain TEXT, p_batch_id UUID,
     p_completed INT, p_failed INT, p_canceled INT, p_in_troubleshooting INT

@@ -103,9 +103,16 @@ class PostgresBatchRepository:
         limit: int = 100,
         offset: int = 0,
         conn: AsyncConnection[Any] | None = None,
+        waiting_for_operator: bool | None = None,
     ) -> list[BatchMetadata]:
-        """The domain's batches, newest first, optionally of one status."""
+        """The domain's batches, newest first, optionally of one status. `waiting_for_operator`
+        True keeps only the batches whose remaining commands all wait in the TSQ
+        (`BatchMetadata.waiting_for_operator`), False only the others; None does not filter."""
         validate_page(limit, offset)
+        if waiting_for_operator is not None and not isinstance(waiting_for_operator, bool):
+            raise ValidationError(
+                "waiting_for_operator", waiting_for_operator, "must be True, False or None"
+            )
         rows = await _db.fetch_all(
             conn or self._pool,
             "batch_list",
@@ -113,6 +120,7 @@ class PostgresBatchRepository:
             _status_text(status),
             limit,
             offset,
+            waiting_for_operator,
             domain=domain,
         )
         return [batch_from_row(r) for r in rows]
