@@ -114,6 +114,8 @@ _lock = threading.Lock()  # guards _callbacks and _listeners; never held across 
 _callbacks: dict[BatchKey, _Entry] = {}
 _listeners: dict[str, BatchListener] = {}
 _tasks: set[asyncio.Task[None]] = set()  # running callbacks (asyncio keeps weak references)
+#: The callback task of a batch while it runs (the step API waits for one the listener took).
+_running: dict[BatchKey, asyncio.Task[None]] = {}
 
 _sync_lock = threading.Lock()
 _sync_batch_callbacks: dict[BatchKey, SyncBatchCompletionCallback] = {}
@@ -148,11 +150,19 @@ async def _invoke(callback: BatchCompletionCallback, batch: BatchMetadata) -> No
 
 
 def _spawn(callback: BatchCompletionCallback, batch: BatchMetadata) -> None:
+    key = (batch.domain, batch.batch_id)
     task = asyncio.get_running_loop().create_task(
         _invoke(callback, batch), name=f"commandbus-batch-callback-{batch.batch_id}"
     )
     _tasks.add(task)
-    task.add_done_callback(_tasks.discard)
+    _running[key] = task
+
+    def done(t: asyncio.Task[None]) -> None:
+        _tasks.discard(t)
+        if _running.get(key) is t:
+            del _running[key]
+
+    task.add_done_callback(done)
 
 
 def _fire_completed(rows: Sequence[Sequence[Any]], conninfo: str | None) -> set[BatchKey]:
@@ -257,6 +267,37 @@ async def check_and_invoke_batch_callback(
     entry = _take((domain, batch_id))
     if entry is not None:
         await _invoke(entry.callback, batch)
+
+
+async def run_callback_if_complete(
+    pool: AsyncConnectionPool[Any], domain: str, batch_id: UUID
+) -> None:
+    """The step API's check after it applied an outcome of the batch's command: when the batch
+    is now complete and this process holds its callback (registered for this pool's database,
+    or without a pool), the callback runs here and is awaited, so it has run before
+    ``Worker.complete()`` / ``fail*()`` returns, as with the predecessor. Whoever pops it from
+    the registry runs it, so it runs once: when the NOTIFY listener heard the completion first
+    and took it, this waits for that run instead. A failed lookup is logged; the listener fires
+    the callback later then."""
+    key = (domain, batch_id)
+    if key in _callbacks:
+        try:
+            row = await _db.fetch_one(pool, "batch_get", domain, batch_id, domain=domain)
+        except (psycopg.Error, CommandBusError) as err:
+            logger.warning("batch %s.%s: completion check failed (%s)", domain, batch_id, err)
+            return
+        if row is None:
+            return
+        batch = batch_from_row(row)
+        if batch.status not in _TERMINAL:
+            return
+        if (entry := _take(key, pool_conninfo(pool))) is not None:
+            await _invoke(entry.callback, batch)
+            return
+    # The listener heard the completion first and took the callback: wait until it has run.
+    task = _running.get(key)
+    if task is not None and task.get_loop() is asyncio.get_running_loop():
+        await asyncio.shield(task)
 
 
 def clear_all_callbacks() -> None:
@@ -501,5 +542,6 @@ __all__ = [
     "release_batch_callbacks",
     "remove_batch_callback",
     "remove_sync_batch_callback",
+    "run_callback_if_complete",
     "watch_batch",
 ]

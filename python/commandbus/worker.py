@@ -23,6 +23,7 @@ from commandbus._dsn import native_dsn, pool_conninfo
 from commandbus._native import Outcome
 from commandbus._sql import command_queue
 from commandbus._validation import decode_json, encode_json, validate_domain
+from commandbus.batch import run_callback_if_complete
 from commandbus.exceptions import (
     BusinessRuleException,
     DatabaseError,
@@ -491,6 +492,10 @@ class Worker:
                 received.msg_id,
                 received.context.attempt,
             )
+        elif (batch_id := received.metadata.batch_id) is not None:
+            # As the predecessor's step API: a batch this outcome completed runs the callback
+            # this process registered before the call returns (once: see batch.py).
+            await run_callback_if_complete(self._pool, self._domain, batch_id)
         return applied
 
     def _step_failure(

@@ -43,6 +43,7 @@ from commandbus.batch import (
     invoke_batch_callback,
     register_batch_callback,
 )
+from commandbus.ops import TroubleshootingQueue
 from commandbus.repositories.batch import PostgresBatchRepository
 
 FAST = RetryPolicy(max_attempts=3, backoff_schedule=[0])
@@ -498,12 +499,15 @@ async def test_listener_reconnects_and_catches_up(
         " WHERE application_name = %s AND datname = current_database()",
         batch_mod.LISTENER_APPLICATION_NAME,
     )  # fmt: skip
-    worker = Worker(pool, "billing")  # completes it while the listener may be away
+    # Completed while the listener may be away, by an operator action (the step API would run
+    # the callback itself: tests/integration/test_batch_rule.py).
+    worker = Worker(pool, "billing")
     try:
         [received] = await worker.receive()
-        await worker.complete(received)
+        await worker.fail_permanent(received, PermanentCommandError("DOWN", "needs an operator"))
     finally:
         await worker.close()
+    await TroubleshootingQueue(pool).operator_complete("billing", received.command.command_id)
     await wait_until(lambda: _true(bool(fired)), timeout=15)
     assert fired == [result.batch_id] and listener.connections >= 2
 
