@@ -45,10 +45,11 @@ SELECT EXISTS (SELECT 1 FROM commandbus.batch WHERE domain = $1::text AND batch_
 -- A domain's batches (of one status, or all when status is NULL), newest first, one page.
 -- waiting_for_operator TRUE keeps only the batches whose remaining commands all wait in the
 -- TSQ (BatchMetadata.waiting_for_operator: some in the TSQ, and completed + failed + canceled +
--- in TSQ reaches the total), FALSE only the others, NULL does not filter. The domain's batches
--- are walked newest first on ix_batch_created and the counters checked on each row: there is
--- deliberately no index on the counters, which every flush of a batch's commands moves (an
--- index on them would make each of those row updates an index write, not an in-place one).
+-- in TSQ reaches the total), FALSE only the others, NULL does not filter. The rows are found by
+-- domain (ix_batch_created, newest first; ix_batch_status with a status) and the counters are
+-- checked on each: there is deliberately no index on the counters, which every flush of a
+-- batch's commands moves (an index on them would make each of those row updates an index
+-- write, not an in-place one).
 -- $1 domain TEXT, $2 status TEXT, $3 limit INT, $4 offset INT, $5 waiting_for_operator BOOLEAN
 SELECT domain, batch_id, batch_type, name, custom_data, status, total_count, completed_count,
        failed_count, canceled_count, in_troubleshooting_count, created_at, started_at, completed_at
