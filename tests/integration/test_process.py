@@ -107,7 +107,7 @@ def registry(charges: list[str]) -> HandlerRegistry:
     @reg.handler(DOMAIN, "Charge")
     async def charge(cmd: Command, ctx: HandlerContext) -> dict[str, Any]:
         charges.append(cmd.data["order_id"])
-        if cmd.data["mode"] == "declined":
+        if cmd.data["mode"].startswith("declined"):
             raise BusinessRuleException("DECLINED", "card declined")
         if cmd.data["mode"] == "tsq" and cmd.command_id not in failed_once:
             failed_once.add(cmd.command_id)
@@ -116,6 +116,11 @@ def registry(charges: list[str]) -> HandlerRegistry:
 
     @reg.handler(DOMAIN, "Release")
     async def release(cmd: Command, ctx: HandlerContext) -> dict[str, Any]:
+        if cmd.data["mode"] == "declined_release_fails":
+            raise BusinessRuleException("NOT_RELEASED", "reservation expired")
+        if cmd.data["mode"] == "declined_release_tsq" and cmd.command_id not in failed_once:
+            failed_once.add(cmd.command_id)
+            raise PermanentCommandError("STOCK_DOWN", "stock service down")
         return {"released": True}
 
     return reg
@@ -343,3 +348,28 @@ async def test_process_batch_counts_processes(pool: Pool) -> None:
                 " RETURNING 1", batch_id)  # fmt: skip
     await fetch(pool, "SELECT commandbus.refresh_batch_stats_v1(%s, %s)", DOMAIN, batch_id)
     assert (await counters())[1:] == (3, 0, 0, 0)
+
+
+async def test_a_failing_compensation_ends_the_process_failed(pool: Pool) -> None:
+    async with environment(pool) as env:
+        pid = await env.saga.start({"order_id": "o7", "mode": "declined_release_fails"})
+        await env.wait_status(pid, ProcessStatus.FAILED)
+    assert [(s[0], s[3]) for s in await env.audit(pid)] == [
+        ("RESERVE", "SUCCESS"), ("CHARGE", "FAILED"), ("RELEASE", "FAILED")
+    ]  # fmt: skip
+    (row,) = await fetch(
+        pool, "SELECT error_code, completed_at IS NOT NULL FROM commandbus.process"
+        " WHERE process_id = %s", pid,
+    )  # fmt: skip
+    assert row == ("NOT_RELEASED", True)
+
+
+async def test_a_compensation_in_the_tsq_waits_and_resumes_compensating(pool: Pool) -> None:
+    async with environment(pool) as env:
+        pid = await env.saga.start({"order_id": "o8", "mode": "declined_release_tsq"})
+        await env.wait_status(pid, ProcessStatus.WAITING_FOR_TSQ)
+        release = (await env.audit(pid))[2]
+        assert release[0] == "RELEASE"
+        await TroubleshootingQueue(pool).operator_retry(DOMAIN, release[6])
+        assert await env.status(pid) in ("COMPENSATING", "COMPENSATED")
+        await env.wait_status(pid, ProcessStatus.COMPENSATED)
