@@ -178,11 +178,6 @@ class PostgresProcessRepository:
         )
         return None if row is None else _process_from_row(row)
 
-    async def lock(self, domain: str, process_id: UUID, conn: AsyncConnection[Any]) -> bool:
-        """Lock the process row in the caller's transaction; False when it does not exist."""
-        row = await _db.fetch_one(conn, "process_lock", domain, process_id, domain=domain)
-        return row is not None
-
     async def find_by_status(
         self,
         domain: str,
