@@ -1020,10 +1020,13 @@ BEGIN
         p_max_attempts, array_fill(p_batch_id, ARRAY[v_n])) AS s;
 END $$;
 
--- Recomputes a batch's counters from its command rows (repair tool; the predecessor's
--- sp_refresh_batch_stats) and applies the difference through apply_batch_delta_v1, so the
--- completion rule, BATCH_COMPLETED and NOTIFY stay in one place. The batch row is locked before
--- the commands are counted: a flush committing meanwhile cannot be counted twice.
+-- Recomputes a batch's counters from its command rows, or for a process batch (batch_type
+-- 'PROCESS') from its process rows, counted as process_batch_counts_v1 counts them (repair
+-- tool; the predecessor's sp_refresh_batch_stats), and applies the difference through
+-- apply_batch_delta_v1, so the completion rule, BATCH_COMPLETED and NOTIFY stay in one place.
+-- For a process batch, processes blocked on a TSQ command are first found
+-- (process_tsq_sync_v1). The batch row is locked before the rows are counted: a flush
+-- committing meanwhile cannot be counted twice.
 -- Returns TRUE when this call completed the batch.
 CREATE OR REPLACE FUNCTION commandbus.refresh_batch_stats_v1(p_domain TEXT, p_batch_id UUID)
 RETURNS BOOLEAN
@@ -1031,7 +1034,14 @@ LANGUAGE plpgsql AS $$
 DECLARE
     b RECORD;
     c RECORD;
+    v_type TEXT;
 BEGIN
+    SELECT x.batch_type INTO v_type FROM commandbus.batch x
+    WHERE x.domain = p_domain AND x.batch_id = p_batch_id;
+    IF v_type = 'PROCESS' THEN
+        -- Before the batch row is locked: the status changes move its counters (trigger).
+        PERFORM commandbus.process_tsq_sync_v1(p_domain, NULL);
+    END IF;
     SELECT x.completed_count, x.failed_count, x.canceled_count, x.in_troubleshooting_count INTO b
     FROM commandbus.batch x
     WHERE x.domain = p_domain AND x.batch_id = p_batch_id
@@ -1039,13 +1049,23 @@ BEGIN
     IF NOT FOUND THEN
         RETURN FALSE;
     END IF;
-    SELECT count(*) FILTER (WHERE y.status = 'COMPLETED')::int AS completed,
-           count(*) FILTER (WHERE y.status = 'FAILED')::int AS failed,
-           count(*) FILTER (WHERE y.status = 'CANCELED')::int AS canceled,
-           count(*) FILTER (WHERE y.status = 'IN_TROUBLESHOOTING_QUEUE')::int AS tsq
-    INTO c
-    FROM commandbus.command y
-    WHERE y.domain = p_domain AND y.batch_id = p_batch_id;
+    IF v_type = 'PROCESS' THEN
+        SELECT count(*) FILTER (WHERE commandbus.process_batch_class_v1(y.status) = 'completed')::int AS completed,
+               0 AS failed,
+               count(*) FILTER (WHERE commandbus.process_batch_class_v1(y.status) = 'canceled')::int AS canceled,
+               count(*) FILTER (WHERE commandbus.process_batch_class_v1(y.status) = 'tsq')::int AS tsq
+        INTO c
+        FROM commandbus.process y
+        WHERE y.domain = p_domain AND y.batch_id = p_batch_id;
+    ELSE
+        SELECT count(*) FILTER (WHERE y.status = 'COMPLETED')::int AS completed,
+               count(*) FILTER (WHERE y.status = 'FAILED')::int AS failed,
+               count(*) FILTER (WHERE y.status = 'CANCELED')::int AS canceled,
+               count(*) FILTER (WHERE y.status = 'IN_TROUBLESHOOTING_QUEUE')::int AS tsq
+        INTO c
+        FROM commandbus.command y
+        WHERE y.domain = p_domain AND y.batch_id = p_batch_id;
+    END IF;
     IF (c.completed, c.failed, c.canceled, c.tsq)
        = (b.completed_count, b.failed_count, b.canceled_count, b.in_troubleshooting_count) THEN
         RETURN FALSE;  -- nothing to repair (and a PENDING batch stays PENDING)
@@ -1054,6 +1074,141 @@ BEGIN
         p_domain, p_batch_id,
         c.completed - b.completed_count, c.failed - b.failed_count,
         c.canceled - b.canceled_count, c.tsq - b.in_troubleshooting_count);
+END $$;
+
+-- ---------------------------------------------------------------------------------------------
+-- Process managers (python/commandbus/process/)
+-- ---------------------------------------------------------------------------------------------
+-- A process row's status moves in the process manager's transactions (start, one reply each);
+-- its steps are process_audit rows (one per command sent, reply fields filled once: the fence
+-- of a reply delivered twice). Two things happen here, in SQL, because they must hold whoever
+-- writes the rows:
+--   * the counters of a process batch (batch_type 'PROCESS') follow its processes' statuses,
+--     counted as the predecessor counts them: COMPLETED and COMPENSATED -> completed_count,
+--     FAILED and CANCELED -> canceled_count, blocked on a TSQ command (WAITING_FOR_TSQ) ->
+--     in_troubleshooting_count; failed_count stays 0. The trigger below moves them by the
+--     difference of each status change, through apply_batch_delta_v1 (completion rule, BATCH_
+--     COMPLETED and NOTIFY in one place); the first process started moves the batch to
+--     IN_PROGRESS.
+--   * WAITING_FOR_TSQ: a step's command enters the TSQ in the worker's flush (the Rust engine's
+--     finish function), which knows nothing of processes; process_tsq_sync_v1 finds such
+--     processes from the command rows (the process reply router calls it periodically, and
+--     refresh_batch_stats_v1 before counting) and puts them back to WAITING / COMPENSATING once
+--     the command left the TSQ without a reply (an operator retry calls it at once).
+
+-- The class of a process status in a process batch's counters.
+CREATE OR REPLACE FUNCTION commandbus.process_batch_class_v1(p_status TEXT) RETURNS TEXT
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE
+        WHEN p_status IN ('COMPLETED', 'COMPENSATED') THEN 'completed'
+        WHEN p_status IN ('FAILED', 'CANCELED') THEN 'canceled'
+        WHEN p_status = 'WAITING_FOR_TSQ' THEN 'tsq'
+        ELSE 'open' END
+$$;
+
+-- Trigger of commandbus.process: moves the counters of the row's process batch (old and new
+-- batch when batch_id changes) by the status change.
+CREATE OR REPLACE FUNCTION commandbus.process_batch_counts_v1() RETURNS TRIGGER
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_old TEXT := 'none';
+    v_new TEXT := commandbus.process_batch_class_v1(NEW.status);
+BEGIN
+    IF TG_OP = 'UPDATE' THEN
+        IF OLD.batch_id IS NOT DISTINCT FROM NEW.batch_id THEN
+            v_old := commandbus.process_batch_class_v1(OLD.status);
+            IF v_old = v_new THEN
+                RETURN NULL;
+            END IF;
+        ELSIF OLD.batch_id IS NOT NULL AND EXISTS (
+                SELECT 1 FROM commandbus.batch b
+                WHERE b.domain = OLD.domain AND b.batch_id = OLD.batch_id AND b.batch_type = 'PROCESS') THEN
+            v_old := commandbus.process_batch_class_v1(OLD.status);
+            PERFORM commandbus.apply_batch_delta_v1(OLD.domain, OLD.batch_id,
+                -(v_old = 'completed')::int, 0, -(v_old = 'canceled')::int, -(v_old = 'tsq')::int);
+            v_old := 'none';
+        END IF;
+    END IF;
+    IF NEW.batch_id IS NULL OR NOT EXISTS (
+            SELECT 1 FROM commandbus.batch b
+            WHERE b.domain = NEW.domain AND b.batch_id = NEW.batch_id AND b.batch_type = 'PROCESS') THEN
+        RETURN NULL;
+    END IF;
+    PERFORM commandbus.apply_batch_delta_v1(NEW.domain, NEW.batch_id,
+        (v_new = 'completed')::int - (v_old = 'completed')::int, 0,
+        (v_new = 'canceled')::int - (v_old = 'canceled')::int,
+        (v_new = 'tsq')::int - (v_old = 'tsq')::int);
+    RETURN NULL;
+END $$;
+
+CREATE OR REPLACE TRIGGER process_batch_counts
+    AFTER INSERT OR UPDATE OF status, batch_id ON commandbus.process
+    FOR EACH ROW EXECUTE FUNCTION commandbus.process_batch_counts_v1();
+
+-- Puts the processes of a domain whose pending step's command (a process_audit row without a
+-- reply) is in the TSQ into WAITING_FOR_TSQ, and those in WAITING_FOR_TSQ whose pending command
+-- left the TSQ without a reply (operator retry) back into COMPENSATING (a step failed or was
+-- canceled before: compensations are running) or WAITING. p_command_ids NULL: every process of
+-- the domain; else only the processes of those commands. Each process row is locked and
+-- re-checked with a fresh snapshot, so a reply router advancing it meanwhile is not undone.
+-- Returns how many processes changed status.
+CREATE OR REPLACE FUNCTION commandbus.process_tsq_sync_v1(p_domain TEXT, p_command_ids UUID[])
+RETURNS INT
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_ids UUID[];
+    v_n INT;
+BEGIN
+    SELECT array_agg(DISTINCT x.process_id) INTO v_ids
+    FROM (
+        SELECT a.process_id
+        FROM commandbus.command c
+        JOIN commandbus.process_audit a ON a.command_id = c.command_id AND a.domain = c.domain
+        JOIN commandbus.process p ON p.domain = a.domain AND p.process_id = a.process_id
+        WHERE c.domain = p_domain
+          AND c.in_tsq AND c.status = 'IN_TROUBLESHOOTING_QUEUE'  -- in_tsq: ix_command_tsq
+          AND (p_command_ids IS NULL OR c.command_id = ANY (p_command_ids))
+          AND a.reply_outcome IS NULL
+          AND p.status IN ('PENDING', 'IN_PROGRESS', 'WAITING', 'COMPENSATING')
+        UNION ALL
+        SELECT p.process_id
+        FROM commandbus.process p
+        WHERE p.domain = p_domain AND p.status = 'WAITING_FOR_TSQ'
+          AND (p_command_ids IS NULL OR EXISTS (
+                SELECT 1 FROM commandbus.process_audit a
+                WHERE a.domain = p.domain AND a.process_id = p.process_id
+                  AND a.command_id = ANY (p_command_ids)))
+    ) x;
+    IF v_ids IS NULL THEN
+        RETURN 0;
+    END IF;
+    PERFORM 1 FROM commandbus.process p
+    WHERE p.domain = p_domain AND p.process_id = ANY (v_ids)
+    ORDER BY p.process_id
+    FOR UPDATE;
+    -- A new statement: a new snapshot, which sees what committed while the locks were awaited.
+    WITH s AS (
+        SELECT p.process_id,
+               EXISTS (SELECT 1 FROM commandbus.process_audit a
+                       JOIN commandbus.command c ON c.domain = a.domain AND c.command_id = a.command_id
+                       WHERE a.domain = p.domain AND a.process_id = p.process_id
+                         AND a.reply_outcome IS NULL AND c.status = 'IN_TROUBLESHOOTING_QUEUE') AS blocked,
+               EXISTS (SELECT 1 FROM commandbus.process_audit a
+                       WHERE a.domain = p.domain AND a.process_id = p.process_id
+                         AND a.reply_outcome IN ('FAILED', 'CANCELED')) AS compensating
+        FROM commandbus.process p
+        WHERE p.domain = p_domain AND p.process_id = ANY (v_ids)
+    )
+    UPDATE commandbus.process p
+    SET status = CASE WHEN s.blocked THEN 'WAITING_FOR_TSQ'
+                      WHEN s.compensating THEN 'COMPENSATING' ELSE 'WAITING' END,
+        updated_at = now()
+    FROM s
+    WHERE p.domain = p_domain AND p.process_id = s.process_id
+      AND ((s.blocked AND p.status IN ('PENDING', 'IN_PROGRESS', 'WAITING', 'COMPENSATING'))
+           OR (NOT s.blocked AND p.status = 'WAITING_FOR_TSQ'));
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    RETURN v_n;
 END $$;
 
 -- ---------------------------------------------------------------------------------------------
@@ -1137,7 +1292,8 @@ END $$;
 -- attempts 0, msg_id = the new message, last_error_type / _code / _msg cleared (as the
 -- predecessor's operator_retry does; the errors stay in the audit trail: FAILED and
 -- MOVED_TO_TSQ rows carry them), OPERATOR_RETRY audit rows,
--- batch in_troubleshooting - 1, NOTIFY for the workers. The message keeps every archived key;
+-- batch in_troubleshooting - 1, processes in WAITING_FOR_TSQ on them back to waiting
+-- (process_tsq_sync_v1), NOTIFY for the workers. The message keeps every archived key;
 -- its command_id is set to the row's, so a retried malformed message is claimable. Commands
 -- without a usable archived message are skipped (not returned).
 CREATE OR REPLACE FUNCTION commandbus.tsq_retry_locked_v1(
@@ -1189,6 +1345,8 @@ BEGIN
         PERFORM commandbus.apply_batch_delta_v1(p_domain, r.bid, 0, 0, 0, -r.n);
     END LOOP;
 
+    -- Processes waiting on these commands in WAITING_FOR_TSQ resume waiting for their reply.
+    PERFORM commandbus.process_tsq_sync_v1(p_domain, v_ids);
     PERFORM pg_notify('pgmq_notify_' || v_queue, '');
     RETURN QUERY SELECT t.cid, t.mid FROM unnest(v_ids, v_new) AS t(cid, mid);
 END $$;
