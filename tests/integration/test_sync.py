@@ -360,7 +360,7 @@ def test_sigterm_stops_gracefully(
 
 def test_readme_sync_example_runs_as_written(database_url: str) -> None:
     readme = (ROOT / "README.md").read_text()
-    section = readme.split("### Sync API", 1)[1]
+    section = readme.split(". Sync API\n", 1)[1]
     code = re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
     env = {**os.environ, "DATABASE_URL": database_url}
     done = subprocess.run(
