@@ -368,3 +368,34 @@ def test_readme_sync_example_runs_as_written(database_url: str) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "DebitAccount COMPLETED {'status': 'ok'}" in done.stdout, done.stdout
+
+
+def test_the_predecessors_readme_worker_arguments_work(
+    bus: SyncCommandBus, sync_pool: ConnectionPool[Any]
+) -> None:
+    """reliable-cmd's README built its SyncWorker with `concurrency=` (a TypeError there) and
+    registered a plain def with `@handler` + `register_instance`: both work here."""
+    from commandbus import handler
+
+    class PaymentHandlers:
+        @handler(domain="payments", command_type="DebitAccount")
+        def handle(self, cmd: Command, ctx: HandlerContext) -> dict[str, Any]:
+            return {"status": "ok"}
+
+    registry = HandlerRegistry()
+    registry.register_instance(PaymentHandlers())
+    worker = SyncWorker(
+        pool=sync_pool,
+        domain="payments",
+        registry=registry,
+        concurrency=4,
+        visibility_timeout=30,
+        statement_timeout=25000,
+    )
+    cid = uuid4()
+    bus.send("payments", "DebitAccount", cid, {"account_id": "123", "amount": 100})
+    running = Running(worker)  # worker.run(): concurrency from the constructor
+    try:
+        wait_for(lambda: status(bus, "payments", cid) is CommandStatus.COMPLETED)
+    finally:
+        running.stop()

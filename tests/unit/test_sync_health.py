@@ -159,3 +159,11 @@ def test_watchdog_calls_the_restart_callback_instead() -> None:
         assert not worker.stopped.is_set()
     finally:
         dog.stop()
+
+
+def test_statement_timeout_goes_into_the_engines_connection_options() -> None:
+    from commandbus._dsn import native_dsn
+    from commandbus.sync.worker import _with_statement_timeout
+
+    dsn = native_dsn(_with_statement_timeout("host=h dbname=d options='-c work_mem=4MB'", 25_000))
+    assert dsn == "postgresql://h/d?options=-c+work_mem%3D4MB+-c+statement_timeout%3D25000"
