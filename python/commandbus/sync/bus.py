@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from uuid import UUID
 
 import psycopg
+from psycopg_pool import ConnectionPool
 
 from commandbus import _db_sync
 from commandbus._validation import DEFAULT_MAX_PAYLOAD_BYTES, validate_domain, validate_int
@@ -69,7 +70,7 @@ class SyncCommandBus:
 
     def __init__(
         self,
-        pool: Any,
+        pool: ConnectionPool[Any],
         default_max_attempts: int | None = None,
         *,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
@@ -94,7 +95,7 @@ class SyncCommandBus:
         self._closed = False
 
     @property
-    def pool(self) -> Any:
+    def pool(self) -> ConnectionPool[Any]:
         """The caller's sync pool."""
         return self._pool
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from psycopg import errors as pg_errors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
 from commandbus.exceptions import TransientCommandError, ValidationError
 from commandbus.handler import HandlerRegistry
@@ -113,7 +113,7 @@ class SyncWorker:
 
     def __init__(
         self,
-        pool: Any,
+        pool: ConnectionPool[Any],
         domain: str,
         registry: HandlerRegistry | None = None,
         *,
