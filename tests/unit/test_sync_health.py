@@ -123,8 +123,10 @@ class _FakeWorker:
     def __init__(self) -> None:
         self.health_status = HealthStatus()
         self.stopped = threading.Event()
+        self.timeout: float | None = None
 
     def stop(self, timeout: float | None = None) -> None:
+        self.timeout = timeout
         self.stopped.set()
 
 
@@ -142,6 +144,7 @@ def test_watchdog_stops_a_critical_worker_once() -> None:
             worker.health_status.record_stuck_thread()
         assert worker.stopped.wait(2)
         assert dog.recovery_triggered
+        assert worker.timeout == 30.0  # bounded: a stuck handler must not hang the recovery
     finally:
         dog.stop()
     assert not dog.is_running

@@ -1,6 +1,9 @@
 """WorkerWatchdog: a daemon thread that checks a worker's `HealthStatus` every
 `check_interval` seconds, as in the predecessor (`reliable-cmd` 0.2.2): CRITICAL triggers the
-recovery once (`restart_callback()`, or `worker.stop()` without one); DEGRADED is only logged."""
+recovery once (`restart_callback()`, or without one `worker.stop(timeout=30)`: the
+predecessor's stop waited 30 s for running handlers by default, while `SyncWorker.stop()`
+without a timeout waits for them without limit, which a stuck handler would make forever);
+DEGRADED is only logged."""
 
 from __future__ import annotations
 
@@ -12,6 +15,9 @@ from typing import Protocol
 from commandbus.sync.health import HealthStatus
 
 logger = logging.getLogger(__name__)
+
+#: How long the default recovery lets running handlers finish (the predecessor's stop default).
+RECOVERY_STOP_TIMEOUT_S = 30.0
 
 
 class Watchable(Protocol):
@@ -121,7 +127,7 @@ class WorkerWatchdog:
             if self._restart_callback is not None:
                 self._restart_callback()
             else:
-                self._worker.stop()
+                self._worker.stop(timeout=RECOVERY_STOP_TIMEOUT_S)
         except Exception:
             logger.exception("watchdog %r: recovery failed", self._name)
 
