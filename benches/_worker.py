@@ -12,6 +12,11 @@ Protocol on stdin/stdout, one line each:
 
 The handler is a no-op (returns None). With `--record-starts FILE` it also records when each
 handler started (time.time(), keyed by command id) and writes them to FILE as JSON at exit.
+
+With `--sync` the worker is the library's `commandbus.sync.SyncWorker` over a psycopg
+`ConnectionPool`, with a no-op plain `def` handler (`HandlerRegistry.register_sync`, which both
+libraries have): `run()` blocks in a thread of its own, STOP calls `stop(timeout=30)`. No
+asyncio in that mode (benches/sync_throughput.py).
 """
 
 from __future__ import annotations
@@ -43,6 +48,12 @@ async def _noop(command: Command, context: HandlerContext) -> None:
     if _Stats.starts is not None:
         _Stats.starts[str(command.command_id)] = time.time()
     _Stats.handled += 1
+
+
+def _noop_sync(command: Command, context: HandlerContext) -> None:
+    if _Stats.starts is not None:
+        _Stats.starts[str(command.command_id)] = time.time()
+    _Stats.handled += 1  # one handler thread at a time here (GIL): close enough for a count
 
 
 async def _readline() -> str:
@@ -127,6 +138,77 @@ async def _main(args: argparse.Namespace) -> int:
     return 0 if error is None else 1
 
 
+def _main_sync(args: argparse.Namespace) -> int:
+    """The same protocol with the library's SyncWorker (no asyncio)."""
+    import threading
+
+    from psycopg_pool import ConnectionPool
+
+    from commandbus.sync import SyncWorker
+
+    usage0: resource.struct_rusage | None = None
+    error: str | None = None
+    pool: ConnectionPool[Any] = ConnectionPool(
+        args.dsn, min_size=min(4, args.pool_size), max_size=args.pool_size, open=False
+    )
+    pool.open(wait=True)
+    try:
+        registry = HandlerRegistry()
+        registry.register_sync(args.domain, COMMAND_TYPE, _noop_sync)
+        worker = SyncWorker(pool, args.domain, registry)
+        _say("READY")
+        if sys.stdin.readline().strip() != "GO":
+            return 2
+        usage0 = resource.getrusage(resource.RUSAGE_SELF)
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                worker.run(concurrency=args.concurrency, poll_interval=args.poll_interval)
+            except BaseException as exc:
+                failure.append(exc)
+
+        thread = threading.Thread(target=run, name="sync-worker-run")
+        thread.start()
+        stop = threading.Event()
+        threading.Thread(
+            target=lambda: (sys.stdin.readline(), stop.set()),
+            daemon=True,  # STOP (or EOF)
+        ).start()
+        while thread.is_alive() and not stop.wait(0.2):
+            pass
+        if not thread.is_alive():
+            error = f"worker stopped: {failure[0]!r}" if failure else "worker stopped"
+        else:
+            worker.stop(timeout=30.0)
+            thread.join(30.0)
+            if thread.is_alive():
+                error = "worker did not stop within 30 s"
+            elif failure:
+                error = f"worker failed: {failure[0]!r}"
+    finally:
+        pool.close()
+    if _Stats.starts is not None:
+        Path(args.record_starts).write_text(json.dumps(_Stats.starts))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    if usage0 is None:
+        usage0 = usage
+    _say(
+        json.dumps(
+            {
+                "handled": _Stats.handled,
+                "max_rss_kb": _peak_rss_kb(),
+                "cpu_user_s": usage.ru_utime - usage0.ru_utime,
+                "cpu_sys_s": usage.ru_stime - usage0.ru_stime,
+                "error": error,
+                "library": commandbus.__file__,
+                "mode": "sync",
+            }
+        )
+    )
+    return 0 if error is None else 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--dsn", required=True)
@@ -135,7 +217,11 @@ def main() -> int:
     parser.add_argument("--pool-size", type=int, default=20)
     parser.add_argument("--poll-interval", type=float, default=1.0)
     parser.add_argument("--record-starts", default=None)
-    return asyncio.run(_main(parser.parse_args()))
+    parser.add_argument("--sync", action="store_true", help="the library's SyncWorker")
+    args = parser.parse_args()
+    if args.sync:
+        return _main_sync(args)
+    return asyncio.run(_main(args))
 
 
 if __name__ == "__main__":

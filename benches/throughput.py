@@ -80,9 +80,12 @@ RAW_SEND_CHUNK = 1_000
 # The local patch of the predecessor (see benches/README.md): PGMQ 1.13's pgmq.read returns
 # (msg_id, read_ct, enqueued_at, last_read_at, vt, message, headers); reliable-cmd 0.2.2 reads
 # `SELECT *` by position and takes `vt` for the message. Name the columns it expects instead.
+# The same statement of its sync API (`SyncWorker`, benches/sync_throughput.py) is in
+# `_core/pgmq_sql.py`, with the same positional parsing: patched the same way.
 PRED_READ_FILE = ("commandbus", "pgmq", "client.py")
 PRED_READ_OLD = '"SELECT * FROM pgmq.read(%s, %s, %s)"'
 PRED_READ_NEW = '"SELECT msg_id, read_ct, enqueued_at, vt, message FROM pgmq.read(%s, %s, %s)"'
+PRED_SYNC_READ_FILE = ("commandbus", "_core", "pgmq_sql.py")
 
 
 def _log(text: str) -> None:
@@ -136,16 +139,19 @@ def ensure_predecessor(venv: Path) -> tuple[Path, str]:
         text=True,
         check=True,
     ).stdout.strip()
-    target = Path(site).joinpath(*PRED_READ_FILE)
-    text = target.read_text()
-    if PRED_READ_NEW in text:
-        state = "already patched"
-    elif text.count(PRED_READ_OLD) == 1:
-        target.write_text(text.replace(PRED_READ_OLD, PRED_READ_NEW))
-        state = "patched"
-    else:
-        raise RuntimeError(f"{target}: the predecessor's pgmq.read statement was not found")
-    return python, f"{target}: {state}"
+    states = []
+    for parts in (PRED_READ_FILE, PRED_SYNC_READ_FILE):
+        target = Path(site).joinpath(*parts)
+        text = target.read_text()
+        if PRED_READ_NEW in text:
+            state = "already patched"
+        elif text.count(PRED_READ_OLD) == 1:
+            target.write_text(text.replace(PRED_READ_OLD, PRED_READ_NEW))
+            state = "patched"
+        else:
+            raise RuntimeError(f"{target}: the predecessor's pgmq.read statement was not found")
+        states.append(f"{target}: {state}")
+    return python, "; ".join(states)
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,6 +255,7 @@ class Impl:
     label: str
     python: str
     template: str
+    worker_args: tuple[str, ...] = ()  # extra arguments of _worker.py (`--sync`)
 
 
 class Bench:
@@ -314,8 +321,11 @@ class Bench:
 
     # -- subprocesses ------------------------------------------------------------------------
 
-    def _env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    def _env(self, python: str) -> dict[str, str]:
+        # The predecessor's python must not see this repository's package; ours keeps the
+        # PYTHONPATH it was started with (a worktree's `python/` ahead of the venv's install).
+        drop = ("PYTHONHOME",) if python == sys.executable else ("PYTHONPATH", "PYTHONHOME")
+        env = {k: v for k, v in os.environ.items() if k not in drop}
         env["PYTHONDONTWRITEBYTECODE"] = "1"
         return env
 
@@ -330,7 +340,7 @@ class Bench:
             text=True,
             check=False,
             cwd=self.workdir,
-            env=self._env(),
+            env=self._env(python),
             timeout=self.args.timeout,
         )
         if proc.returncode != 0:
@@ -349,6 +359,7 @@ class Bench:
         cmd += ["--concurrency", str(concurrency), "--pool-size", str(self.args.pool_size)]
         if record is not None:
             cmd += ["--record-starts", str(record)]
+        cmd += impl.worker_args
         log = self.workdir / f"worker-{impl.name}-{index}.log"
         with log.open("w") as logf:
             proc = subprocess.Popen(
@@ -358,7 +369,7 @@ class Bench:
                 stderr=logf,
                 text=True,
                 cwd=self.workdir,
-                env=self._env(),
+                env=self._env(impl.python),
             )
         return proc, log
 

@@ -1,6 +1,9 @@
 """rcmd: reliable commands for Python services, a command bus over PostgreSQL + PGMQ whose hot
 path is Rust. Drop-in successor of `reliable-cmd` 0.2.2 (same names, same database objects)."""
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from commandbus.batch import (
     BatchCompletionCallback,
     check_and_invoke_batch_callback,
@@ -62,6 +65,27 @@ from commandbus.retention import PruneResult, RetentionPolicy
 from commandbus.setup import check_schema_exists, get_schema_sql, setup_database
 from commandbus.worker import ReceivedCommand, Worker
 
+if TYPE_CHECKING:
+    from commandbus.sync import SyncCommandBus, SyncProcessReplyRouter, SyncWorker
+
+#: The predecessor exports its sync classes here too; they load on first use, so that
+#: `import commandbus` does not pay for the sync API (and the process managers) it may not use.
+_LAZY = {
+    "SyncCommandBus": "commandbus.sync",
+    "SyncProcessReplyRouter": "commandbus.sync",
+    "SyncWorker": "commandbus.sync",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'commandbus' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
 try:
     from importlib.metadata import version as _version
 
@@ -115,6 +139,9 @@ __all__ = [
     "SendRequest",
     "SendResult",
     "SerializationError",
+    "SyncCommandBus",
+    "SyncProcessReplyRouter",
+    "SyncWorker",
     "TransientCommandError",
     "TroubleshootingItem",
     "TroubleshootingQueue",

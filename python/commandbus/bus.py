@@ -97,6 +97,24 @@ class _Columns:
         )
 
 
+#: One chunk of `send_batch`: each request's place (domain, index in its domain's columns),
+#: and the columns of each domain.
+_Chunk = tuple[list[tuple[str, int]], dict[str, _Columns]]
+
+
+def _collect_results(
+    results: list[SendResult], group: list[_Chunk], sent: Iterator[list[int]]
+) -> None:
+    """Append the SendResults of `group`'s chunks, in request order, to `results`; `sent`
+    yields the msg_ids of each chunk's domains in the order of their columns."""
+    for places, by_domain in group:
+        msg_ids = {d: next(sent) for d in by_domain}
+        results.extend(
+            SendResult(command_id=by_domain[d].command_ids[i], msg_id=msg_ids[d][i])
+            for d, i in places
+        )
+
+
 class CommandBus:
     """Sends commands and answers questions about them.
 
@@ -231,6 +249,29 @@ class CommandBus:
         (msg_id,) = await self._send_columns(domain, cols, conn)
         return SendResult(command_id=cols.command_ids[0], msg_id=msg_id)
 
+    def _validated_chunks(self, requests: Sequence[SendRequest], chunk_size: int) -> list[_Chunk]:
+        """Validate and encode every request first (a bad request anywhere writes nothing), in
+        chunks of `chunk_size`; each request keeps its place as (domain, index in that
+        domain's columns). A command_id repeated within `requests` is a DuplicateCommandError."""
+        chunks: list[_Chunk] = []
+        seen: set[tuple[str, UUID]] = set()
+        for start in range(0, len(requests), chunk_size):
+            places: list[tuple[str, int]] = []
+            by_domain: dict[str, _Columns] = {}
+            for req in requests[start : start + chunk_size]:
+                cols = by_domain.get(req.domain)
+                if cols is None:
+                    validate_domain(req.domain)
+                    cols = by_domain[req.domain] = _Columns()
+                self._add(cols, req)
+                key = (req.domain, cols.command_ids[-1])
+                if key in seen:
+                    raise DuplicateCommandError(req.domain, str(req.command_id))
+                seen.add(key)
+                places.append((req.domain, len(cols.command_ids) - 1))
+            chunks.append((places, by_domain))
+        return chunks
+
     async def send_batch(
         self,
         requests: Sequence[SendRequest],
@@ -257,35 +298,11 @@ class CommandBus:
         total = len(requests)
         if total == 0:
             return BatchSendResult(results=[], chunks_processed=0, total_commands=0)
-        # Validate and encode everything first: a bad request anywhere writes nothing. Each
-        # request keeps its place as (domain, index in that domain's columns).
-        chunks: list[tuple[list[tuple[str, int]], dict[str, _Columns]]] = []
-        seen: set[tuple[str, UUID]] = set()
-        for start in range(0, total, chunk_size):
-            places: list[tuple[str, int]] = []
-            by_domain: dict[str, _Columns] = {}
-            for req in requests[start : start + chunk_size]:
-                cols = by_domain.get(req.domain)
-                if cols is None:
-                    validate_domain(req.domain)
-                    cols = by_domain[req.domain] = _Columns()
-                self._add(cols, req)
-                key = (req.domain, cols.command_ids[-1])
-                if key in seen:
-                    raise DuplicateCommandError(req.domain, str(req.command_id))
-                seen.add(key)
-                places.append((req.domain, len(cols.command_ids) - 1))
-            chunks.append((places, by_domain))
+        chunks = self._validated_chunks(requests, chunk_size)
         results: list[SendResult] = []
 
-        def collect(group: list[tuple[list[tuple[str, int]], dict[str, _Columns]]],
-                    sent: Iterator[list[int]]) -> None:  # fmt: skip
-            for places, by_domain in group:
-                msg_ids = {d: next(sent) for d in by_domain}
-                results.extend(
-                    SendResult(command_id=by_domain[d].command_ids[i], msg_id=msg_ids[d][i])
-                    for d, i in places
-                )
+        def collect(group: list[_Chunk], sent: Iterator[list[int]]) -> None:
+            _collect_results(results, group, sent)
             if on_progress is not None:
                 on_progress(len(results), total)
             logger.debug("send_batch: %d/%d commands sent", len(results), total)

@@ -4,7 +4,8 @@ statement no code uses fails, and so does a name the code looks up that has no s
 Uses are found without running anything:
   * Python (`python/commandbus/`, with `ast`): the string-literal argument of `statement("x")` /
     `_sql.statement("x")`, and the second positional argument of `_db.fetch_all(conn, "x", ...)`,
-    `_db.fetch_one`, `_db.fetch_value`, `_db.execute` (`from commandbus import _db`). Those
+    `_db.fetch_one`, `_db.fetch_value`, `_db.execute` (`from commandbus import _db`), and the
+    same calls of the sync twin `_db_sync` (`_db_sync.fetch_all(conn, "x", ...)`). Those
     literals must name a statement, and a `_db.<fn>` call whose name is not a literal fails (it
     could name anything). Local helpers that take a name (`_one(conn, "x")`, `_fetch(...)`)
     pass it through to `statement(name)`: any call with a string literal argument equal to a
@@ -30,6 +31,7 @@ from commandbus._sql import Statement
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "python" / "commandbus"
 DB_FUNCTIONS = {"fetch_all", "fetch_one", "fetch_value", "execute"}
+DB_MODULES = {"_db", "_db_sync"}
 RUST_USE = re.compile(r"\bstatement\(\s*\"([^\"]*)\"\s*\)")
 
 
@@ -57,9 +59,12 @@ def _python_uses(names: set[str]) -> tuple[set[str], dict[str, str], list[str]]:
     problems: list[str] = []
     for path, tree in _python_files():
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.module == "commandbus._db":
+            if isinstance(node, ast.ImportFrom) and node.module in {
+                f"commandbus.{m}" for m in DB_MODULES
+            }:
                 problems.append(
-                    f"{_where(path, node)}: import the module (`from commandbus import _db`)"
+                    f"{_where(path, node)}: import the module "
+                    f"(`from commandbus import {node.module.rsplit('.', 1)[1]}`)"
                 )
             if not isinstance(node, ast.Call):
                 continue
@@ -79,11 +84,13 @@ def _python_uses(names: set[str]) -> tuple[set[str], dict[str, str], list[str]]:
                 isinstance(func, ast.Attribute)
                 and func.attr in DB_FUNCTIONS
                 and isinstance(func.value, ast.Name)
-                and func.value.id == "_db"
+                and func.value.id in DB_MODULES
             ):
                 value = _literal(node.args[1]) if len(node.args) > 1 else None
                 if value is None:
-                    problems.append(f"{_where(path, node)}: _db.{func.attr} without a literal name")
+                    problems.append(
+                        f"{_where(path, node)}: {func.value.id}.{func.attr} without a literal name"
+                    )
                 else:
                     strict[value] = _where(path, node)
     return used, strict, problems
