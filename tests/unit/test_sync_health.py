@@ -10,7 +10,6 @@ import pytest
 from psycopg import errors as pg_errors
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-import commandbus.sync as sync
 from commandbus.sync import (
     HealthState,
     HealthStatus,
@@ -22,14 +21,6 @@ from commandbus.sync import (
     is_timeout_error,
     validate_timeouts,
 )
-
-
-def test_public_names_are_the_predecessors_minus_the_process_router() -> None:
-    assert sorted(sync.__all__) == sorted(
-        ["HealthState", "HealthStatus", "SyncCommandBus", "SyncWorker", "TimeoutConfig",
-         "WorkerWatchdog", "create_pool_with_timeout", "is_pool_timeout", "is_query_cancelled",
-         "is_timeout_error", "validate_timeouts"]
-    )  # fmt: skip
 
 
 def test_health_states_and_thresholds() -> None:
