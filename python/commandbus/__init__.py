@@ -1,6 +1,7 @@
 """rcmd: reliable commands for Python services, a command bus over PostgreSQL + PGMQ whose hot
 path is Rust. Drop-in successor of `reliable-cmd` 0.2.2 (same names, same database objects)."""
 
+from commandbus import _native
 from commandbus.batch import (
     BatchCompletionCallback,
     check_and_invoke_batch_callback,
@@ -62,12 +63,9 @@ from commandbus.retention import PruneResult, RetentionPolicy
 from commandbus.setup import check_schema_exists, get_schema_sql, setup_database
 from commandbus.worker import ReceivedCommand, Worker
 
-try:
-    from importlib.metadata import version as _version
-
-    __version__ = _version("reliable-commands")
-except Exception:  # pragma: no cover - not installed (source tree)
-    __version__ = "0.0.0+unknown"
+# The version is written once, in Cargo.toml ([workspace.package]): the native module is built
+# with it (CARGO_PKG_VERSION) and maturin writes it into the distribution's metadata.
+__version__: str = _native.__version__
 
 __all__ = [
     "DEFAULT_RETRY_POLICY",
