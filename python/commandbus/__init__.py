@@ -4,6 +4,7 @@ path is Rust. Drop-in successor of `reliable-cmd` 0.2.2 (same names, same databa
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from commandbus import _native
 from commandbus.batch import (
     BatchCompletionCallback,
     check_and_invoke_batch_callback,
@@ -86,12 +87,9 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-try:
-    from importlib.metadata import version as _version
-
-    __version__ = _version("reliable-commands")
-except Exception:  # pragma: no cover - not installed (source tree)
-    __version__ = "0.0.0+unknown"
+# The version is written once, in Cargo.toml ([workspace.package]): the native module is built
+# with it (CARGO_PKG_VERSION) and maturin writes it into the distribution's metadata.
+__version__: str = _native.__version__
 
 __all__ = [
     "DEFAULT_RETRY_POLICY",
