@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from typing import Any
 from uuid import UUID
 
@@ -191,3 +192,17 @@ def test_timeouts_are_validated(statement: int, visibility: int) -> None:
     with pytest.raises(ValueError, match="timeout"):
         SyncProcessReplyRouter(pool, None, {}, REPLIES, DOMAIN, visibility_timeout=visibility,
                                statement_timeout=statement)  # fmt: skip
+
+
+async def test_a_reply_handled_too_long_counts_as_a_stuck_thread_once() -> None:
+    pool: ConnectionPool[Any] = ConnectionPool("dbname=none", open=False)
+    router = SyncProcessReplyRouter(pool, None, {}, REPLIES, DOMAIN, visibility_timeout=1,
+                                    statement_timeout=500)  # fmt: skip
+    handling = asyncio.create_task(asyncio.sleep(10))
+    fake: Any = type("FakeRouter", (), {})()
+    fake.started = {handling: time.monotonic() - 7.0}  # beyond 1 s + 5 s
+    watch = asyncio.create_task(router._watch_stuck(fake))
+    await asyncio.sleep(2.2)  # two checks: counted once
+    watch.cancel()
+    handling.cancel()
+    assert router.health_status.stuck_threads == 1

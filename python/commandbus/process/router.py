@@ -83,6 +83,8 @@ class ProcessReplyRouter:
         self._stop_event: asyncio.Event | None = None
         self._in_flight: set[asyncio.Task[None]] = set()
         self.health = health
+        #: start times (monotonic) of the replies being handled, for the sync router's stuck check
+        self.started: dict[asyncio.Task[Any], float] = {}
 
     @property
     def is_running(self) -> bool:
@@ -181,6 +183,9 @@ class ProcessReplyRouter:
     async def _handle(self, msg: PgmqMessage, slots: asyncio.Semaphore) -> None:
         async with slots:
             health = self.health
+            task = asyncio.current_task()
+            if task is not None:
+                self.started[task] = time.monotonic()
             try:
                 await self.dispatch(msg)
             except Exception as exc:
@@ -193,6 +198,9 @@ class ProcessReplyRouter:
             else:
                 if health is not None:
                     health.record_success()
+            finally:
+                if task is not None:
+                    self.started.pop(task, None)
 
     async def dispatch(self, msg: PgmqMessage) -> None:
         """Handle one reply message in one transaction (the process advanced and the message

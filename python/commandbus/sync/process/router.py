@@ -11,8 +11,9 @@ The managers run in sync mode: a manager overriding `build_command_sync` has its
 commands built by it (in a worker thread); one overriding `before_send_command_sync` is
 refused at construction (`TypeError`: the step is sent on the router's async connection, so
 no sync connection in the reply's transaction exists; override `before_send_command`).
-`health_status` counts each reply handled (success) or whose handling raised (failure), and
-pool timeouts (pool exhaustions), as the predecessor's router did.
+`health_status` counts each reply handled (success) or whose handling raised (failure), pool
+timeouts (pool exhaustions) and each reply handled for longer than the visibility timeout
+plus 5 s (a stuck thread, counted once), as the predecessor's router did.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import asyncio
 import inspect
 import logging
 import threading
+import time
 from typing import Any
 
 from psycopg import AsyncConnection
@@ -31,7 +33,7 @@ from commandbus.process.base import _SYNC_MODE, BaseProcessManager
 from commandbus.process.repository import PostgresProcessRepository
 from commandbus.process.router import ProcessReplyRouter
 from commandbus.sync.health import HealthStatus
-from commandbus.sync.timeouts import validate_timeouts
+from commandbus.sync.timeouts import STUCK_THREAD_BUFFER_S, validate_timeouts
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +78,8 @@ class SyncProcessReplyRouter:
         """
         validate_timeouts(statement_timeout, visibility_timeout)
         for manager in managers.values():
-            manager._check_sync_mode()
+            if isinstance(manager, BaseProcessManager):
+                manager._check_sync_mode()
         self._pool = pool
         self._process_repo = process_repo
         self._managers = managers
@@ -106,7 +109,8 @@ class SyncProcessReplyRouter:
     @property
     def health_status(self) -> HealthStatus:
         """Replies handled (successes), replies whose handling raised (failures: rolled
-        back, read again after the visibility timeout) and pool timeouts (exhaustions)."""
+        back, read again after the visibility timeout), pool timeouts (exhaustions) and
+        replies handled for longer than visibility_timeout + 5 s (stuck threads, once each)."""
         return self._health
 
     @property
@@ -193,13 +197,30 @@ class SyncProcessReplyRouter:
             task = asyncio.create_task(router.run(concurrency, poll_interval, use_notify))
             await asyncio.sleep(0)  # the router's run has started: its stop() now works
             stopper = asyncio.create_task(requested.wait())
+            stuck = asyncio.create_task(self._watch_stuck(router))
             await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
             stopper.cancel()
+            stuck.cancel()
             if not task.done():
                 await router.stop(self._stop_timeout)
             await task
         finally:
             await pool.close()
+
+    async def _watch_stuck(self, router: ProcessReplyRouter) -> None:
+        """Records each reply handled for longer than visibility_timeout + 5 s, once."""
+        threshold = self._visibility_timeout + STUCK_THREAD_BUFFER_S
+        seen: set[asyncio.Task[Any]] = set()
+        while True:
+            await asyncio.sleep(min(1.0, threshold / 4))
+            now = time.monotonic()
+            seen &= set(router.started)
+            for task, started in list(router.started.items()):
+                if task not in seen and now - started > threshold:
+                    seen.add(task)
+                    logger.error("sync process reply router on %s: a reply has been handled "
+                                 "for %.1fs", self._reply_queue, now - started)  # fmt: skip
+                    self._health.record_stuck_thread()
 
 
 __all__ = ["SyncProcessReplyRouter"]
