@@ -23,6 +23,7 @@ Where the predecessor differed (on purpose):
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from abc import ABC, abstractmethod
 from datetime import UTC, datetime
@@ -54,6 +55,13 @@ TStep = TypeVar("TStep", bound=StrEnum)
 
 _FAILURES = (ReplyOutcome.FAILED, ReplyOutcome.CANCELED)
 
+#: True while a manager runs in sync mode (under `SyncProcessReplyRouter`, or in
+#: `handle_reply_sync`): its steps' commands are then built by `build_command_sync` when the
+#: subclass overrides it, as the predecessor's sync mode did.
+_SYNC_MODE: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "commandbus_process_sync_mode", default=False
+)
+
 
 class BaseProcessManager(ABC, Generic[TState, TStep]):
     """Base class of process managers: subclass it with your state class and step enum.
@@ -61,6 +69,13 @@ class BaseProcessManager(ABC, Generic[TState, TStep]):
     Implement `process_type`, `domain`, `state_class`, `create_initial_state`,
     `get_first_step`, `build_command`, `update_state` and `get_next_step`; override
     `get_compensation_step` for steps that must be undone when a later step fails.
+
+    Sync mode (the manager run by `commandbus.sync.process.SyncProcessReplyRouter`, or
+    `handle_reply_sync`): the steps' commands are built by `build_command_sync` when you
+    override it (in a worker thread: it may block), else by `build_command`. The hook
+    `before_send_command_sync` cannot be honoured (see its docstring): a manager overriding
+    it is refused by the sync router and by `handle_reply_sync` with a `TypeError`; override
+    the async `before_send_command` instead, which runs in sync mode too.
     """
 
     def __init__(
@@ -144,6 +159,41 @@ class BaseProcessManager(ABC, Generic[TState, TStep]):
     ) -> None:
         """Hook: runs in the step's transaction just before its command is sent."""
 
+    def build_command_sync(self, step: TStep, state: TState) -> ProcessCommand[Any]:
+        """The command of a step, from synchronous code. The default runs the async
+        `build_command` on a private event loop (`asyncio.run`: call it outside a running
+        loop). Override it for native sync behaviour: in sync mode (under
+        `SyncProcessReplyRouter` or in `handle_reply_sync`) an override is what builds the
+        steps' commands, called in a worker thread (it may block)."""
+        return asyncio.run(self.build_command(step, state))
+
+    def before_send_command_sync(
+        self,
+        process: ProcessMetadata[TState, TStep],
+        step: TStep,
+        command_id: UUID,
+        command_payload: dict[str, Any],
+        conn: Any,
+    ) -> None:
+        """The predecessor's sync hook (called with the caller's sync connection just before a
+        step's command was sent). Not supported: in sync mode the step is sent on an async
+        connection inside the reply's transaction, so no sync connection in that transaction
+        exists to give it. A manager overriding it is refused (`TypeError`) by
+        `SyncProcessReplyRouter` and `handle_reply_sync` rather than silently never called;
+        override the async `before_send_command` instead (same arguments, the reply's
+        `AsyncConnection`), which runs in the step's transaction in every mode."""
+
+    def _check_sync_mode(self) -> None:
+        """Raise TypeError when this manager overrides a sync hook sync mode cannot call."""
+        if type(self).before_send_command_sync is not BaseProcessManager.before_send_command_sync:
+            raise TypeError(
+                f"{type(self).__name__} overrides before_send_command_sync, which is not "
+                "supported: steps are sent on the reply's async connection, so no sync "
+                "connection in that transaction exists. Override the async "
+                "before_send_command(process, step, command_id, command_payload, conn) instead "
+                "(it runs in the step's transaction, under SyncProcessReplyRouter too)."
+            )
+
     # -- running ---------------------------------------------------------------------------
 
     async def start(
@@ -210,11 +260,34 @@ class BaseProcessManager(ABC, Generic[TState, TStep]):
         process: ProcessMetadata[Any, Any],
         conn: Any = None,
     ) -> None:
-        """`handle_reply` from synchronous code, on a private event loop (`asyncio.run`).
-        `conn` (a sync connection) is not supported: use `SyncProcessReplyRouter`."""
+        """`handle_reply` from synchronous code (outside a running loop), in sync mode: on a
+        private event loop (`asyncio.run`), in a transaction of its own on `pool`.
+
+        Raises:
+            TypeError: `conn` given. The predecessor could run the handling on a sync
+                connection in the caller's transaction; here the process is advanced and the
+                next step sent on an async connection, which cannot join a sync connection's
+                transaction. Call it without `conn` (its own transaction), or let
+                `SyncProcessReplyRouter` handle the replies (the reply and its message deleted
+                in one transaction), or call `await handle_reply(reply, process, conn=...)`
+                with an `AsyncConnection` to use your transaction. Also raised when the
+                manager overrides `before_send_command_sync` (see there).
+        """
         if conn is not None:
-            raise TypeError("handle_reply_sync takes no connection: use SyncProcessReplyRouter")
-        asyncio.run(self.handle_reply(reply, process))
+            raise TypeError(
+                "handle_reply_sync(conn=...) is not supported: the reply is handled on an "
+                "async connection, which cannot join your sync connection's transaction. Call "
+                "handle_reply_sync(reply, process) without conn (its own transaction), use "
+                "SyncProcessReplyRouter, or await handle_reply(reply, process, conn=...) with "
+                "an AsyncConnection."
+            )
+        self._check_sync_mode()
+
+        async def run() -> None:
+            _SYNC_MODE.set(True)
+            await self.handle_reply(reply, process)
+
+        asyncio.run(run())
 
     async def _advance(
         self, process: ProcessMetadata[TState, TStep], reply: Reply, conn: AsyncConnection[Any]
@@ -303,7 +376,13 @@ class BaseProcessManager(ABC, Generic[TState, TStep]):
         status: ProcessStatus = ProcessStatus.WAITING_FOR_REPLY,
     ) -> UUID:
         """Send a step's command and record it (audit row, process row) on `conn`."""
-        command = await self.build_command(step, process.state)
+        if (
+            _SYNC_MODE.get()
+            and type(self).build_command_sync is not BaseProcessManager.build_command_sync
+        ):
+            command = await asyncio.to_thread(self.build_command_sync, step, process.state)
+        else:
+            command = await self.build_command(step, process.state)
         command_id = uuid4()
         to_dict = getattr(command.data, "to_dict", None)
         payload: dict[str, Any] = to_dict() if callable(to_dict) else command.data

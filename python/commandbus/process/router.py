@@ -20,9 +20,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from commandbus import _db
 from commandbus._validation import validate_domain, validate_queue_name
@@ -31,6 +31,9 @@ from commandbus.pgmq.client import PgmqClient, PgmqMessage
 from commandbus.process.base import BaseProcessManager
 from commandbus.process.repository import ProcessRepository
 from commandbus.replies import reply_from_message
+
+if TYPE_CHECKING:
+    from commandbus.sync.health import HealthStatus
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +54,7 @@ class ProcessReplyRouter:
         visibility_timeout: int = 30,
         *,
         tsq_check_interval: float = 5.0,
+        health: HealthStatus | None = None,
     ) -> None:
         """Args:
         pool: connections for reading and for each reply's transaction.
@@ -61,6 +65,11 @@ class ProcessReplyRouter:
         visibility_timeout: seconds a read reply stays hidden; a reply not handled by then
             (crash, slow step) is read again.
         tsq_check_interval: seconds between the checks for steps stuck in the TSQ.
+        health: when given (`SyncProcessReplyRouter` gives its `health_status`), each reply
+            handled by `run` is recorded in it: a success, or a failure when its handling
+            raised (rolled back, read again later; a `PoolTimeout` also counts as a pool
+            exhaustion); a failed read counts as a failure, or as a pool exhaustion when it
+            was a `PoolTimeout`.
         """
         self._pool = pool
         self._process_repo = process_repo
@@ -73,6 +82,9 @@ class ProcessReplyRouter:
         self._running = False
         self._stop_event: asyncio.Event | None = None
         self._in_flight: set[asyncio.Task[None]] = set()
+        self.health = health
+        #: start times (monotonic) of the replies being handled, for the sync router's stuck check
+        self.started: dict[asyncio.Task[Any], float] = {}
 
     @property
     def is_running(self) -> bool:
@@ -108,9 +120,14 @@ class ProcessReplyRouter:
                         next_check = time.monotonic() + self._tsq_check_interval
                     read = await self._read_and_dispatch(slots, concurrency)
                     errors = 0
-                except Exception:
+                except Exception as exc:
                     errors += 1
                     logger.exception("process reply router on %s: read failed", self._reply_queue)
+                    if self.health is not None:  # the predecessor's accounting of a read
+                        if isinstance(exc, PoolTimeout):
+                            self.health.record_pool_exhaustion()
+                        else:
+                            self.health.record_failure(exc)
                     read = 0
                     delay = min(_MAX_ERROR_BACKOFF, poll_interval * 2**errors)
                     with contextlib.suppress(TimeoutError):
@@ -165,11 +182,25 @@ class ProcessReplyRouter:
 
     async def _handle(self, msg: PgmqMessage, slots: asyncio.Semaphore) -> None:
         async with slots:
+            health = self.health
+            task = asyncio.current_task()
+            if task is not None:
+                self.started[task] = time.monotonic()
             try:
                 await self.dispatch(msg)
-            except Exception:
+            except Exception as exc:
                 # Rolled back: the reply is read again after the visibility timeout.
                 logger.exception("reply %s on %s failed", msg.msg_id, self._reply_queue)
+                if health is not None:
+                    if isinstance(exc, PoolTimeout):
+                        health.record_pool_exhaustion()
+                    health.record_failure(exc)
+            else:
+                if health is not None:
+                    health.record_success()
+            finally:
+                if task is not None:
+                    self.started.pop(task, None)
 
     async def dispatch(self, msg: PgmqMessage) -> None:
         """Handle one reply message in one transaction (the process advanced and the message

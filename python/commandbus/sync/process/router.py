@@ -6,6 +6,14 @@ connections get `statement_timeout`). Everything the async router promises holds
 is handled in one transaction with the process advanced and the message deleted; a reply
 delivered twice advances once; steps stuck in the troubleshooting queue are found.
 `stop()` may be called from any thread (a signal handler, another thread).
+
+The managers run in sync mode: a manager overriding `build_command_sync` has its steps'
+commands built by it (in a worker thread); one overriding `before_send_command_sync` is
+refused at construction (`TypeError`: the step is sent on the router's async connection, so
+no sync connection in the reply's transaction exists; override `before_send_command`).
+`health_status` counts each reply handled (success) or whose handling raised (failure), pool
+timeouts (pool exhaustions) and each reply handled for longer than the visibility timeout
+plus 5 s (a stuck thread, counted once), as the predecessor's router did.
 """
 
 from __future__ import annotations
@@ -14,15 +22,18 @@ import asyncio
 import inspect
 import logging
 import threading
+import time
 from typing import Any
 
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from commandbus._validation import validate_domain, validate_queue_name
-from commandbus.process.base import BaseProcessManager
+from commandbus.process.base import _SYNC_MODE, BaseProcessManager
 from commandbus.process.repository import PostgresProcessRepository
 from commandbus.process.router import ProcessReplyRouter
+from commandbus.sync.health import HealthStatus
+from commandbus.sync.timeouts import STUCK_THREAD_BUFFER_S, validate_timeouts
 
 logger = logging.getLogger(__name__)
 
@@ -61,13 +72,14 @@ class SyncProcessReplyRouter:
             `visibility_timeout`.
 
         Raises:
-            ValueError: statement_timeout >= visibility_timeout (in milliseconds).
+            ValueError: statement_timeout >= visibility_timeout (`validate_timeouts`).
+            TypeError: a manager overrides `before_send_command_sync` (not supported: override
+                the async `before_send_command`).
         """
-        if statement_timeout >= visibility_timeout * 1000:
-            raise ValueError(
-                f"statement_timeout ({statement_timeout} ms) must be less than "
-                f"visibility_timeout ({visibility_timeout * 1000} ms)"
-            )
+        validate_timeouts(statement_timeout, visibility_timeout)
+        for manager in managers.values():
+            if isinstance(manager, BaseProcessManager):
+                manager._check_sync_mode()
         self._pool = pool
         self._process_repo = process_repo
         self._managers = managers
@@ -81,6 +93,7 @@ class SyncProcessReplyRouter:
         self._router: ProcessReplyRouter | None = None
         self._stop_requested: asyncio.Event | None = None
         self._stop_timeout = 30.0
+        self._health = HealthStatus()
         self._stopping = False
         self._done = threading.Event()
         self._done.set()
@@ -92,6 +105,13 @@ class SyncProcessReplyRouter:
     @property
     def domain(self) -> str:
         return self._domain
+
+    @property
+    def health_status(self) -> HealthStatus:
+        """Replies handled (successes), replies whose handling raised (failures: rolled
+        back, read again after the visibility timeout), pool timeouts (exhaustions) and
+        replies handled for longer than visibility_timeout + 5 s (stuck threads, once each)."""
+        return self._health
 
     @property
     def is_running(self) -> bool:
@@ -164,6 +184,7 @@ class SyncProcessReplyRouter:
             router = ProcessReplyRouter(
                 pool, repo, self._managers, self._reply_queue, self._domain,
                 self._visibility_timeout, tsq_check_interval=self._tsq_check_interval,
+                health=self._health,
             )  # fmt: skip
             requested = asyncio.Event()
             with self._lock:
@@ -172,16 +193,34 @@ class SyncProcessReplyRouter:
                 self._loop = asyncio.get_running_loop()
                 self._router = router
                 self._stop_requested = requested
+            _SYNC_MODE.set(True)  # the router's tasks (created from here on) run in sync mode
             task = asyncio.create_task(router.run(concurrency, poll_interval, use_notify))
             await asyncio.sleep(0)  # the router's run has started: its stop() now works
             stopper = asyncio.create_task(requested.wait())
+            stuck = asyncio.create_task(self._watch_stuck(router))
             await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
             stopper.cancel()
+            stuck.cancel()
             if not task.done():
                 await router.stop(self._stop_timeout)
             await task
         finally:
             await pool.close()
+
+    async def _watch_stuck(self, router: ProcessReplyRouter) -> None:
+        """Records each reply handled for longer than visibility_timeout + 5 s, once."""
+        threshold = self._visibility_timeout + STUCK_THREAD_BUFFER_S
+        seen: set[asyncio.Task[Any]] = set()
+        while True:
+            await asyncio.sleep(min(1.0, threshold / 4))
+            now = time.monotonic()
+            seen &= set(router.started)
+            for task, started in list(router.started.items()):
+                if task not in seen and now - started > threshold:
+                    seen.add(task)
+                    logger.error("sync process reply router on %s: a reply has been handled "
+                                 "for %.1fs", self._reply_queue, now - started)  # fmt: skip
+                    self._health.record_stuck_thread()
 
 
 __all__ = ["SyncProcessReplyRouter"]
