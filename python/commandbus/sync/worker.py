@@ -136,7 +136,8 @@ class SyncWorker:
         statement_timeout: PostgreSQL statement timeout (ms) of the engine's connections; must
             be shorter than the visibility timeout (ValueError otherwise).
         concurrency: default of `run(concurrency=...)` (4 when neither gives it).
-        handler_threads: threads running handlers (default: the run's concurrency).
+        handler_threads: threads running handlers (default: min(concurrency, 32), as the async
+            worker's; raise it for handlers that mostly wait on I/O).
         auto_extend_leases, max_flush, retention: as for the async `Worker`.
         """
         validate_timeouts(statement_timeout, visibility_timeout)
@@ -229,9 +230,10 @@ class SyncWorker:
         gracefully, waiting up to `signal_stop_timeout` seconds for running handlers; a second
         one stops waiting for them). Blocks the calling thread.
 
-        Up to `concurrency` handlers run at once, in a thread pool of `handler_threads`
-        threads (default `concurrency`). NOTIFY wakes the worker when commands arrive; it
-        also polls every `poll_interval` seconds (`use_notify=False`: polling only).
+        Up to `concurrency` handlers are claimed at once and run in a thread pool of
+        `handler_threads` threads (default `min(concurrency, 32)`: more threads only take turns
+        at the GIL). NOTIFY wakes the worker when commands arrive; it also polls every
+        `poll_interval` seconds (`use_notify=False`: polling only).
         """
         if self._registry is None:
             raise RuntimeError("Cannot run worker without a handler registry")
@@ -272,7 +274,8 @@ class SyncWorker:
         apool = async_twin(self._conninfo, self._kwargs, 2, f"rcmd-sync-{self._domain}")
         worker = self._new_worker(apool)
         if worker._sync_threads is None:
-            worker._sync_threads = concurrency
+            # As the async worker: more threads than this only take turns at the GIL.
+            worker._sync_threads = min(concurrency, 32)
         with self._lock:
             self._loop = asyncio.get_running_loop()
             self._worker = self._last = worker
