@@ -21,6 +21,7 @@ from commandbus import _native
 from commandbus._bridge import call
 from commandbus._dsn import native_dsn, pool_conninfo
 from commandbus._native import Outcome
+from commandbus._observe import Observer
 from commandbus._sql import command_queue
 from commandbus._validation import decode_json, encode_json, validate_domain
 from commandbus.batch import run_callback_if_complete
@@ -88,6 +89,16 @@ def _details_json(details: dict[str, Any]) -> str | None:
         return orjson.dumps({"repr": repr(details)}).decode()
 
 
+def _started(obs: Observer, command: Command, context: HandlerContext, item: Any) -> Any:
+    """An observer's token for one handler run; None when the observer failed (logged): an
+    observer's bug never changes a command's outcome."""
+    try:
+        return obs.started(command, context, item)
+    except Exception:
+        logger.exception("observer %r failed", obs)
+        return None
+
+
 class Worker:
     """Receives and processes the commands of one domain.
 
@@ -149,6 +160,15 @@ class Worker:
         self._native: _native.NativeWorker | None = None
         self._step_native: _native.NativeWorker | None = None
         self._executor: ThreadPoolExecutor | None = None
+        # Metrics, tracing and health attach here (commandbus.metrics / tracing / health); with
+        # none attached the run loop is the plain one: nothing per command is added.
+        self._observers: list[Observer] = []
+
+    def add_observer(self, observer: Observer) -> None:
+        """Attach an observer of handler runs (see `commandbus._observe`); takes effect at the
+        next `run()`. `commandbus.metrics.instrument`, `tracing.instrument` and `health` use it."""
+        if observer not in self._observers:
+            self._observers.append(observer)
 
     @property
     def domain(self) -> str:
@@ -309,6 +329,46 @@ class Worker:
             logger.exception("handler of msg_id=%s attempt=%s raised", msg_id, attempt)
             native.report(msg_id, attempt, self._failure(exc, attempt, max_attempts))
 
+    async def _execute_observed(
+        self,
+        native: _native.NativeWorker,
+        item: ClaimedTuple,
+        observers: tuple[Observer, ...],
+    ) -> None:
+        """`_execute` with observers told of the handler's start and of its outcome (its kind:
+        SUCCESS, RETRY, EXHAUSTED, PERMANENT or BUSINESS_RULE). The outcome decisions are the
+        same calls as `_execute`'s."""
+        msg_id, attempt, max_attempts = item[0], item[1], item[2]
+        tokens: list[Any] = []
+        outcome = _SUCCESS
+        try:
+            command, context = self._decode(native, item)
+            tokens.extend(_started(obs, command, context, item) for obs in observers)
+            result = await self._call_handler(command, context)
+            if result is not None:
+                try:
+                    result_json = encode_json(result, "result", _MAX_RESULT_BYTES)
+                except (SerializationError, ValidationError) as exc:
+                    raise PermanentCommandError("RESULT_NOT_SERIALIZABLE", str(exc)) from exc
+                outcome = Outcome.success(result_json)
+        except asyncio.CancelledError:
+            outcome = self._stopped_outcome(attempt, max_attempts)
+            raise
+        except (TransientCommandError, PermanentCommandError, BusinessRuleException) as exc:
+            logger.info("command msg_id=%s attempt=%s failed: %s", msg_id, attempt, exc)
+            outcome = self._failure(exc, attempt, max_attempts)
+        except Exception as exc:
+            logger.exception("handler of msg_id=%s attempt=%s raised", msg_id, attempt)
+            outcome = self._failure(exc, attempt, max_attempts)
+        finally:
+            native.report(msg_id, attempt, outcome)
+            kind = outcome.kind
+            for obs, token in zip(observers, tokens, strict=False):
+                try:
+                    obs.finished(token, kind)
+                except Exception:
+                    logger.exception("observer %r failed", obs)
+
     async def run(
         self,
         concurrency: int = 1,
@@ -365,6 +425,9 @@ class Worker:
             # The engine claims when slots are free (a slot frees when its outcome is
             # reported) and hands each claimed batch over here; empty means stopping.
             in_flight = self._in_flight
+            observers = tuple(self._observers)
+            for obs in observers:
+                obs.attach(self, native)
             while not self._stop_requested:
                 try:
                     batch: list[ClaimedTuple] = await call(native.next_batch)
@@ -377,6 +440,17 @@ class Worker:
                     continue
                 if not batch:
                     break
+                if observers:
+                    for obs in observers:
+                        try:
+                            await obs.claimed(batch)
+                        except Exception:
+                            logger.exception("observer %r failed", obs)
+                    for item in batch:
+                        task = asyncio.create_task(self._execute_observed(native, item, observers))
+                        in_flight.add(task)
+                        task.add_done_callback(in_flight.discard)
+                    continue
                 for item in batch:
                     task = asyncio.create_task(self._execute(native, item))
                     in_flight.add(task)
@@ -442,6 +516,11 @@ class Worker:
                     )
                     await asyncio.wait(pending)
             released = await call(native.shutdown)
+            for obs in self._observers:
+                try:
+                    await obs.detach(self, native)
+                except Exception:
+                    logger.exception("observer %r failed at stop", obs)
             if released:
                 logger.info("worker for %s released %d unfinished commands", self._domain, released)
             if events_task is not None:
