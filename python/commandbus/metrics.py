@@ -45,10 +45,23 @@ from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import psycopg
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, multiprocess
-from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.exposition import make_wsgi_app
-from prometheus_client.registry import Collector
+
+try:
+    from prometheus_client import (
+        REGISTRY,
+        CollectorRegistry,
+        Counter,
+        Gauge,
+        Histogram,
+        multiprocess,
+    )
+    from prometheus_client.core import GaugeMetricFamily, Metric
+    from prometheus_client.exposition import make_wsgi_app
+    from prometheus_client.registry import Collector
+except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
+    raise ImportError(
+        "commandbus.metrics needs prometheus-client: pip install 'reliable-commands[metrics]'"
+    ) from exc
 
 from commandbus import _db_sync
 from commandbus._observe import BaseObserver
@@ -221,6 +234,10 @@ class _MetricsObserver(BaseObserver):
 
     def attach(self, worker: Worker, native: _native.NativeWorker) -> None:
         self._last = {}
+        m, domain = self._m, self._domain
+        for _key, attr, _scale in _ENGINE_COUNTERS:  # the series exist (at 0) from the start
+            getattr(m, attr).labels(domain)
+        m.in_flight.labels(domain)
         self._sync_task = asyncio.get_running_loop().create_task(
             self._sync_loop(worker, native), name=f"rcmd-metrics-{self._domain}"
         )
