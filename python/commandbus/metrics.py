@@ -7,12 +7,13 @@
     ...
     server.close()
 
-Per domain and command type, counted as the worker reports each outcome:
+Per domain and command type, counted as the worker reports each outcome (in plain numbers on
+its event loop, published into the metrics about once a second and when it stops):
 `rcmd_commands_completed_total`, `rcmd_commands_failed_total` (business-rule failures),
 `rcmd_commands_retried_total`, `rcmd_commands_tsq_total` (sent to the troubleshooting queue:
 permanent errors and exhausted retries); `rcmd_handler_duration_seconds` (histogram) and
 `rcmd_command_queue_wait_seconds` (histogram: from the send to the start of the first attempt).
-Per domain, from the Rust engine's counters (read about once a second, never per command):
+Per domain, from the Rust engine's counters (read at each publish, never per command):
 `rcmd_handlers_in_flight`, `rcmd_claims_total`, `rcmd_claim_seconds_total`,
 `rcmd_claimed_commands_total`, `rcmd_flushes_total`, `rcmd_flush_seconds_total`,
 `rcmd_flushed_outcomes_total`, `rcmd_flush_errors_total`, `rcmd_outcomes_fenced_total`
@@ -39,6 +40,7 @@ import logging
 import os
 import threading
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
 from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any
@@ -79,8 +81,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: How often a run's engine counters are copied into the metrics (seconds).
-ENGINE_SYNC_INTERVAL = 1.0
+#: How often a running worker publishes what it counted into the metrics (seconds).
+PUBLISH_INTERVAL = 1.0
 
 _WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 _MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -182,28 +184,71 @@ def default_metrics() -> WorkerMetrics:
         return _default
 
 
-class _TypeMetrics:
-    """The labelled children of one (domain, command type), looked up once."""
+_KINDS = ("SUCCESS", "BUSINESS_RULE", "RETRY", "EXHAUSTED", "PERMANENT")
 
-    __slots__ = ("by_kind", "duration", "wait")
+
+class _LocalHistogram:
+    """Observations kept in plain numbers on the worker's event loop and added to a
+    prometheus-client histogram child about once a second: an observation costs a `bisect`
+    and two additions instead of prometheus-client's locked updates (~1.4 us each)."""
+
+    __slots__ = ("bounds", "buckets", "child", "sum")
+
+    def __init__(self, child: Any) -> None:
+        self.child = child
+        self.bounds: list[float] = list(child._upper_bounds)
+        self.buckets = [0] * len(self.bounds)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.buckets[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def publish(self) -> None:
+        # prometheus-client keeps one (non-cumulative) count per bucket and the sum, each a
+        # value that works in multiprocess mode too; `observe` adds 1 to the same ones.
+        buckets, child = self.buckets, self.child
+        for i, n in enumerate(buckets):
+            if n:
+                child._buckets[i].inc(n)
+                buckets[i] = 0
+        if self.sum:
+            child._sum.inc(self.sum)
+            self.sum = 0.0
+
+
+class _TypeMetrics:
+    """One (domain, command type): its counts since the last publish, and its children."""
+
+    __slots__ = ("counters", "duration", "kinds", "wait")
 
     def __init__(self, m: WorkerMetrics, domain: str, command_type: str) -> None:
-        completed = m.completed.labels(domain, command_type)
         tsq = m.tsq.labels(domain, command_type)
-        self.by_kind: dict[str, Callable[[], None]] = {
-            "SUCCESS": completed.inc,
-            "BUSINESS_RULE": m.failed.labels(domain, command_type).inc,
-            "RETRY": m.retried.labels(domain, command_type).inc,
-            "EXHAUSTED": tsq.inc,
-            "PERMANENT": tsq.inc,
-        }
-        self.duration = m.handler_duration.labels(domain, command_type)
-        self.wait = m.queue_wait.labels(domain, command_type)
+        self.counters = (
+            m.completed.labels(domain, command_type),
+            m.failed.labels(domain, command_type),
+            m.retried.labels(domain, command_type),
+            tsq,
+            tsq,
+        )
+        self.kinds = dict.fromkeys(_KINDS, 0)
+        self.duration = _LocalHistogram(m.handler_duration.labels(domain, command_type))
+        self.wait = _LocalHistogram(m.queue_wait.labels(domain, command_type))
+
+    def publish(self) -> None:
+        kinds = self.kinds
+        for kind, counter in zip(_KINDS, self.counters, strict=True):
+            if n := kinds[kind]:
+                counter.inc(n)
+                kinds[kind] = 0
+        self.duration.publish()
+        self.wait.publish()
 
 
 class _MetricsObserver(BaseObserver):
-    """Counts a worker's outcomes and times its handlers; copies its engine's counters into
-    the metrics about once a second while it runs."""
+    """Counts a worker's outcomes and times its handlers (in plain numbers, per command), and
+    publishes them with its engine's counters about once a second while it runs, and at its
+    end."""
 
     def __init__(self, metrics: WorkerMetrics, domain: str) -> None:
         self._m = metrics
@@ -230,7 +275,7 @@ class _MetricsObserver(BaseObserver):
             return
         tm, t0 = token
         tm.duration.observe(time.perf_counter() - t0)
-        tm.by_kind[outcome_kind]()
+        tm.kinds[outcome_kind] += 1
 
     def attach(self, worker: Worker, native: _native.NativeWorker) -> None:
         self._last = {}
@@ -248,12 +293,19 @@ class _MetricsObserver(BaseObserver):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-            self.sync_engine(native, 0)
+            self.publish(native, 0)
 
     async def _sync_loop(self, worker: Worker, native: _native.NativeWorker) -> None:
         while True:
-            self.sync_engine(native, worker.in_flight_count)
-            await asyncio.sleep(ENGINE_SYNC_INTERVAL)
+            await asyncio.sleep(PUBLISH_INTERVAL)
+            self.publish(native, worker.in_flight_count)
+
+    def publish(self, native: _native.NativeWorker, in_flight: int) -> None:
+        """Adds what was counted since the last call (here and in the engine) to the metrics;
+        sets the in-flight gauge."""
+        for tm in self._types.values():
+            tm.publish()
+        self.sync_engine(native, in_flight)
 
     def sync_engine(self, native: _native.NativeWorker, in_flight: int) -> None:
         """Adds what the engine counted since the last call; sets the in-flight gauge."""

@@ -53,12 +53,10 @@ async def test_live_ready_states_and_http_probes(pool: AsyncConnectionPool[Any])
 
     @registry.handler(DOMAIN, "Block")
     async def block(cmd: Command, ctx: HandlerContext) -> None:
-        time.sleep(1.0)  # blocks the event loop: liveness must notice
+        time.sleep(1.0)  # noqa: ASYNC251 - blocks the event loop: liveness must notice
 
     worker = Worker(pool, DOMAIN, registry, retry_policy=RetryPolicy(max_attempts=1))
-    health = WorkerHealth(
-        worker, beat_interval=0.05, liveness_timeout=0.4, check_interval=0.1
-    )
+    health = WorkerHealth(worker, beat_interval=0.05, liveness_timeout=0.4, check_interval=0.1)
     server = start_metrics_server(0, registry=CollectorRegistry(), health=health)
     try:
         assert not health.live() and not health.ready()  # not running yet
