@@ -8,6 +8,7 @@ functions do).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -15,6 +16,8 @@ if TYPE_CHECKING:
     from commandbus import _native
     from commandbus.models import Command, HandlerContext
     from commandbus.worker import Worker
+
+logger = logging.getLogger(__name__)
 
 
 class Observer(Protocol):
@@ -58,4 +61,45 @@ class BaseObserver:
         return None
 
 
-__all__ = ["BaseObserver", "Observer"]
+class _Combined(BaseObserver):
+    """Several observers as one (the worker calls one observer per command)."""
+
+    def __init__(self, observers: Sequence[Observer]) -> None:
+        self._observers = tuple(observers)
+
+    async def claimed(self, batch: Sequence[Any]) -> None:
+        for obs in self._observers:
+            try:
+                await obs.claimed(batch)
+            except Exception:
+                logger.exception("observer %r failed", obs)
+
+    def started(self, command: Command, context: HandlerContext, item: Any) -> Any:
+        tokens = []
+        for obs in self._observers:
+            try:
+                tokens.append(obs.started(command, context, item))
+            except Exception:
+                logger.exception("observer %r failed", obs)
+                tokens.append(None)
+        return tokens
+
+    def finished(self, token: Any, outcome_kind: str) -> None:
+        for obs, t in zip(self._observers, token or [None] * len(self._observers), strict=True):
+            try:
+                obs.finished(t, outcome_kind)
+            except Exception:
+                logger.exception("observer %r failed", obs)
+
+
+def combine(observers: Sequence[Observer]) -> Observer | None:
+    """None for no observer, the observer itself for one, else one that calls each in turn
+    (`attach`/`detach` are called on each by the worker itself)."""
+    if not observers:
+        return None
+    if len(observers) == 1:
+        return observers[0]
+    return _Combined(observers)
+
+
+__all__ = ["BaseObserver", "Observer", "combine"]

@@ -21,7 +21,7 @@ from commandbus import _native
 from commandbus._bridge import call
 from commandbus._dsn import native_dsn, pool_conninfo
 from commandbus._native import Outcome
-from commandbus._observe import Observer
+from commandbus._observe import Observer, combine
 from commandbus._sql import command_queue
 from commandbus._validation import decode_json, encode_json, validate_domain
 from commandbus.batch import run_callback_if_complete
@@ -87,16 +87,6 @@ def _details_json(details: dict[str, Any]) -> str | None:
         return orjson.dumps(details, default=repr).decode()
     except (TypeError, orjson.JSONEncodeError):
         return orjson.dumps({"repr": repr(details)}).decode()
-
-
-def _started(obs: Observer, command: Command, context: HandlerContext, item: Any) -> Any:
-    """An observer's token for one handler run; None when the observer failed (logged): an
-    observer's bug never changes a command's outcome."""
-    try:
-        return obs.started(command, context, item)
-    except Exception:
-        logger.exception("observer %r failed", obs)
-        return None
 
 
 class Worker:
@@ -330,20 +320,21 @@ class Worker:
             native.report(msg_id, attempt, self._failure(exc, attempt, max_attempts))
 
     async def _execute_observed(
-        self,
-        native: _native.NativeWorker,
-        item: ClaimedTuple,
-        observers: tuple[Observer, ...],
+        self, native: _native.NativeWorker, item: ClaimedTuple, observer: Observer
     ) -> None:
-        """`_execute` with observers told of the handler's start and of its outcome (its kind:
-        SUCCESS, RETRY, EXHAUSTED, PERMANENT or BUSINESS_RULE). The outcome decisions are the
-        same calls as `_execute`'s."""
+        """`_execute` with `observer` (several are combined into one, `_observe.combine`) told
+        of the handler's start and of its outcome kind (SUCCESS, RETRY, EXHAUSTED, PERMANENT or
+        BUSINESS_RULE). The outcome decisions are the same calls as `_execute`'s; an observer's
+        failure is logged and never changes the outcome."""
         msg_id, attempt, max_attempts = item[0], item[1], item[2]
-        tokens: list[Any] = []
+        token: Any = None
         outcome = _SUCCESS
         try:
             command, context = self._decode(native, item)
-            tokens.extend(_started(obs, command, context, item) for obs in observers)
+            try:
+                token = observer.started(command, context, item)
+            except Exception:
+                logger.exception("observer %r failed", observer)
             result = await self._call_handler(command, context)
             if result is not None:
                 try:
@@ -362,12 +353,10 @@ class Worker:
             outcome = self._failure(exc, attempt, max_attempts)
         finally:
             native.report(msg_id, attempt, outcome)
-            kind = outcome.kind
-            for obs, token in zip(observers, tokens, strict=False):
-                try:
-                    obs.finished(token, kind)
-                except Exception:
-                    logger.exception("observer %r failed", obs)
+            try:
+                observer.finished(token, outcome.kind)
+            except Exception:
+                logger.exception("observer %r failed", observer)
 
     async def run(
         self,
@@ -428,6 +417,7 @@ class Worker:
             observers = tuple(self._observers)
             for obs in observers:
                 obs.attach(self, native)
+            observer = combine(observers)
             while not self._stop_requested:
                 try:
                     batch: list[ClaimedTuple] = await call(native.next_batch)
@@ -440,14 +430,13 @@ class Worker:
                     continue
                 if not batch:
                     break
-                if observers:
-                    for obs in observers:
-                        try:
-                            await obs.claimed(batch)
-                        except Exception:
-                            logger.exception("observer %r failed", obs)
+                if observer is not None:
+                    try:
+                        await observer.claimed(batch)
+                    except Exception:
+                        logger.exception("observer %r failed", observer)
                     for item in batch:
-                        task = asyncio.create_task(self._execute_observed(native, item, observers))
+                        task = asyncio.create_task(self._execute_observed(native, item, observer))
                         in_flight.add(task)
                         task.add_done_callback(in_flight.discard)
                     continue

@@ -15,6 +15,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
+from prometheus_client import CollectorRegistry
 from psycopg_pool import AsyncConnectionPool
 
 from commandbus import (
@@ -27,6 +28,8 @@ from commandbus import (
     _validation,
 )
 from commandbus import tracing as rcmd_tracing
+from commandbus.metrics import WorkerMetrics
+from commandbus.metrics import instrument as instrument_metrics
 
 DOMAIN = "traced"
 
@@ -82,6 +85,8 @@ async def test_handler_spans_continue_the_senders_trace(
 
     worker = Worker(pool, DOMAIN, registry)
     rcmd_tracing.instrument(worker, tracer_provider=provider)
+    metrics_registry = CollectorRegistry()
+    instrument_metrics(worker, WorkerMetrics(metrics_registry))  # two observers, combined
     task = asyncio.create_task(worker.run(concurrency=4, poll_interval=0.05))
 
     async def three_spans() -> bool:
@@ -116,6 +121,11 @@ async def test_handler_spans_continue_the_senders_trace(
     assert refused_span.context.trace_id == sender_ctx.trace_id
     assert refused_span.status.status_code is StatusCode.ERROR
     assert refused_span.attributes["rcmd.outcome"] == "BUSINESS_RULE"  # type: ignore[index]
+
+    labels = {"domain": DOMAIN, "command_type": "Traced"}
+    assert metrics_registry.get_sample_value("rcmd_commands_completed_total", labels) == 2
+    labels["command_type"] = "Refused"
+    assert metrics_registry.get_sample_value("rcmd_commands_failed_total", labels) == 1
 
     alone = spans[str(untraced.command_id)]
     assert alone.parent is None and not alone.links
