@@ -14,11 +14,19 @@ COMPLETED audit row each, queue empty). The configurations:
   all       metrics + `commandbus.health.WorkerHealth` + `commandbus.tracing.instrument`
             (opentelemetry-api with no SDK: its no-op tracer, plus the per-batch read of
             the messages' trace contexts)
+  health    metrics + health; tracing: metrics + tracing (`--configs`, to split `all`)
 
 run interleaved, `--repeat` rounds, the order reversed every other round (drift on a shared
-machine hits every configuration alike); the median of each counts. Prints a table
-(commands/s, worker CPU per command, ratio to `off`) and, last, one JSON line. Exit status 0
-when every verification passed.
+machine hits every configuration alike); the median of each counts.
+
+First, in-process and without a database, the Python cost per command of the worker's
+observed path against its plain one: `Worker._execute` and `Worker._execute_observed` (with
+`metrics.instrument`'s observer) awaited in turn over 50,000 claimed rows with a no-op handler
+and an engine stand-in whose `report` does nothing; best of 7 interleaved rounds. This figure
+does not move with the machine's load as much as end-to-end throughput does.
+
+Prints the tables (commands/s, worker CPU per command, ratio to `off`) and, last, one JSON
+line. Exit status 0 when every verification passed.
 """
 
 from __future__ import annotations
@@ -43,7 +51,10 @@ CONFIGS: dict[str, tuple[str, tuple[str, ...]]] = {
     "off": ("no observer", ()),
     "metrics": ("metrics.instrument", ("--metrics",)),
     "all": ("metrics + health + tracing", ("--metrics", "--health", "--tracing")),
+    "health": ("metrics + health", ("--metrics", "--health")),
+    "tracing": ("metrics + tracing", ("--metrics", "--tracing")),
 }
+DEFAULT_CONFIGS = "off,metrics,all"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--commands", "-n", type=int, default=20_000, help="N per run")
     p.add_argument("--concurrency", type=int, default=256, help="of the worker")
     p.add_argument("--repeat", type=int, default=5, help="rounds (median)")
-    p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated")
+    p.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"of {', '.join(CONFIGS)}")
     p.add_argument("--payload-bytes", type=int, default=128, help="JSON size of `data`")
     p.add_argument("--pool-size", type=int, default=20, help="psycopg pool of each worker")
     p.add_argument("--dsn", default=os.environ.get("DATABASE_URL") or None)
@@ -79,12 +90,65 @@ def run(args: argparse.Namespace) -> int:
             server.stop()
 
 
+def micro(rounds: int = 7, n: int = 50_000) -> dict[str, float]:
+    """Best per-command microseconds of the plain and the observed (metrics) handler path."""
+    import asyncio
+
+    from prometheus_client import CollectorRegistry
+    from psycopg_pool import AsyncConnectionPool
+
+    from commandbus import Command, HandlerContext, HandlerRegistry, Worker
+    from commandbus.metrics import WorkerMetrics, instrument
+
+    class _Engine:  # NativeWorker.report, doing nothing
+        def report(self, msg_id: int, attempt: int, outcome: Any) -> bool:
+            return True
+
+    async def noop(cmd: Command, ctx: HandlerContext) -> None:
+        return None
+
+    async def measure() -> dict[str, float]:
+        registry = HandlerRegistry()
+        registry.register(tp.DOMAIN, "Noop", noop)
+        pool: AsyncConnectionPool[Any] = AsyncConnectionPool("host=127.0.0.1", open=False)
+        worker = Worker(pool, tp.DOMAIN, registry)
+        instrument(worker, WorkerMetrics(CollectorRegistry()))
+        (observer,) = worker._observers
+        engine: Any = _Engine()
+        now = int(time.time() * 1e6)
+        items: list[Any] = [(i, 1, 3, None, "Noop", "{}", None, None, None, now) for i in range(n)]
+
+        async def plain() -> None:
+            for item in items:
+                await worker._execute(engine, item)
+
+        async def observed() -> None:
+            for item in items:
+                await worker._execute_observed(engine, item, observer)
+
+        best = {"plain": float("inf"), "observed": float("inf")}
+        for _ in range(rounds):
+            for name, run in (("plain", plain), ("observed", observed)):
+                t0 = time.perf_counter()
+                await run()
+                best[name] = min(best[name], (time.perf_counter() - t0) / n * 1e6)
+        return best
+
+    return asyncio.run(measure())
+
+
 def _median(values: list[float | None]) -> float | None:
     ok = [v for v in values if v is not None]
     return statistics.median(ok) if ok else None
 
 
 def _measure(bench: tp.Bench, args: argparse.Namespace) -> int:
+    tp._log("in-process: the plain and the observed handler path")
+    path_us = micro()
+    print(
+        f"\nPython per command (best of 7): plain {path_us['plain']:.2f} us, observed "
+        f"{path_us['observed']:.2f} us (+{path_us['observed'] - path_us['plain']:.2f} us)"
+    )
     tp._log("creating template databases")
     bench.setup_templates(None)
     template = bench.db_name("ours_tpl")
@@ -133,6 +197,7 @@ def _measure(bench: tp.Bench, args: argparse.Namespace) -> int:
                 "cores": os.cpu_count(),
                 "python": platform.python_version(),
                 "postgresql": bench.server_version,
+                "python_path_us_per_command": path_us,
                 "median_rates": med_rate,
                 "median_worker_cpu_us_per_command": med_cpu,
                 "rates": rates,

@@ -60,6 +60,8 @@ class WorkerHealth(BaseObserver):
         self._db_error: str | None = None
         self._task: asyncio.Task[None] | None = None
         self._running = False
+        self._successes = 0
+        self._failing = False
         worker.add_observer(self)
 
     # -- observer hooks (the worker's event loop) ------------------------------------------
@@ -73,6 +75,7 @@ class WorkerHealth(BaseObserver):
 
     async def detach(self, worker: Worker, native: _native.NativeWorker) -> None:
         self._running = False
+        self._publish_successes()
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -80,16 +83,34 @@ class WorkerHealth(BaseObserver):
                 await task
 
     def finished(self, token: Any, outcome_kind: str) -> None:
+        # Successes in a row are counted here and added to `status` at the next heartbeat (or
+        # failure): `status` takes a lock and reads the clock per record. A success after a
+        # failure is recorded at once, as it resets `consecutive_failures`.
         if outcome_kind == "SUCCESS":
-            self.status.record_success()
+            if self._failing:
+                self._failing = False
+                self.status.record_success()
+            else:
+                self._successes += 1
         else:  # business-rule failures included, as the predecessor counted them
+            self._publish_successes()
+            self._failing = True
             self.status.record_failure()
+
+    def _publish_successes(self) -> None:
+        n, self._successes = self._successes, 0
+        if n:
+            self.status.record_success()
+            if n > 1:
+                with self.status._lock:
+                    self.status.total_successes += n - 1
 
     async def _beat(self, worker: Worker) -> None:
         next_check = 0.0
         while True:
             now = time.monotonic()
             self._last_beat = now
+            self._publish_successes()
             if now >= next_check:
                 next_check = now + self._check_interval
                 await self.check_database()

@@ -7,21 +7,22 @@
 
 `instrument_sending()` makes every send (`CommandBus.send`/`send_batch`, with or without
 `conn=`, and the sync bus) put the current span's W3C trace context (`traceparent`,
-`tracestate`, through the globally configured propagator) in the command's queue message under
-`trace_context`. `instrument(worker)` reads those contexts once per claimed batch (one
-statement) and runs each handler inside a CONSUMER span named `process {queue}`, child of the
-sender's span and linked to it, with the messaging semantic conventions' attributes
-(`messaging.system`, `messaging.operation.type` = `process`, `messaging.destination.name`,
-`messaging.message.id`, `messaging.message.conversation_id`) and `rcmd.*` ones (command id and
-type, attempt, outcome). A run that does not end in SUCCESS sets the span's status to ERROR.
-The span is current in `async def` handlers; a plain `def` handler runs in a thread that does
-not see it.
+`tracestate`, through the globally configured propagator) in the command's queue message
+under `trace_context`. `instrument(worker)` reads those contexts once per claimed batch (one
+statement, on a connection of its own) and runs each handler inside a CONSUMER span named
+`process {queue}`, child of the sender's span and linked to it, with the messaging semantic
+conventions' attributes (`messaging.system`, `messaging.operation.type` = `process`,
+`messaging.destination.name`, `messaging.message.id`, `messaging.message.conversation_id`)
+and `rcmd.*` ones (command id and type, attempt, outcome). A run that does not end in SUCCESS
+sets the span's status to ERROR. The span is current in `async def` handlers; a plain `def`
+handler runs in a thread that does not see it.
 
 Nothing here is imported by `import commandbus`; without instrumentation nothing is paid.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -35,7 +36,10 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
         "commandbus.tracing needs opentelemetry-api: pip install 'reliable-commands[otel]'"
     ) from exc
 
+import psycopg
+
 from commandbus import _db, _sql, _validation
+from commandbus._dsn import pool_conninfo
 from commandbus._observe import BaseObserver
 
 if TYPE_CHECKING:
@@ -77,23 +81,39 @@ class _TracingObserver(BaseObserver):
         self._query = _sql.statement("message_trace_contexts").replace(
             "{queue_table}", f'"q_{queue}"'
         )
-        self._pool: Any = None
+        # One connection of its own, opened at the first batch: the read of each claimed
+        # batch's trace contexts takes no connection from the worker's pool.
+        self._connect_args: tuple[str, dict[str, Any]] | None = None
+        self._conn: psycopg.AsyncConnection[Any] | None = None
         self._carriers: dict[int, dict[str, str]] = {}
 
     def attach(self, worker: Worker, native: _native.NativeWorker) -> None:
-        self._pool = worker._pool
+        pool = worker._pool
+        kwargs = pool.kwargs if isinstance(pool.kwargs, dict) else {}
+        self._connect_args = (pool_conninfo(pool), dict(kwargs))
         self._carriers = {}
 
     async def claimed(self, batch: Sequence[Any]) -> None:
-        pool = self._pool
-        if pool is None:
+        if self._connect_args is None:
             return
-        if pool.closed:  # SyncWorker's internal pool opens on demand
-            await pool.open()
-        rows = await _db.fetch_all_text(pool, self._query, [item[0] for item in batch])
+        if self._conn is None or self._conn.closed:
+            conninfo, kwargs = self._connect_args
+            kwargs.update(autocommit=True, application_name=f"rcmd tracing {self._queue}")
+            self._conn = await psycopg.AsyncConnection.connect(conninfo, **kwargs)
+        try:
+            rows = await _db.fetch_all_text(self._conn, self._query, [item[0] for item in batch])
+        except Exception:
+            await self._close()
+            raise
         for msg_id, carrier in rows:
             if isinstance(carrier, dict):
                 self._carriers[msg_id] = {str(k): str(v) for k, v in carrier.items()}
+
+    async def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close()
 
     def started(self, command: Command, context: HandlerContext, item: Any) -> Any:
         carrier = self._carriers.pop(context.msg_id, None)
@@ -135,6 +155,7 @@ class _TracingObserver(BaseObserver):
 
     async def detach(self, worker: Worker, native: _native.NativeWorker) -> None:
         self._carriers.clear()
+        await self._close()
 
 
 def instrument(
