@@ -29,10 +29,10 @@ import orjson
 from commandbus import _db
 from commandbus._observe import BaseObserver
 from commandbus.sync.health import HealthState, HealthStatus
+from commandbus.worker import Worker
 
 if TYPE_CHECKING:
     from commandbus import _native
-    from commandbus.worker import Worker
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,10 @@ class WorkerHealth(BaseObserver):
         check_interval: float = 5.0,
         check_timeout: float = 5.0,
     ) -> None:
+        if not isinstance(worker, Worker):
+            raise TypeError(
+                "WorkerHealth watches an async commandbus.Worker (a SyncWorker has health_status)"
+            )
         self._worker = worker
         self._beat_interval = beat_interval
         self._liveness_timeout = liveness_timeout

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 from uuid import uuid4
 
+import pytest
 from itest_helpers import wait_until
 from prometheus_client import CollectorRegistry
 from psycopg_pool import AsyncConnectionPool
@@ -105,3 +106,14 @@ async def test_not_ready_when_the_database_does_not_answer(database_url: str) ->
     # the pool is closed now: the check fails and says why
     assert await health.check_database() is False
     assert health.to_dict()["database_error"]
+
+
+def test_a_sync_worker_is_refused(database_url: str) -> None:
+    from psycopg_pool import ConnectionPool
+
+    from commandbus.sync import SyncWorker
+
+    with ConnectionPool(database_url, min_size=1, max_size=1, open=True) as spool:
+        sync_worker = SyncWorker(spool, DOMAIN, HandlerRegistry())
+        with pytest.raises(TypeError, match="health_status"):
+            WorkerHealth(sync_worker)  # type: ignore[arg-type]
