@@ -22,6 +22,7 @@ Nothing here is imported by `import commandbus`; without instrumentation nothing
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Sequence
@@ -51,6 +52,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 TRACER_NAME = "commandbus"
+#: Longest wait for a batch's trace contexts (seconds) before its handlers start unlinked.
+READ_TIMEOUT = 2.0
 MESSAGING_SYSTEM = "pgmq"
 
 
@@ -94,20 +97,30 @@ class _TracingObserver(BaseObserver):
         self._carriers = {}
 
     async def claimed(self, batch: Sequence[Any]) -> None:
+        """Reads the batch's trace contexts; on failure or after `READ_TIMEOUT` the batch's
+        spans start unlinked (logged), and the connection is opened again for the next one."""
         if self._connect_args is None:
             return
-        if self._conn is None or self._conn.closed:
-            conninfo, kwargs = self._connect_args
-            kwargs.update(autocommit=True, application_name=f"rcmd tracing {self._queue}")
-            self._conn = await psycopg.AsyncConnection.connect(conninfo, **kwargs)
         try:
-            rows = await _db.fetch_all_text(self._conn, self._query, [item[0] for item in batch])
-        except Exception:
+            rows = await asyncio.wait_for(self._read(batch), READ_TIMEOUT)
+        except Exception as exc:  # TimeoutError, OperationalError, DatabaseError...
             await self._close()
-            raise
+            logger.warning(
+                "tracing of %s: trace contexts not read (%s): this batch's spans are unlinked",
+                self._queue, exc or type(exc).__name__,
+            )  # fmt: skip
+            return
         for msg_id, carrier in rows:
             if isinstance(carrier, dict):
                 self._carriers[msg_id] = {str(k): str(v) for k, v in carrier.items()}
+
+    async def _read(self, batch: Sequence[Any]) -> list[tuple[Any, ...]]:
+        if self._conn is None or self._conn.closed:
+            assert self._connect_args is not None
+            conninfo, kwargs = self._connect_args
+            kwargs.update(autocommit=True, application_name=f"rcmd tracing {self._queue}")
+            self._conn = await psycopg.AsyncConnection.connect(conninfo, **kwargs)
+        return await _db.fetch_all_text(self._conn, self._query, [item[0] for item in batch])
 
     async def _close(self) -> None:
         conn, self._conn = self._conn, None

@@ -140,3 +140,39 @@ async def test_nothing_is_added_without_instrumentation(pool: AsyncConnectionPoo
     provider.shutdown()
     (message,) = await _messages(pool)
     assert "trace_context" not in message
+
+
+async def test_unreadable_trace_contexts_leave_spans_unlinked_and_work_going(
+    pool: AsyncConnectionPool[Any],
+    exporter: tuple[TracerProvider, InMemorySpanExporter],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    provider, memory = exporter
+    # the observer's own connection goes nowhere; the worker's are fine
+    dead = "host=127.0.0.1 port=9 dbname=x connect_timeout=1"
+    monkeypatch.setattr(rcmd_tracing, "pool_conninfo", lambda _pool: dead)
+    registry = HandlerRegistry()
+
+    @registry.handler(DOMAIN, "Traced")
+    async def traced(cmd: Command, ctx: HandlerContext) -> None:
+        return None
+
+    with provider.get_tracer("test").start_as_current_span("request"):
+        sent = await CommandBus(pool).send(DOMAIN, "Traced", uuid4(), {})
+    worker = Worker(pool, DOMAIN, registry)
+    rcmd_tracing.instrument(worker, tracer_provider=provider)
+    task = asyncio.create_task(worker.run(concurrency=2, poll_interval=0.05))
+
+    async def done() -> bool:
+        rows = await fetch(
+            pool, "SELECT status FROM commandbus.command WHERE command_id = %s", sent.command_id
+        )
+        return rows[0][0] == "COMPLETED"
+
+    await wait_until(done)
+    await worker.stop(timeout=5)
+    await task
+    (span,) = [s for s in memory.get_finished_spans() if s.kind is SpanKind.CONSUMER]
+    assert span.parent is None and not span.links
+    assert "trace contexts not read" in caplog.text
