@@ -13,9 +13,10 @@ its event loop, published into the metrics about once a second and when it stops
 `rcmd_commands_retried_total`, `rcmd_commands_tsq_total` (sent to the troubleshooting queue:
 permanent errors and exhausted retries); `rcmd_handler_duration_seconds` (histogram) and
 `rcmd_command_queue_wait_seconds` (histogram: from the send to the start of the first attempt).
-Per domain, from the Rust engine's counters (read at each publish, never per command):
-`rcmd_handlers_in_flight`, `rcmd_claims_total`, `rcmd_claim_seconds_total`,
-`rcmd_claimed_commands_total`, `rcmd_flushes_total`, `rcmd_flush_seconds_total`,
+Per domain, read at each publish (never per command): `rcmd_handlers_in_flight` (the
+worker's handler tasks), and from the Rust engine's counters `rcmd_claims_total`,
+`rcmd_claim_seconds_total`, `rcmd_claimed_commands_total`, `rcmd_flushes_total`,
+`rcmd_flush_seconds_total`,
 `rcmd_flushed_outcomes_total`, `rcmd_flush_errors_total`, `rcmd_outcomes_fenced_total`
 (mean claim latency: `rate(rcmd_claim_seconds_total[1m]) / rate(rcmd_claims_total[1m])`; mean
 claim batch: `rate(rcmd_claimed_commands_total[1m]) / rate(rcmd_claims_total[1m])`; the same
