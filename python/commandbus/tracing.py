@@ -14,8 +14,8 @@ statement, on a connection of its own) and runs each handler inside a CONSUMER s
 conventions' attributes (`messaging.system`, `messaging.operation.type` = `process`,
 `messaging.destination.name`, `messaging.message.id`, `messaging.message.conversation_id`)
 and `rcmd.*` ones (command id and type, attempt, outcome). A run that does not end in SUCCESS
-sets the span's status to ERROR. The span is current in `async def` handlers; a plain `def`
-handler runs in a thread that does not see it.
+sets the span's status to ERROR. The span is the current one inside the handler (`async def`
+or plain `def`: the worker runs those in its threads in the caller's context).
 
 Nothing here is imported by `import commandbus`; without instrumentation nothing is paid.
 """

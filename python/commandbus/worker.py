@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import inspect
 import logging
 import signal
@@ -292,7 +293,10 @@ class Worker:
                 max_workers=self._sync_threads or 8, thread_name_prefix=f"rcmd-{self._domain}"
             )
         loop = asyncio.get_running_loop()
-        result = await loop.run_in_executor(self._executor, resolved.fn, cmd, ctx)
+        # In the caller's context, as asyncio.to_thread: a span (commandbus.tracing) or any
+        # context variable set around the handler is seen by its thread too.
+        run = contextvars.copy_context().run
+        result = await loop.run_in_executor(self._executor, run, resolved.fn, cmd, ctx)
         if inspect.isawaitable(result):
             result = await result
         return result

@@ -4,6 +4,8 @@ run is a CONSUMER span, child of the sender's span and linked to it."""
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 from uuid import uuid4
@@ -176,3 +178,36 @@ async def test_unreadable_trace_contexts_leave_spans_unlinked_and_work_going(
     (span,) = [s for s in memory.get_finished_spans() if s.kind is SpanKind.CONSUMER]
     assert span.parent is None and not span.links
     assert "trace contexts not read" in caplog.text
+
+
+def test_sync_worker_def_handlers_run_inside_their_span(
+    database_url: str, exporter: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    from psycopg_pool import ConnectionPool
+
+    from commandbus.sync import SyncCommandBus, SyncWorker
+
+    provider, memory = exporter
+    seen: list[int] = []
+    registry = HandlerRegistry()
+
+    @registry.handler(DOMAIN, "Plain")
+    def plain(cmd: Command, ctx: HandlerContext) -> None:
+        seen.append(trace.get_current_span().get_span_context().span_id)
+
+    with ConnectionPool(database_url, min_size=1, max_size=2, open=True) as spool:
+        with provider.get_tracer("test").start_as_current_span("request") as sender:
+            sync_bus = SyncCommandBus(spool)
+            sync_bus.send(DOMAIN, "Plain", uuid4(), {})
+        worker = SyncWorker(spool, DOMAIN, registry)
+        rcmd_tracing.instrument(worker, tracer_provider=provider)
+        thread = threading.Thread(target=worker.run, kwargs={"poll_interval": 0.05})
+        thread.start()
+        deadline = time.monotonic() + 20
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.05)
+        worker.stop(timeout=5)
+        thread.join(10)
+    (span,) = [s for s in memory.get_finished_spans() if s.kind is SpanKind.CONSUMER]
+    assert seen == [span.context.span_id]
+    assert span.context.trace_id == sender.get_span_context().trace_id
