@@ -1,14 +1,5 @@
 -- What the `rcmd` command line reads beyond the library's own queries (python/commandbus/cli/).
 
--- name: cli_domains
--- The domains that have a command queue (`{domain}__commands` in PGMQ), in name order: the
--- domains the CLI knows (a worker creates its domain's queue at start, a send creates it too).
--- No parameters.
-SELECT left(queue_name, -length('__commands')) AS domain
-FROM pgmq.list_queues()
-WHERE queue_name LIKE '%\_\_commands'
-ORDER BY 1
-
 -- name: cli_check
 -- What `rcmd check` reports about the server: its version (number and text), the pgmq
 -- extension's version (NULL when PGMQ is absent or installed from SQL only), whether PGMQ's

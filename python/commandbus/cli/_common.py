@@ -132,7 +132,9 @@ async def open_pool(
 
 async def known_domains(pool: AsyncConnectionPool[Any]) -> list[str]:
     """The domains that have a command queue."""
-    return [str(r[0]) for r in await _db.fetch_all(pool, "cli_domains")]
+    from commandbus.ops.monitor import Monitor
+
+    return await Monitor(pool).domains()
 
 
 async def check_domain(pool: AsyncConnectionPool[Any], domain: str) -> str:

@@ -14,6 +14,7 @@ from commandbus.cli._common import (
     DsnOption,
     JsonOption,
     first_line,
+    known_domains,
     open_pool,
     print_json,
     print_table,
@@ -98,7 +99,7 @@ async def _check(dsn: str) -> tuple[list[tuple[str, str, str]], bool]:
         else:
             add("schema", True, f"migration V{latest:03d} applied")
         if pgmq_installed:
-            domains = [str(r[0]) for r in await _db.fetch_all(pool, "cli_domains")]
+            domains = await known_domains(pool)
             add("queues", True, ", ".join(domains) if domains else "no domain queue yet")
     return rows, ok
 

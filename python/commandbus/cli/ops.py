@@ -4,13 +4,16 @@ retention, the Monitor read model)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 from uuid import UUID
 
 import typer
 from psycopg_pool import AsyncConnectionPool
+from rich.live import Live
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from commandbus import _db
 from commandbus.bus import CommandBus
@@ -21,11 +24,12 @@ from commandbus.cli._common import (
     check_domain,
     confirm,
     default_operator,
-    known_domains,
     open_pool,
+    parse_datetime,
     parse_duration,
     parse_json_object,
     parse_uuid,
+    plain,
     print_fields,
     print_json,
     print_table,
@@ -445,6 +449,54 @@ def audit_command(
         _print_audit(events)
 
 
+@commands_app.command("list")
+def commands_list(
+    domain: DomainOption = None,
+    status: Annotated[str | None, typer.Option("--status", help="Only this status.")] = None,
+    command_type: TypeOption = None,
+    batch: Annotated[str | None, typer.Option("--batch", help="Only this batch's commands.")] = None,
+    created_after: Annotated[
+        str | None,
+        typer.Option("--created-after", help="ISO timestamp, or an age: 2h, 7d (= that long ago)."),
+    ] = None,
+    created_before: Annotated[
+        str | None, typer.Option("--created-before", help="ISO timestamp, or an age.")
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=1000, help="Most rows shown.")] = 50,
+    cursor: Annotated[
+        str | None, typer.Option("--cursor", help="Continue after a previous page (its cursor).")
+    ] = None,
+    dsn: DsnOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List commands, newest first, with the console's filters; one page at a time (the next
+    page's --cursor is printed after the table)."""
+    from commandbus.ops.monitor import CommandFilter, Monitor
+
+    flt = CommandFilter(
+        domain=domain,
+        status=_command_status(status),
+        command_type=command_type,
+        batch_id=None if batch is None else parse_uuid(batch, "--batch"),
+        created_after=parse_datetime(created_after, "--created-after"),
+        created_before=parse_datetime(created_before, "--created-before"),
+    )
+
+    async def go() -> Any:
+        async with _pool(dsn) as pool:
+            if domain is not None:
+                await check_domain(pool, domain)
+            return await Monitor(pool).list_commands(flt, cursor=cursor, limit=limit)
+
+    page = run(go())
+    if as_json:
+        print_json({"items": page.items, "next_cursor": page.next_cursor})
+        return
+    _print_commands(f"commands ({len(page.items)} shown)", page.items)
+    if page.next_cursor:
+        stderr.print(f"more: --cursor {page.next_cursor}", markup=False)
+
+
 # -- batches --------------------------------------------------------------------------------
 
 
@@ -571,6 +623,101 @@ def _print_commands(title: str, cmds: list[CommandMetadata]) -> None:
     )
 
 
+# -- stats ----------------------------------------------------------------------------------
+
+_STATUSES = ("PENDING", "IN_PROGRESS", "COMPLETED", "FAILED", "CANCELED")
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _count(n: int | None, estimated: bool) -> str:
+    if n is None:
+        return "?" if estimated else "0"
+    return f"~{n}" if estimated else str(n)
+
+
+def _stats_table(stats: list[tuple[Any, int]]) -> Table:
+    table = Table(title="rcmd stats", title_justify="left", show_edge=False, pad_edge=False)
+    for name in ("domain", *(s.lower() for s in _STATUSES), "TSQ", "queue depth",
+                 "oldest waiting", "completed/s", "failed/s", "workers"):  # fmt: skip
+        table.add_column(name, justify="left" if name == "domain" else "right", no_wrap=True)
+    for d, workers in stats:
+        counts = d.counts_by_status
+        table.add_row(
+            d.domain,
+            *(_count(counts.get(s), s in d.counts_estimated) for s in _STATUSES),
+            str(d.tsq_size),
+            str(d.queue_depth),
+            _age(d.oldest_waiting_seconds),
+            f"{d.completed_per_s:.1f}",
+            f"{d.failed_per_s:.1f}",
+            str(workers),
+        )
+    table.caption = "~: an estimate (from the planner's statistics, as fresh as the last ANALYZE)"
+    return table
+
+
+def stats(
+    domain: DomainOption = None,
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh until Ctrl-C.")] = False,
+    interval: Annotated[
+        float, typer.Option("--interval", min=0.2, help="Seconds between refreshes (--watch).")
+    ] = 2.0,
+    dsn: DsnOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Per domain: commands by status, TSQ size, queue depth, oldest waiting message, and the
+    recent completed / failed rate."""
+    from commandbus.ops.monitor import Monitor
+
+    if watch and as_json:
+        raise CliError("--watch and --json do not go together (poll `rcmd stats --json`)")
+
+    async def read(monitor: Monitor) -> list[tuple[Any, int]]:
+        rows = await monitor.domain_stats()
+        workers: dict[str, int] = {}
+        for w in await monitor.workers():
+            if w.connected:
+                workers[w.domain] = workers.get(w.domain, 0) + 1
+        return [(d, workers.get(d.domain, 0)) for d in rows if domain in (None, d.domain)]
+
+    async def go() -> list[tuple[Any, int]] | None:
+        async with _pool(dsn) as pool:
+            if domain is not None:
+                await check_domain(pool, domain)
+            monitor = Monitor(pool)
+            if not watch:
+                return await read(monitor)
+            with Live(_stats_table(await read(monitor)), console=stdout, auto_refresh=False) as live:
+                try:
+                    while True:
+                        await asyncio.sleep(interval)
+                        live.update(_stats_table(await read(monitor)), refresh=True)
+                except asyncio.CancelledError:  # Ctrl-C
+                    return None
+
+    try:
+        rows = run(go())
+    except KeyboardInterrupt:
+        return
+    if rows is None:
+        return
+    if as_json:
+        print_json([{**plain(d), "workers": n} for d, n in rows])
+    elif not rows:
+        stdout.print("no domains yet")
+    else:
+        stdout.print(_stats_table(rows))
+
+
 # -- prune ----------------------------------------------------------------------------------
 
 
@@ -626,5 +773,5 @@ def register(app: typer.Typer) -> None:
     app.add_typer(commands_app, name="commands")
     app.command("audit")(audit_command)
     app.add_typer(batches_app, name="batches")
+    app.command()(stats)
     app.command()(prune)
-    _ = known_domains  # stats and commands list (below) list the domains
