@@ -33,8 +33,17 @@ def _one_error_line(result, needle: str) -> None:  # type: ignore[no-untyped-def
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("30d", 30 * 86400), ("12h", 43200), ("1d12h", 129600), ("90m", 5400), ("45s", 45),
-     ("2w", 1209600), ("15", 15), ("0s", 0), ("1.5h", 5400)],  # fmt: skip
+    [
+        ("30d", 30 * 86400),
+        ("12h", 43200),
+        ("1d12h", 129600),
+        ("90m", 5400),
+        ("45s", 45),
+        ("2w", 1209600),
+        ("15", 15),
+        ("0s", 0),
+        ("1.5h", 5400),
+    ],
 )
 def test_durations(text: str, seconds: int) -> None:
     assert parse_duration(text, "--older-than") == timedelta(seconds=seconds)
@@ -77,8 +86,16 @@ def test_print_sql_needs_no_database() -> None:
 
 @pytest.mark.parametrize(
     "args",
-    [["check"], ["setup"], ["send", "d", "T"], ["tsq", "list"], ["prune", "--older-than", "1d"],
-     ["worker", "cli_handlers:registry"], ["commands", "list"], ["stats"]],  # fmt: skip
+    [
+        ["check"],
+        ["setup"],
+        ["send", "d", "T"],
+        ["tsq", "list"],
+        ["prune", "--older-than", "1d"],
+        ["worker", "cli_handlers:registry"],
+        ["commands", "list"],
+        ["stats"],
+    ],
 )
 def test_no_database_is_one_line(args: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.syspath_prepend(str(CLI_TESTS))
@@ -91,7 +108,9 @@ def test_bad_input_is_refused_before_connecting() -> None:
     _one_error_line(_invoke("send", "d", "T", "--id", "nope", env=dsn), "not a UUID")
     _one_error_line(_invoke("prune", "--older-than", "soon", env=dsn), "invalid --older-than")
     _one_error_line(_invoke("tsq", "retry", env=dsn), "give one or more command ids, or --all")
-    _one_error_line(_invoke("tsq", "retry", "--all", "--type", "T", env=dsn), "--type needs --domain")
+    _one_error_line(
+        _invoke("tsq", "retry", "--all", "--type", "T", env=dsn), "--type needs --domain"
+    )
     _one_error_line(_invoke("tsq", "show", "123", env=dsn), "invalid command id '123'")
     _one_error_line(_invoke("batches", "list", "--domain", "d", "--status", "odd", env=dsn),
                     "invalid --status 'odd'")  # fmt: skip

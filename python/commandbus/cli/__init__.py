@@ -1,7 +1,7 @@
 """The `rcmd` command line (also `python -m commandbus`): setup and checks, workers, sending,
 the troubleshooting queue, commands, batches, stats and retention, without writing code.
 
-Needs typer, click and rich (dependencies of the package); `import commandbus` does not import
+Needs typer and rich (dependencies of the package); `import commandbus` does not import
 this package, nor them.
 """
 

@@ -7,7 +7,6 @@ import logging
 import sys
 from typing import Any
 
-import click
 import psycopg
 import typer
 from typer.core import TyperGroup
@@ -27,7 +26,7 @@ class RcmdGroup(TyperGroup):
     """The top-level group: every subcommand runs inside its `invoke`, so this is where our
     errors are turned into `error: ...` lines and exit codes."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: Any) -> Any:  # a click Context (recent typer vendors its click)
         try:
             return super().invoke(ctx)
         except CliError as exc:

@@ -18,7 +18,6 @@ from typing import Annotated, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 from uuid import UUID
 
-import click
 import psycopg
 import typer
 from psycopg_pool import AsyncConnectionPool
@@ -31,7 +30,6 @@ T = TypeVar("T")
 
 #: Seconds to wait for the server to answer before `rcmd` gives up on a DSN.
 CONNECT_TIMEOUT_S = 10
-
 
 
 def _width() -> int | None:
@@ -214,7 +212,7 @@ def confirm(question: str, yes: bool) -> None:
         return
     try:
         agreed = typer.confirm(question, default=False, err=True)
-    except click.exceptions.Abort:  # no answer (stdin closed)
+    except typer.Abort:  # no answer (stdin closed)
         agreed = False
     if not agreed:
         raise CliError("not confirmed (--yes skips the question): nothing done")

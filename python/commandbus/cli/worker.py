@@ -18,7 +18,6 @@ supervisor serves the aggregate (and marks dead children's files).
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import inspect
 import logging
@@ -163,7 +162,9 @@ def choose_domain(registry: HandlerRegistry, spec: str, domain: str | None) -> s
     if domain is None:
         if len(domains) == 1:
             return domains[0]
-        raise CliError(f"{spec} has handlers for several domains ({', '.join(domains)}): pass --domain")
+        raise CliError(
+            f"{spec} has handlers for several domains ({', '.join(domains)}): pass --domain"
+        )
     if domain not in domains:
         raise CliError(
             f"unknown domain {domain!r}: {spec} has handlers for {', '.join(domains)} only"
@@ -196,14 +197,14 @@ def _watch_parent(parent: int) -> None:
             return
 
 
-async def _run_async(dsn: str, registry: HandlerRegistry, opts: WorkerOptions, metrics: Any) -> None:
+async def _run_async(
+    dsn: str, registry: HandlerRegistry, opts: WorkerOptions, metrics: Any
+) -> None:
     from commandbus.worker import Worker
 
     async with open_pool(dsn) as pool:
         _log_start(dsn, opts)
-        worker = Worker(
-            pool, opts.domain, registry, visibility_timeout=opts.visibility_timeout
-        )
+        worker = Worker(pool, opts.domain, registry, visibility_timeout=opts.visibility_timeout)
         if metrics is not None:
             metrics.instrument(worker)
         await worker.run(
@@ -316,7 +317,9 @@ class Supervisor:
         if self._on_exit is not None:
             self._on_exit(child.pid)
         self._delay[slot] = (
-            0.0 if lived >= HEALTHY_RUN_S else min(MAX_RESTART_DELAY_S, max(0.5, self._delay[slot] * 2))
+            0.0
+            if lived >= HEALTHY_RUN_S
+            else min(MAX_RESTART_DELAY_S, max(0.5, self._delay[slot] * 2))
         )
         self._due[slot] = time.monotonic() + self._delay[slot]
         self._children[slot] = None
@@ -407,68 +410,107 @@ def worker(
         str,
         typer.Argument(
             metavar="HANDLERS",
-            help="MODULE[:OBJECT], where the handlers are: a HandlerRegistry (app.handlers:registry), a module "
-            "of @handler functions (app.handlers), an object with @handler methods, or a "
-            "function returning one of those.",
+            help="MODULE[:OBJECT], where the handlers are: a HandlerRegistry "
+            "(app.handlers:registry), a module of @handler functions (app.handlers), an object "
+            "with @handler methods, or a function returning one of those.",
         ),
     ],
     domain: Annotated[
         str | None,
         typer.Option(
-            "--domain", envvar=_env("DOMAIN"),
+            "--domain",
+            envvar=_env("DOMAIN"),
             help="The domain to work (default: the handlers' only domain).",
-        ),  # fmt: skip
+        ),
     ] = None,
     concurrency: Annotated[
         int,
-        typer.Option("--concurrency", "-c", min=1, envvar=_env("CONCURRENCY"),
-                     help="Handlers running at once, per process."),  # fmt: skip
+        typer.Option(
+            "--concurrency",
+            "-c",
+            min=1,
+            envvar=_env("CONCURRENCY"),
+            help="Handlers running at once, per process.",
+        ),
     ] = 64,
     processes: Annotated[
         int,
-        typer.Option("--processes", "-p", min=1, envvar=_env("PROCESSES"),
-                     help="Worker processes; more than 1 runs a supervisor that restarts a "
-                     "process that dies and stops all on SIGTERM."),  # fmt: skip
+        typer.Option(
+            "--processes",
+            "-p",
+            min=1,
+            envvar=_env("PROCESSES"),
+            help="Worker processes; more than 1 runs a supervisor that restarts a "
+            "process that dies and stops all on SIGTERM.",
+        ),
     ] = 1,
     visibility_timeout: Annotated[
         int,
-        typer.Option("--visibility-timeout", min=1, envvar=_env("VISIBILITY_TIMEOUT"),
-                     help="Seconds a claimed command stays invisible (its lease)."),  # fmt: skip
+        typer.Option(
+            "--visibility-timeout",
+            min=1,
+            envvar=_env("VISIBILITY_TIMEOUT"),
+            help="Seconds a claimed command stays invisible (its lease).",
+        ),
     ] = 30,
     poll_interval: Annotated[
         float,
-        typer.Option("--poll-interval", min=0.01, envvar=_env("POLL_INTERVAL"),
-                     help="Seconds between polls (NOTIFY wakes the worker sooner)."),  # fmt: skip
+        typer.Option(
+            "--poll-interval",
+            min=0.01,
+            envvar=_env("POLL_INTERVAL"),
+            help="Seconds between polls (NOTIFY wakes the worker sooner).",
+        ),
     ] = 1.0,
     stop_timeout: Annotated[
         float,
-        typer.Option("--stop-timeout", min=0, envvar=_env("STOP_TIMEOUT"),
-                     help="On SIGTERM, seconds running handlers may take to finish."),  # fmt: skip
+        typer.Option(
+            "--stop-timeout",
+            min=0,
+            envvar=_env("STOP_TIMEOUT"),
+            help="On SIGTERM, seconds running handlers may take to finish.",
+        ),
     ] = 30.0,
     sync: Annotated[
         bool,
-        typer.Option("--sync", envvar=_env("SYNC"),
-                     help="Run the SyncWorker (plain def handlers in threads)."),  # fmt: skip
+        typer.Option(
+            "--sync",
+            envvar=_env("SYNC"),
+            help="Run the SyncWorker (plain def handlers in threads).",
+        ),
     ] = False,
     metrics_port: Annotated[
         int | None,
-        typer.Option("--metrics-port", min=1, max=65535, envvar=_env("METRICS_PORT"),
-                     help="Serve Prometheus metrics on this port (the metrics extra)."),  # fmt: skip
+        typer.Option(
+            "--metrics-port",
+            min=1,
+            max=65535,
+            envvar=_env("METRICS_PORT"),
+            help="Serve Prometheus metrics on this port (the metrics extra).",
+        ),
     ] = None,
     metrics_host: Annotated[
         str,
-        typer.Option("--metrics-host", envvar=_env("METRICS_HOST"),
-                     help="Address the metrics server listens on."),  # fmt: skip
+        typer.Option(
+            "--metrics-host",
+            envvar=_env("METRICS_HOST"),
+            help="Address the metrics server listens on.",
+        ),
     ] = "127.0.0.1",
     log_level: Annotated[
         str,
-        typer.Option("--log-level", envvar=_env("LOG_LEVEL"),
-                     help="DEBUG, INFO, WARNING or ERROR."),  # fmt: skip
+        typer.Option(
+            "--log-level", envvar=_env("LOG_LEVEL"), help="DEBUG, INFO, WARNING or ERROR."
+        ),
     ] = "INFO",
     dsn: Annotated[
         str | None,
-        typer.Option("--dsn", envvar="DATABASE_URL", show_envvar=True,
-                     help="PostgreSQL URL or libpq conninfo of the commandbus database."),  # fmt: skip
+        typer.Option(
+            "--dsn",
+            envvar="DATABASE_URL",
+            show_envvar=True,
+            help="PostgreSQL URL or libpq conninfo of the commandbus database.",
+        ),
     ] = None,
 ) -> None:
     """Run a worker for one domain until SIGTERM or Ctrl-C (graceful: running handlers finish,
