@@ -42,8 +42,10 @@ logger = logging.getLogger("commandbus.cli.worker")
 
 #: Environment variables the options also read (granian / procrastinate style).
 ENV_PREFIX = "RCMD_WORKER_"
-#: Marks a child process of a supervisor (it instruments, the supervisor serves metrics).
+#: Marks a child process of a supervisor.
 CHILD_ENV = "RCMD_WORKER_SUPERVISED"
+#: Tells a child to instrument its worker (the supervisor serves the metrics of all).
+CHILD_METRICS_ENV = "RCMD_WORKER_CHILD_METRICS"
 #: A child that ran at least this long before dying is restarted at once.
 HEALTHY_RUN_S = 10.0
 MAX_RESTART_DELAY_S = 30.0
@@ -260,7 +262,7 @@ def run_one(dsn: str, registry: HandlerRegistry, opts: WorkerOptions, *, supervi
         threading.Thread(
             target=_watch_parent, args=(os.getppid(),), name="rcmd-parent-watch", daemon=True
         ).start()
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        if os.environ.get(CHILD_METRICS_ENV) == "1":
             metrics = _metrics_module()
     elif opts.metrics_port is not None:
         metrics = _metrics_module()
@@ -367,22 +369,24 @@ class Supervisor:
 
 
 def supervise(dsn: str, spec: str, opts: WorkerOptions) -> int:
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k != CHILD_METRICS_ENV}
     env[CHILD_ENV] = "1"
     env["DATABASE_URL"] = dsn
     metrics_dir: str | None = None
     server: Any = None
     on_exit: Any = None
-    if opts.metrics_port is not None:
-        metrics_dir = tempfile.mkdtemp(prefix="rcmd-metrics-")
-        # Before anything imports prometheus_client: it reads the variable at import.
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-        metrics = _metrics_module()
-        server = metrics.start_metrics_server(
-            opts.metrics_port, host=opts.metrics_host, dsn=dsn, domains=[opts.domain]
-        )
-        on_exit = metrics.mark_process_dead
     try:
+        if opts.metrics_port is not None:
+            metrics_dir = tempfile.mkdtemp(prefix="rcmd-metrics-")
+            # Before anything imports prometheus_client: it reads the variable at import. (A
+            # missing extra is one line here, before any child starts.)
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+            env[CHILD_METRICS_ENV] = "1"
+            metrics = _metrics_module()
+            server = metrics.start_metrics_server(
+                opts.metrics_port, host=opts.metrics_host, dsn=dsn, domains=[opts.domain]
+            )
+            on_exit = metrics.mark_process_dead
         supervisor = Supervisor(
             opts.child_args(spec),
             opts.processes,
@@ -537,8 +541,6 @@ def worker(
     )
     supervised = os.environ.get(CHILD_ENV) == "1"
     if opts.processes > 1:
-        if opts.metrics_port is not None:
-            _metrics_module()  # a missing extra is one line before any process starts
 
         async def checked() -> None:
             async with open_pool(url, max_size=1):
