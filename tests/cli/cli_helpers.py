@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 from uuid import UUID, uuid4
 
 import psycopg
@@ -52,12 +52,12 @@ Spawn = Callable[..., subprocess.Popen[str]]
 
 
 class Lines:
-    """The stderr lines of a process, collected by a thread as they come."""
+    """The stderr (or `stream`) lines of a process, collected by a thread as they come."""
 
-    def __init__(self, proc: subprocess.Popen[str]) -> None:
+    def __init__(self, proc: subprocess.Popen[str], stream: IO[str] | None = None) -> None:
         self.lines: list[str] = []
-        assert proc.stderr is not None
-        stream = proc.stderr
+        stream = stream or proc.stderr
+        assert stream is not None
         self._thread = threading.Thread(target=lambda: self.lines.extend(stream), daemon=True)
         self._thread.start()
 

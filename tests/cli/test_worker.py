@@ -113,3 +113,15 @@ def test_dev_starts_a_server_and_stops_on_ctrl_c(spawn: Spawn) -> None:
     assert proc.wait(timeout=30) == 0
     with pytest.raises(psycopg.OperationalError):
         psycopg.connect(dsn, connect_timeout=2)
+
+
+def test_stats_watch_refreshes_until_ctrl_c(database_url: str, spawn: Spawn) -> None:
+    send(database_url, 3, {})
+    proc = spawn("stats", "--watch", "--interval", "0.2")
+    assert proc.stdout is not None
+    out = Lines(proc, proc.stdout)
+    out.wait_for(r"^rcmd stats", count=3)  # into a pipe, each refresh prints a table
+    [row, *_] = out.wait_for(r"^clitest\s")
+    assert row.string.split("│")[1].strip() == "3"  # pending
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=15) == 0

@@ -6,11 +6,12 @@ from __future__ import annotations
 import sys
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from typer.testing import CliRunner
 
-from commandbus import get_schema_sql
+from commandbus import ValidationError, get_schema_sql
 from commandbus.cli import app
 from commandbus.cli._common import CliError, parse_duration, parse_json_object
 from commandbus.cli.worker import WorkerOptions, choose_domain, load_registry
@@ -203,3 +204,24 @@ def test_children_get_the_dsn_from_the_environment() -> None:
     assert "--dsn" not in args  # a password on a command line is visible to every user
     assert args[args.index("--processes") + 1] == "1"
     assert "--sync" in args
+
+
+def test_console_hands_its_options_to_serve(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`rcmd console` calls `commandbus.console.serve(...)` as contracts.md says (a stand-in
+    module records the call; the console's own tests serve real pages)."""
+    calls: list[dict[str, object]] = []
+
+    def serve(**kwargs: object) -> None:
+        if kwargs["host"] == "0.0.0.0":
+            raise ValidationError("host", "0.0.0.0", "needs credentials (RCMD_CONSOLE_TOKEN)")
+        calls.append(kwargs)
+
+    monkeypatch.setitem(sys.modules, "commandbus.console", SimpleNamespace(serve=serve))
+    dsn = "postgresql://x@127.0.0.1:1/x"
+    assert _invoke("console", "--dsn", dsn, "--port", "8123", "--read-only").exit_code == 0
+    assert _invoke("console", "--embedded").exit_code == 0
+    assert calls == [
+        {"dsn": dsn, "embedded": False, "host": "127.0.0.1", "port": 8123, "read_only": True},
+        {"dsn": None, "embedded": True, "host": "127.0.0.1", "port": 8000, "read_only": False},
+    ]
+    _one_error_line(_invoke("console", "--embedded", "--host", "0.0.0.0"), "needs credentials")

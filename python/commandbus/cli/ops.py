@@ -747,15 +747,18 @@ def stats(
             monitor = Monitor(pool)
             if not watch:
                 return await read(monitor)
-            with Live(
-                _stats_table(await read(monitor)), console=stdout, auto_refresh=False
-            ) as live:
-                try:
+            try:
+                if not stdout.is_terminal:  # into a pipe or a file: one table per refresh
+                    while True:
+                        stdout.print(_stats_table(await read(monitor)))
+                        await asyncio.sleep(interval)
+                table = _stats_table(await read(monitor))
+                with Live(table, console=stdout, auto_refresh=False) as live:
                     while True:
                         await asyncio.sleep(interval)
                         live.update(_stats_table(await read(monitor)), refresh=True)
-                except asyncio.CancelledError:  # Ctrl-C
-                    return None
+            except asyncio.CancelledError:  # Ctrl-C
+                return None
 
     try:
         rows = run(go())
