@@ -19,6 +19,7 @@ supervisor serves the aggregate (and marks dead children's files).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import logging
 import os
@@ -177,13 +178,26 @@ def choose_domain(registry: HandlerRegistry, spec: str, domain: str | None) -> s
 # -- metrics (the metrics extra) ------------------------------------------------------------
 
 
+_NO_METRICS = "--metrics-port needs the metrics extra: pip install 'reliable-commands[metrics]'"
+
+
+def _check_metrics_extra() -> None:
+    """A missing metrics extra, found without importing it (a supervisor must not import
+    prometheus_client before PROMETHEUS_MULTIPROC_DIR is set)."""
+    for name in ("prometheus_client", "commandbus.metrics"):
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise CliError(_NO_METRICS)
+
+
 def _metrics_module() -> Any:
     try:
         return importlib.import_module("commandbus.metrics")
     except ImportError as exc:
-        raise CliError(
-            "--metrics-port needs the metrics extra: pip install 'reliable-commands[metrics]'"
-        ) from exc
+        raise CliError(_NO_METRICS) from exc
 
 
 # -- one worker process ---------------------------------------------------------------------
@@ -541,6 +555,8 @@ def worker(
     )
     supervised = os.environ.get(CHILD_ENV) == "1"
     if opts.processes > 1:
+        if opts.metrics_port is not None:
+            _check_metrics_extra()  # one line before the database is even asked
 
         async def checked() -> None:
             async with open_pool(url, max_size=1):
