@@ -3,6 +3,7 @@ that is refused before any connection (one `error:` line, non-zero exit, no trac
 
 from __future__ import annotations
 
+import shlex
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -225,3 +226,24 @@ def test_console_hands_its_options_to_serve(monkeypatch: pytest.MonkeyPatch) -> 
         {"dsn": None, "embedded": True, "host": "127.0.0.1", "port": 8000, "read_only": False},
     ]
     _one_error_line(_invoke("console", "--embedded", "--host", "0.0.0.0"), "needs credentials")
+
+
+def test_the_readme_session_uses_real_commands_and_options() -> None:
+    """Every `$ rcmd ...` line of the README names a command that exists, with options it has."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    session = readme.split("## The rcmd CLI", 1)[1].split("```console", 1)[1].split("```", 1)[0]
+    lines = [ln[2:].split("  #", 1)[0].rstrip(" &") for ln in session.splitlines()]
+    calls = [shlex.split(ln)[1:] for ln in lines if ln.startswith("rcmd ")]
+    assert len(calls) >= 15
+    for args in calls:
+        path = []
+        for word in args:
+            if word.startswith("-"):
+                break
+            path.append(word)
+            if word not in ("tsq", "commands", "batches"):
+                break
+        help_text = _invoke(*path, "--help").output
+        assert "Usage:" in help_text, path
+        for option in (w.split("=", 1)[0] for w in args if w.startswith("--")):
+            assert option in help_text, (path, option)

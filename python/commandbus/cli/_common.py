@@ -260,9 +260,13 @@ def cell(value: Any) -> str:
     return str(value)
 
 
+MIN_TABLE_WIDTH = 100
+#: Ids stay whole (a folded UUID cannot be copied); the other columns wrap, free text first.
 _NO_WRAP = frozenset(
-    {"command_id", "batch_id", "domain", "type", "status", "time", "created", "updated", "event"}
+    {"command_id", "batch_id", "domain", "type", "status", "time", "created", "updated"}
 )
+#: Free text: these columns give way first on a narrow terminal.
+_FREE_TEXT = frozenset({"error", "details", "detail", "name", "last error"})
 
 
 def print_table(
@@ -270,8 +274,13 @@ def print_table(
 ) -> None:
     table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
     for name in columns:
-        # ids and times stay whole (a folded UUID cannot be copied); text columns wrap
-        table.add_column(name, overflow="fold", no_wrap=name in _NO_WRAP)
+        table.add_column(
+            name,
+            overflow="fold",
+            no_wrap=name in _NO_WRAP,
+            ratio=3 if name in _FREE_TEXT else None,
+            min_width=10 if name in _FREE_TEXT else len(name),
+        )
     count = 0
     for row in rows:
         table.add_row(*(cell(v) for v in row))
@@ -279,7 +288,15 @@ def print_table(
     if count == 0 and empty:
         stdout.print(empty)
         return
-    stdout.print(table)
+    # Never narrower than 100 columns: on a narrow terminal the lines wrap, but the ids stay
+    # whole (rich would crop them to fit).
+    out = stdout
+    if stdout.width < MIN_TABLE_WIDTH:
+        out = Console(
+            file=stdout.file, width=MIN_TABLE_WIDTH, highlight=False, soft_wrap=True,
+            force_terminal=stdout.is_terminal,
+        )  # fmt: skip
+    out.print(table)
 
 
 def print_fields(title: str, fields: Sequence[tuple[str, Any]]) -> None:

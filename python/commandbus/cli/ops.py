@@ -79,7 +79,7 @@ async def _domain_of(pool: AsyncConnectionPool[Any], command_id: UUID, domain: s
 
 # -- tsq ------------------------------------------------------------------------------------
 
-_TSQ_COLUMNS = ["domain", "command_id", "type", "attempts", "error", "updated"]
+_TSQ_COLUMNS = ["domain", "command_id", "type", "tries", "error", "updated"]
 
 
 def _tsq_row(item: TroubleshootingItem) -> list[Any]:
@@ -189,6 +189,8 @@ def _check_selection(
     return [parse_uuid(i, "command id") for i in ids or []]
 
 
+_ASK = {"retried": "Retry", "canceled": "Cancel", "completed": "Complete"}
+
 BulkAction = Callable[[TroubleshootingQueue, str, Callable[[int], None]], Awaitable[int]]
 OneAction = Callable[[TroubleshootingQueue, str, UUID], Awaitable[Any]]
 
@@ -227,11 +229,11 @@ def _act(
             if total == 0:
                 return {"done": 0, "by_domain": {}}
             where = ", ".join(f"{d}: {n}" for d, n in counts.items())
-            confirm(f"{verb} {total} TSQ commands ({where})?", yes)
+            confirm(f"{_ASK[verb]} {total} TSQ commands ({where})?", yes)
             result: dict[str, int] = {}
             with Progress(
                 SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                console=stderr, transient=True,
+                console=stderr, transient=True, disable=not stderr.is_terminal,
             ) as progress:  # fmt: skip
                 for dom in counts:
                     task = progress.add_task(f"{verb} {dom}: 0/{counts[dom]}")
@@ -657,7 +659,7 @@ def batches_show(
 def _print_commands(title: str, cmds: list[CommandMetadata]) -> None:
     print_table(
         title,
-        ["command_id", "domain", "type", "status", "attempts", "last error", "updated"],
+        ["command_id", "domain", "type", "status", "tries", "error", "updated"],
         (
             [
                 c.command_id,
@@ -697,9 +699,10 @@ def _count(n: int | None, estimated: bool) -> str:
 
 def _stats_table(stats: list[tuple[Any, int]]) -> Table:
     table = Table(title="rcmd stats", title_justify="left", show_edge=False, pad_edge=False)
-    for name in ("domain", *(s.lower() for s in _STATUSES), "TSQ", "queue depth",
-                 "oldest waiting", "completed/s", "failed/s", "workers"):  # fmt: skip
-        table.add_column(name, justify="left" if name == "domain" else "right", no_wrap=True)
+    # short headers: twelve columns fit in 100
+    for name in ("domain", "pending", "running", "completed", "failed", "canceled", "tsq",
+                 "depth", "oldest", "done/s", "fail/s", "workers"):  # fmt: skip
+        table.add_column(name, justify="left" if name == "domain" else "right", min_width=len(name))
     for d, workers in stats:
         counts = d.counts_by_status
         table.add_row(
@@ -712,7 +715,12 @@ def _stats_table(stats: list[tuple[Any, int]]) -> Table:
             f"{d.failed_per_s:.1f}",
             str(workers),
         )
-    table.caption = "~: an estimate (from the planner's statistics, as fresh as the last ANALYZE)"
+    table.caption = (
+        "running: leased or waiting out a retry's backoff; depth: messages in the queue; "
+        "oldest: the oldest visible message's wait; ~: an estimate from the planner's "
+        "statistics (as fresh as the last ANALYZE), ?: none yet"
+    )
+    table.caption_justify = "left"
     return table
 
 
@@ -802,7 +810,7 @@ def prune(
                 await check_domain(pool, domain)
             with Progress(
                 SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                console=stderr, transient=True,
+                console=stderr, transient=True, disable=not stderr.is_terminal,
             ) as progress:  # fmt: skip
                 task = progress.add_task("pruning")
 
