@@ -9,10 +9,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from cli_helpers import HERE, Rcmd, process_env
 from typer.testing import CliRunner
 
 from commandbus.cli import app
+
+from .cli_helpers import HERE, Rcmd, process_env
 
 
 @pytest.fixture

@@ -7,14 +7,15 @@ import json
 from typing import Any
 from uuid import UUID, uuid4
 
-from cli_handlers import registry
-from cli_helpers import Rcmd, on_db
 from psycopg_pool import AsyncConnectionPool
 
 from commandbus import BatchCommand, CommandBus, CommandStatus, SendRequest
 from commandbus.cli._common import default_operator
 from commandbus.embedded import create_database, drop_database
 from commandbus.testing import drain_queue
+
+from .cli_handlers import registry
+from .cli_helpers import Rcmd, on_db
 
 
 def one_error(result: Any, needle: str) -> None:
@@ -284,7 +285,7 @@ def test_stats(rcmd: Rcmd, database_url: str) -> None:
     assert row["oldest_waiting_seconds"] is not None and row["workers"] == 0
     assert row["completed_per_s"] > 0  # 3 completed within the rate window
     table = rcmd("stats", "--domain", "clitest")
-    assert table.exit_code == 0 and "clitest" in table.stdout and "queue depth" in table.stdout
+    assert table.exit_code == 0 and "clitest" in table.stdout and "depth" in table.stdout
     one_error(rcmd("stats", "--domain", "nope"), "unknown domain 'nope'")
     one_error(rcmd("stats", "--watch", "--json"), "--watch and --json")
 

@@ -11,8 +11,12 @@ from typing import Any
 
 import psycopg
 import pytest
-from cli_handlers import registry
-from cli_helpers import (
+from psycopg_pool import AsyncConnectionPool
+
+from commandbus.testing import drain_queue
+
+from .cli_handlers import registry
+from .cli_helpers import (
     Lines,
     Spawn,
     alive,
@@ -22,9 +26,6 @@ from cli_helpers import (
     statuses,
     wait_all,
 )
-from psycopg_pool import AsyncConnectionPool
-
-from commandbus.testing import drain_queue
 
 
 @pytest.mark.parametrize("sync", [False, True], ids=["async", "sync"])

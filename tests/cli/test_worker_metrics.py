@@ -11,7 +11,8 @@ import time
 import urllib.request
 
 import pytest
-from cli_helpers import Lines, Spawn, send, statuses, wait_all
+
+from .cli_helpers import Lines, Spawn, send, statuses, wait_all
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("prometheus_client") is None
