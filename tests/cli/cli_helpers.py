@@ -61,6 +61,12 @@ class Lines:
         self._thread = threading.Thread(target=lambda: self.lines.extend(stream), daemon=True)
         self._thread.start()
 
+    def finish(self, timeout: float = 10.0) -> str:
+        """Wait for the end of the stream (every process writing to it has exited); the text."""
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "the stream is still open"
+        return self.text()
+
     def text(self) -> str:
         return "".join(self.lines)
 

@@ -83,8 +83,8 @@ def test_supervisor_restarts_a_killed_child_and_stops_all_gracefully(
     sup.send_signal(signal.SIGTERM)
     assert sup.wait(timeout=30) == 0, log.text()
     assert not alive(new_pid) and not alive(pids[1])
-    log.wait_for(r"all worker processes stopped")
-    text = log.text()
+    text = log.finish()
+    assert "all worker processes stopped" in text
     assert text.count("signal received, stopping") == 2  # one SIGTERM per child, no second one
     assert "handlers cancelled" not in text and "Traceback" not in text
 
