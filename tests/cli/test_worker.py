@@ -72,6 +72,7 @@ def test_supervisor_restarts_a_killed_child_and_stops_all_gracefully(
     restarted = log.wait_for(r"started: pid (\d+)", count=3)
     new_pid = int(restarted[2].group(1))
     assert new_pid not in pids and alive(new_pid) and alive(pids[1])
+    log.wait_for(r"clitest starting", count=3)  # the new child runs its worker
     # the killed child's leases run out (2 s) and its commands are worked again
     wait_all(database_url, first, "COMPLETED")
 
@@ -85,7 +86,7 @@ def test_supervisor_restarts_a_killed_child_and_stops_all_gracefully(
     assert not alive(new_pid) and not alive(pids[1])
     text = log.finish()
     assert "all worker processes stopped" in text
-    assert text.count("signal received, stopping") == 2  # one SIGTERM per child, no second one
+    assert text.count("signal received, stopping") == 2, text  # one SIGTERM per child, no second
     assert "handlers cancelled" not in text and "Traceback" not in text
 
     # graceful: what was running finished, what was claimed but not started went back

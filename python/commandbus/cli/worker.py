@@ -269,7 +269,16 @@ def _log_start(dsn: str, opts: WorkerOptions) -> None:
     )  # fmt: skip
 
 
+def _stop_before_start(signum: int, _frame: object) -> None:
+    """SIGTERM/SIGINT before the worker runs (it installs its own handlers, which stop it
+    gracefully, before it claims anything): nothing is claimed yet, so exit at once."""
+    logger.info("signal %d before the worker started: exiting", signum)
+    raise SystemExit(0)
+
+
 def run_one(dsn: str, registry: HandlerRegistry, opts: WorkerOptions, *, supervised: bool) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _stop_before_start)
     metrics: Any = None
     server: Any = None
     if supervised:
