@@ -74,3 +74,17 @@ def test_two_processes_serve_metrics_that_match_the_database(
     assert _value(samples, "rcmd_queue_messages", domain="clitest") == 0
     sup.send_signal(signal.SIGTERM)
     assert sup.wait(timeout=30) == 0, log.text()
+
+
+def test_a_metrics_port_in_use_is_one_line(spawn: Spawn) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for processes in ("1", "2"):
+            proc = spawn("worker", "cli_handlers:registry", "--metrics-port", port,
+                         "--processes", processes)  # fmt: skip
+            _out, err = proc.communicate(timeout=60)
+            assert proc.returncode == 1
+            assert err.strip() == f"error: cannot serve metrics on 127.0.0.1:{port}: " \
+                "Address already in use"  # fmt: skip

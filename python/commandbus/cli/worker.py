@@ -200,6 +200,18 @@ def _metrics_module() -> Any:
         raise CliError(_NO_METRICS) from exc
 
 
+def _serve_metrics(metrics: Any, dsn: str, opts: WorkerOptions) -> Any:
+    try:
+        return metrics.start_metrics_server(
+            opts.metrics_port, host=opts.metrics_host, dsn=dsn, domains=[opts.domain]
+        )
+    except OSError as exc:  # the port is taken, the address is not ours...
+        raise CliError(
+            f"cannot serve metrics on {opts.metrics_host}:{opts.metrics_port}: "
+            f"{exc.strerror or exc}"
+        ) from exc
+
+
 # -- one worker process ---------------------------------------------------------------------
 
 
@@ -289,9 +301,7 @@ def run_one(dsn: str, registry: HandlerRegistry, opts: WorkerOptions, *, supervi
             metrics = _metrics_module()
     elif opts.metrics_port is not None:
         metrics = _metrics_module()
-        server = metrics.start_metrics_server(
-            opts.metrics_port, host=opts.metrics_host, dsn=dsn, domains=[opts.domain]
-        )
+        server = _serve_metrics(metrics, dsn, opts)
     try:
         if opts.sync:
             _run_sync(dsn, registry, opts, metrics)
@@ -406,9 +416,7 @@ def supervise(dsn: str, spec: str, opts: WorkerOptions) -> int:
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
             env[CHILD_METRICS_ENV] = "1"
             metrics = _metrics_module()
-            server = metrics.start_metrics_server(
-                opts.metrics_port, host=opts.metrics_host, dsn=dsn, domains=[opts.domain]
-            )
+            server = _serve_metrics(metrics, dsn, opts)
             on_exit = metrics.mark_process_dead
         supervisor = Supervisor(
             opts.child_args(spec),
