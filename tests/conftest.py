@@ -36,7 +36,7 @@ pytest_plugins = ["commandbus.testing"]
 
 TESTS_DIR = Path(__file__).resolve().parent
 #: test directories whose tests need PostgreSQL (they get the ``db`` marker)
-DB_TEST_DIRS = ("integration", "e2e")
+DB_TEST_DIRS = ("integration", "e2e", "cli")
 #: fixtures that reach the database; tests/unit must not use them
 DB_FIXTURES = DATABASE_FIXTURES | {"pg_admin_dsn", "pg_template", "database_url", "pool"}
 
@@ -79,7 +79,7 @@ def pytest_report_header(config: pytest.Config) -> str:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "db: needs PostgreSQL (set automatically on tests/integration and tests/e2e)",
+        "db: needs PostgreSQL (set automatically on tests/integration, tests/e2e and tests/cli)",
     )
 
 

@@ -1,4 +1,4 @@
--- The queries of `python -m commandbus demo` (read by __main__.py; the format of sql/statements/).
+-- The queries of `python -m commandbus demo` (read by cli/demo.py; the format of sql/statements/).
 
 -- name: demo_clock
 -- The server's clock, when the demo starts.

@@ -17,6 +17,8 @@ OPTIONAL = (
     "prometheus_client",
     "opentelemetry",
 )
+#: Dependencies of the `rcmd` command line only: `import commandbus` must not pay for them.
+CLI_ONLY = ("typer", "click", "rich", "commandbus.cli")
 
 
 def _modules_after(statement: str) -> set[str]:
@@ -38,6 +40,27 @@ def test_import_commandbus_imports_no_optional_package() -> None:
     assert not _top_level(modules) & set(OPTIONAL)
     assert "commandbus.embedded" not in modules
     assert not {m for m in modules if m.startswith("commandbus.testing")}
+    assert not (_top_level(modules) | modules) & set(CLI_ONLY)
+
+
+def test_the_cli_imports_its_libraries_and_no_optional_package() -> None:
+    """`commandbus.cli` brings typer and rich (and what `rcmd --help` needs), but neither the
+    embedded server, nor the metrics or console extras: those load when a command needs them."""
+    modules = _modules_after("import commandbus.cli")
+    assert {"typer", "rich"} <= _top_level(modules)
+    assert not _top_level(modules) & {*OPTIONAL, "prometheus_client", "fastapi", "uvicorn"}
+    assert "commandbus.embedded" not in modules
+    assert not {m for m in modules if m.startswith(("commandbus.console", "commandbus.metrics"))}
+
+
+def test_python_m_commandbus_is_the_cli() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "commandbus", "--help"],
+        check=True, capture_output=True, text=True, timeout=60,
+    ).stdout  # fmt: skip
+    assert "Usage: rcmd" in out and "worker" in out and "tsq" in out
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    assert pyproject["project"]["scripts"]["rcmd"] == "commandbus.cli:main"
 
 
 def test_the_drain_helper_needs_no_pytest() -> None:

@@ -148,7 +148,7 @@ def test_the_embedded_catalog_is_what_the_files_say() -> None:
 @pytest.mark.parametrize(
     ("sql_file", "user", "helper"),
     [
-        (PACKAGE / "demo.sql", PACKAGE / "__main__.py", "_query"),
+        (PACKAGE / "demo.sql", PACKAGE / "cli" / "demo.py", "_query"),
         (ROOT / "benches" / "sql" / "soak.sql", ROOT / "benches" / "soak.py", "_count"),
     ],
 )
