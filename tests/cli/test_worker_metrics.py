@@ -3,22 +3,13 @@ metrics (prometheus multiprocess mode), checked against the database."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import signal
 import socket
 import time
 import urllib.request
 
-import pytest
-
 from .cli_helpers import Lines, Spawn, send, statuses, wait_all
-
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("prometheus_client") is None
-    or importlib.util.find_spec("commandbus.metrics") is None,
-    reason="needs commandbus.metrics and the metrics extra (prometheus-client)",
-)
 
 
 def _free_port() -> int:
