@@ -89,6 +89,8 @@ class RepResult:
     counter_errors: int = 0
     invisible: int = 0
     baseline_rate: float = 0.0
+    fault_rate: float = 0.0  # outcomes flushed a second while the fault lasted (0: a stall)
+    fault_s: float = 0.0  # how long the fault lasted
     recovery_s: float | None = None
     workers_restarted: bool = False
     details: list[str] = field(default_factory=list)
@@ -110,7 +112,8 @@ class RepResult:
             f"{self.fault} #{self.rep}: {self.commands} commands ({self.unsure} unsure), lost"
             f" {self.lost}, twice {self.finished_twice}, dup replies {self.duplicate_replies},"
             f" missing replies {self.missing_replies}, counter errors {self.counter_errors},"
-            f" invisible {self.invisible}, baseline {self.baseline_rate:.0f}/s, recovery {rec}"
+            f" invisible {self.invisible}, baseline {self.baseline_rate:.0f}/s, during the"
+            f" fault ({self.fault_s:.1f}s) {self.fault_rate:.0f}/s, recovery {rec}"
             + (" (workers restarted)" if self.workers_restarted else "")
         )
 
@@ -365,7 +368,11 @@ class FaultRig:
                     "no throughput before the fault\n" + "\n".join(w.tail() for w in self.workers)
                 )
             self._log(f"{fault} #{rep}: baseline {result.baseline_rate:.0f}/s, fault starts")
+            fault_start = time.monotonic()
             fault_end = getattr(self, f"_fault_{fault}")()
+            result.fault_s = round(fault_end - fault_start, 2)
+            if result.fault_s >= 0.5:
+                result.fault_rate = self.progress.rate(fault_start, fault_end)
             result.recovery_s = self._recovery(fault_end, result.baseline_rate)
             self._log(f"{fault} #{rep}: recovery {result.recovery_s}")
         finally:

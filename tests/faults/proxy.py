@@ -60,6 +60,7 @@ class FaultProxy:
         self.listen_host = listen_host
         self._latency = 0.0  # seconds
         self._links: set[_Link] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.Server | None = None
         self._thread: threading.Thread | None = None
@@ -110,6 +111,8 @@ class FaultProxy:
                 self._server.close()
             for link in list(self._links):
                 link.abort()
+            if self._tasks:
+                await asyncio.wait(list(self._tasks), timeout=5)
             self._links.clear()
 
         asyncio.run_coroutine_threadsafe(shutdown(), loop).result(10)
@@ -198,6 +201,10 @@ class FaultProxy:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.accepted += 1
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         try:
             up_reader, up_writer = await asyncio.open_connection(
                 self.target_host, self.target_port
@@ -212,10 +219,10 @@ class FaultProxy:
                 self._pump(link, reader, up_writer), self._pump(link, up_reader, writer)
             )
         finally:
-            self._links.discard(link)
             if link.frozen:
-                # frozen: stay open (silent) until reset() or close() aborts it
+                # frozen: stay open (silent, in _links) until reset() or close() aborts it
                 await link.closed.wait()
+            self._links.discard(link)
             link.abort()
 
     async def _pump(
