@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "faults"))
-from harness import FAULTS, FaultRig, RepResult, table  # noqa: E402
+from harness import FAULTS, FaultRig, RepResult, table
 
 DEFAULT_FAULTS = [f for f in FAULTS if f != "freeze"]
 

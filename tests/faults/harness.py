@@ -51,7 +51,7 @@ from commandbus import setup_database
 from commandbus.embedded import EmbeddedServer, create_database, install_pgmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from proxy import FaultProxy  # noqa: E402
+from proxy import FaultProxy
 
 LOAD = Path(__file__).with_name("load.py")
 DOMAIN = "faults"
@@ -289,7 +289,10 @@ class FaultRig:
         return self.start()
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.close()
 
@@ -469,8 +472,9 @@ class FaultRig:
         with self._admin() as conn:
             with conn.transaction():
                 conn.execute(
-                    sql.SQL("LOCK TABLE commandbus.command, commandbus.batch, {} IN EXCLUSIVE MODE")
-                    .format(sql.Identifier("pgmq", f"q_{COMMAND_QUEUE}"))
+                    sql.SQL(
+                        "LOCK TABLE commandbus.command, commandbus.batch, {} IN EXCLUSIVE MODE"
+                    ).format(sql.Identifier("pgmq", f"q_{COMMAND_QUEUE}"))
                 )
                 time.sleep(self.hold)
             return time.monotonic()
@@ -549,8 +553,9 @@ class FaultRig:
             result.missing_replies = len(no_reply)
             result.counter_errors = self._check_batches(conn, acked_batches, result)
             invisible = conn.execute(
-                sql.SQL("SELECT count(*) FROM {} WHERE vt > now() + make_interval(secs => %s)")
-                .format(sql.Identifier("pgmq", f"q_{COMMAND_QUEUE}")),
+                sql.SQL(
+                    "SELECT count(*) FROM {} WHERE vt > now() + make_interval(secs => %s)"
+                ).format(sql.Identifier("pgmq", f"q_{COMMAND_QUEUE}")),
                 (self.vt + 5,),
             ).fetchone()
             result.invisible = int(invisible[0]) if invisible else 0
@@ -625,10 +630,7 @@ def table(results: list[RepResult], recovery_target: float = 30.0) -> str:
             continue
         recs = sorted(r.recovery_s for r in runs if r.recovery_s is not None)
         not_rec = len(runs) - len(recs)
-        if recs:
-            rec = f"{recs[len(recs) // 2]:.1f} s / {recs[-1]:.1f} s"
-        else:
-            rec = "-"
+        rec = f"{recs[len(recs) // 2]:.1f} s / {recs[-1]:.1f} s" if recs else "-"
         if not_rec:
             rec += f"; not back within {recovery_target:.0f} s in {not_rec}"
         lines.append(

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import FaultRig, RepResult  # noqa: E402
+from harness import FaultRig, RepResult
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow, pytest.mark.timeout(90)]
 
@@ -42,7 +42,9 @@ def check(result: RepResult) -> None:
     assert result.missing_replies == 0, report
     assert result.counter_errors == 0, report
     assert result.invisible == 0, report
-    assert result.recovery_s is not None, f"throughput not back within {RECOVERY_TARGET} s\n{report}"
+    assert result.recovery_s is not None, (
+        f"throughput not back within {RECOVERY_TARGET} s\n{report}"
+    )
     assert result.recovery_s <= RECOVERY_TARGET, report
 
 
