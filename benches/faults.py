@@ -64,6 +64,7 @@ def main() -> int:
             hold=args.hold,
             latency_ms=args.latency_ms,
             recovery_limit=args.recovery_limit,
+            log=lambda line: print(f"[{time.monotonic() - t0:7.1f}s]   {line}", flush=True),
         ) as rig:
             for rep in range(1, args.repetitions + 1):
                 for fault in faults:

