@@ -390,7 +390,6 @@ class FaultRig:
                 )
         self._check(result, base, sender)
         self.proxy.reset()
-        self._log(result.line())
         return result
 
     def _wait_for(self, cond: Callable[[], bool], timeout: float, proc: _Proc) -> None:
