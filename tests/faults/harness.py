@@ -93,6 +93,7 @@ class RepResult:
     fault_s: float = 0.0  # how long the fault lasted
     recovery_s: float | None = None
     workers_restarted: bool = False
+    worker_exits: int = 0  # worker processes that exited on their own (not the SIGKILLed one)
     details: list[str] = field(default_factory=list)
 
     @property
@@ -104,6 +105,7 @@ class RepResult:
             + self.missing_replies
             + self.counter_errors
             + self.invisible
+            + self.worker_exits
         )
 
     def line(self) -> str:
@@ -115,6 +117,7 @@ class RepResult:
             f" invisible {self.invisible}, baseline {self.baseline_rate:.0f}/s, during the"
             f" fault ({self.fault_s:.1f}s) {self.fault_rate:.0f}/s, recovery {rec}"
             + (" (workers restarted)" if self.workers_restarted else "")
+            + (f", {self.worker_exits} worker exits" if self.worker_exits else "")
         )
 
 
@@ -352,10 +355,7 @@ class FaultRig:
         result = RepResult(fault, rep)
         assert self.proxy is not None
         self.proxy.reset()
-        for i, w in enumerate(self.workers):
-            if not w.alive:
-                result.details.append(f"{w.name} had exited: {w.tail()[-500:]}")
-                self.workers[i] = self._spawn()
+        self._replace_exited(result)
         base = (uuid.uuid4().int >> 32) << 32
         sender = _Proc(
             ["sender", self.dsn, DOMAIN, REPLY_QUEUE, f"{base:x}", "--rate", str(self.rate)],
@@ -389,8 +389,18 @@ class FaultRig:
                     f"not stopped by SIGTERM within 5 s (SIGKILLed): {', '.join(stuck)}"
                 )
         self._check(result, base, sender)
+        self._replace_exited(result)
         self.proxy.reset()
         return result
+
+    def _replace_exited(self, result: RepResult) -> None:
+        """Count and replace the workers that exited on their own."""
+        for i, w in enumerate(self.workers):
+            if not w.alive:
+                result.worker_exits += 1
+                result.details.append(f"{w.name} exited ({w.popen.returncode}): {w.tail()[-500:]}")
+                w.stop(0)
+                self.workers[i] = self._spawn()
 
     def _wait_for(self, cond: Callable[[], bool], timeout: float, proc: _Proc) -> None:
         deadline = time.monotonic() + timeout

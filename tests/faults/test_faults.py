@@ -49,6 +49,7 @@ def check(result: RepResult) -> None:
     assert result.missing_replies == 0, report
     assert result.counter_errors == 0, report
     assert result.invisible == 0, report
+    assert result.worker_exits == 0, report
     assert result.recovery_s is not None, (
         f"throughput not back within {RECOVERY_TARGET} s\n{report}"
     )
