@@ -574,6 +574,35 @@ class EmbeddedServer:
         if "include 'rcmd.conf'" not in text:
             main.write_text(text + "\ninclude 'rcmd.conf'\n")
 
+    def restart(self, mode: Literal["smart", "fast", "immediate"] = "fast") -> None:
+        """Stop the server with ``pg_ctl stop -m mode`` and start it again, same data directory
+        and port. ``"immediate"`` aborts every backend without a shutdown checkpoint, so the
+        start runs crash recovery: what clients see when PostgreSQL crashes. Returns once the
+        server accepts connections again; raises :class:`EmbeddedServerError` when it does
+        not."""
+        base = self._require_running()
+        bindir = _pginstall_dir() / "bin"
+        data = base / "data"
+        log = base / "postgresql.log"
+        wait = ["-w", "-t", str(int(self._startup_timeout)), "-s"]
+        steps = (["stop", "-D", str(data), "-m", mode], ["start", "-D", str(data), "-l", str(log)])
+        for step in steps:
+            with log.open("ab") as logf:
+                proc = _run(
+                    [str(bindir / "pg_ctl"), *step, *wait],
+                    self._run_as,
+                    cwd=base,
+                    timeout=self._startup_timeout + 10,
+                    stdout=logf,
+                    stderr=logf,
+                )
+            if proc.returncode != 0:
+                text = log.read_text(errors="replace")
+                raise EmbeddedServerError(
+                    f"pg_ctl {step[0]} failed (exit {proc.returncode}) during restart -m {mode};"
+                    f" server log {log}:\n{text[-4000:]}"
+                )
+
     def stop(self) -> None:
         """Stop the server and delete its directory (idempotent)."""
         cleanup, self._atexit = self._atexit, None
