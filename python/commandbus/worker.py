@@ -8,7 +8,10 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import os
 import signal
+import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,7 +22,12 @@ from psycopg_pool import AsyncConnectionPool
 
 from commandbus import _native
 from commandbus._bridge import call
-from commandbus._dsn import native_dsn, pool_conninfo
+from commandbus._dsn import (
+    DEFAULT_CALL_TIMEOUT,
+    native_dsn,
+    pool_conninfo,
+    validate_call_timeout,
+)
 from commandbus._native import Outcome
 from commandbus._sql import command_queue
 from commandbus._validation import decode_json, encode_json, validate_domain
@@ -108,6 +116,7 @@ class Worker:
         max_flush: int = 1000,
         sync_handler_threads: int | None = None,
         retention: RetentionPolicy | None = None,
+        call_timeout: float = DEFAULT_CALL_TIMEOUT,
     ) -> None:
         """Args:
         pool: the psycopg async pool (its conninfo is what the Rust engine connects with).
@@ -120,6 +129,11 @@ class Worker:
         sync_handler_threads: size of the thread pool for plain `def` handlers
             (default: min(concurrency, 32)).
         retention: prune this domain's old terminal commands periodically while running.
+        call_timeout: deadline in seconds of one database call of the engine (claim, flush,
+            lease extension, release; plus 1 ms per row it carries). A call with no answer
+            by then abandons its connection and is retried on a fresh one, with the backoff
+            of any connection error. The server cancels an engine statement after three times
+            this (`statement_timeout`).
         """
         self._pool = pool
         self._domain = validate_domain(domain)
@@ -138,6 +152,7 @@ class Worker:
         self._max_flush = max_flush
         self._sync_threads = sync_handler_threads
         self._retention = retention
+        self._call_timeout = validate_call_timeout(call_timeout)
         self._queue_name = command_queue(domain)
         self._dsn = native_dsn(pool_conninfo(pool))
         self._running = False
@@ -183,6 +198,10 @@ class Worker:
             max_flush=self._max_flush,
             auto_extend=self._auto_extend,
             concurrency=concurrency,
+            call_timeout=self._call_timeout,
+            # What `pg_stat_activity` shows for this worker's connections (the console's
+            # "workers seen"); the pid of the process running it, after any fork.
+            application_name=f"rcmd worker {self._domain} {socket.gethostname()}:{os.getpid()}",
         )
 
     # -- decoding ------------------------------------------------------------------------
@@ -427,13 +446,17 @@ class Worker:
     ) -> None:
         """The stop sequence: stop claiming; let in-flight handlers finish (up to the stop
         timeout), cancel the rest; flush every outcome; release unreported leases (batches
-        claimed and never started included); close."""
+        claimed and never started included); close. With a stop timeout all of it ends within
+        that timeout, even when the database does not answer: handlers get the timeout but its
+        last tenth (at most 1 s), the engine's part what is left (what it cannot flush or
+        release in time is redelivered once its lease expires, never applied twice)."""
         native.stop_claiming()
+        timeout = self._stop_timeout
+        until = None if timeout is None else time.monotonic() + max(0.0, timeout)
         try:
             if self._in_flight:
-                _done, pending = await asyncio.wait(
-                    set(self._in_flight), timeout=self._stop_timeout
-                )
+                handlers_timeout = None if timeout is None else timeout - min(1.0, timeout / 10)
+                _done, pending = await asyncio.wait(set(self._in_flight), timeout=handlers_timeout)
                 for task in pending:
                     task.cancel()
                 if pending:
@@ -441,11 +464,22 @@ class Worker:
                         "worker for %s: %d handlers cancelled at stop", self._domain, len(pending)
                     )
                     await asyncio.wait(pending)
-            released = await call(native.shutdown)
+            budget = None if until is None else max(0.0, until - time.monotonic())
+            shutdown = call(lambda completions: native.shutdown(completions, budget))
+            if budget is None:
+                released = await shutdown
+            else:
+                # The engine keeps to the budget itself; this only guards against a bug there.
+                try:
+                    released = await asyncio.wait_for(shutdown, budget + 1.0)
+                except TimeoutError:
+                    logger.error("worker for %s: engine shutdown overran its budget", self._domain)
+                    released = 0
             if released:
                 logger.info("worker for %s released %d unfinished commands", self._domain, released)
             if events_task is not None:
-                await events_task  # ends once the engine is shut down, after the last event
+                # ends once the engine is shut down, after the last event
+                await asyncio.wait([events_task], timeout=1.0)
         finally:
             if events_task is not None and not events_task.done():
                 events_task.cancel()
