@@ -43,7 +43,7 @@ class _Pipe:
     running: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Conn:
     to_server: _Pipe
     to_client: _Pipe
@@ -66,6 +66,7 @@ class _Conn:
         for pipe in (self.to_server, self.to_client):
             with contextlib.suppress(Exception):
                 pipe.writer.transport.abort()
+                pipe.writer.close()
 
 
 class FaultProxy:
@@ -187,9 +188,14 @@ class FaultProxy:
     async def _stop(self) -> None:
         if self._server is not None:
             self._server.close()
+        tasks = [t for conn in self._conns for t in conn.tasks]
         for conn in list(self._conns):
             conn.close()
         self._conns.clear()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+        await asyncio.sleep(0.05)  # transports finish closing on this loop
 
     async def _accept(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         self.accepted += 1

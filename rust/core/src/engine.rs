@@ -20,7 +20,8 @@ use crate::sql;
 const PING_IDLE_AFTER: Duration = Duration::from_secs(1);
 /// The default deadline of one database call (`EngineConfig::call_timeout`).
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(10);
-/// Added to a call's deadline per row it carries (a flush of 1,000 outcomes gets 1 s more).
+/// Added to a call's deadline per row it carries (a flush of 1,000 outcomes gets 1 s more, up
+/// to one more call timeout).
 const DEADLINE_PER_ROW: Duration = Duration::from_millis(1);
 /// The server cancels a statement of the engine after this many call deadlines
 /// (`statement_timeout`), so a backend whose client gave up (a statement stuck behind a lock
@@ -226,10 +227,12 @@ impl Engine {
         })
     }
 
-    /// The deadline of a call carrying `rows` rows.
+    /// The deadline of a call carrying `rows` rows: the call timeout plus `DEADLINE_PER_ROW`
+    /// per row, at most twice the call timeout (the server's `statement_timeout` is three
+    /// times it).
     pub fn deadline(&self, rows: usize) -> Duration {
-        self.call_timeout
-            .saturating_add(DEADLINE_PER_ROW.saturating_mul(rows.min(u32::MAX as usize) as u32))
+        let per_rows = DEADLINE_PER_ROW.saturating_mul(rows.min(u32::MAX as usize) as u32);
+        self.call_timeout.saturating_add(per_rows.min(self.call_timeout))
     }
 
     /// A pooled connection (waiting at most the pool's acquire timeout).
@@ -688,6 +691,54 @@ impl Engine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn engine(dsn: &str, call_timeout: Duration) -> Engine {
+        let mut cfg = EngineConfig::new(dsn);
+        cfg.call_timeout = call_timeout;
+        cfg.acquire_timeout = call_timeout;
+        Engine::connect_lazy(&cfg).unwrap()
+    }
+
+    #[test]
+    fn deadlines_grow_with_rows_up_to_twice_the_call_timeout() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _guard = rt.enter();
+        let e = engine("postgresql://nobody@127.0.0.1:1/none", Duration::from_secs(10));
+        assert_eq!(e.deadline(0), Duration::from_secs(10));
+        assert_eq!(e.deadline(1000), Duration::from_secs(11));
+        assert_eq!(e.deadline(usize::MAX), Duration::from_secs(20));
+    }
+
+    #[test]
+    fn a_server_that_never_answers_fails_the_call_within_its_deadline() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            // Accepts connections and never says a word (holds them open).
+            let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = silent.local_addr().unwrap().port();
+            let held = tokio::spawn(async move {
+                let mut open = Vec::new();
+                while let Ok((sock, _)) = silent.accept().await {
+                    open.push(sock);
+                }
+            });
+            let e = engine(
+                &format!("postgresql://nobody@127.0.0.1:{port}/none"),
+                Duration::from_millis(300),
+            );
+            let t0 = std::time::Instant::now();
+            let err = e.ensure_queue("q").await.unwrap_err();
+            assert!(matches!(err, CoreError::Connection(_)), "{err:?}");
+            assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+            held.abort();
+        });
+    }
 
     #[test]
     fn send_batch_checks_column_lengths() {
