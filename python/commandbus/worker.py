@@ -491,9 +491,11 @@ class Worker:
             logger.info("worker for %s stopped", self._domain)
 
     async def stop(self, timeout: float | None = None) -> None:
-        """Stop gracefully: claim nothing more, wait up to `timeout` seconds for running
-        handlers (None: no limit), apply their outcomes and release what never started.
-        Returns once the worker has stopped."""
+        """Stop gracefully: claim nothing more, wait for running handlers, apply their outcomes
+        and release what never started. Returns once the worker has stopped, within `timeout`
+        seconds (None: no limit) even when the database does not answer: handlers get the
+        timeout but its last tenth (at most 1 s); what cannot be flushed or released in time
+        is redelivered when its lease expires (never applied twice)."""
         if not self._running:
             return
         self._stop_timeout = timeout
