@@ -196,8 +196,10 @@ impl Engine {
             })?
             .application_name(&cfg.application_name);
         let call_timeout = cfg.call_timeout.max(Duration::from_millis(1));
-        let server_ms = call_timeout.saturating_mul(SERVER_TIMEOUT_FACTOR).as_millis();
-        let opts = opts.options([("statement_timeout", server_ms.to_string())]);
+        let server_ms = call_timeout
+            .saturating_mul(SERVER_TIMEOUT_FACTOR)
+            .as_millis()
+            .to_string();
         let pool = PgPoolOptions::new()
             .max_connections(cfg.max_connections.max(1))
             .acquire_timeout(cfg.acquire_timeout)
@@ -206,6 +208,16 @@ impl Engine {
             // taken as alive (a dead one then fails its statement, which the caller sees as
             // a connection error, as it would if the server went away mid-call).
             .test_before_acquire(false)
+            .after_connect(move |conn, _meta| {
+                let server_ms = server_ms.clone();
+                Box::pin(async move {
+                    let set = sqlx::query(sql::SET_STATEMENT_TIMEOUT).bind(server_ms).execute(conn);
+                    match tokio::time::timeout(call_timeout, set).await {
+                        Ok(done) => done.map(|_| ()),
+                        Err(_) => Err(sqlx::Error::PoolTimedOut),
+                    }
+                })
+            })
             // The ping has the call deadline: a silent connection is closed (an error here
             // makes sqlx close it without a goodbye) and the acquire opens a fresh one.
             .before_acquire(move |conn, meta| {
