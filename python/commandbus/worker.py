@@ -466,17 +466,26 @@ class Worker:
                     await asyncio.wait(pending)
             budget = None if until is None else max(0.0, until - time.monotonic())
             shutdown = call(lambda completions: native.shutdown(completions, budget))
-            if budget is None:
-                released = await shutdown
-            else:
-                # The engine keeps to the budget itself; this only guards against a bug there.
-                try:
-                    released = await asyncio.wait_for(shutdown, budget + 1.0)
-                except TimeoutError:
-                    logger.error("worker for %s: engine shutdown overran its budget", self._domain)
-                    released = 0
+            released = 0
+            try:
+                # The engine keeps to the budget itself; the wait_for only guards against a
+                # bug there.
+                released = await asyncio.wait_for(shutdown, None if budget is None else budget + 1)
+            except (DatabaseError, TimeoutError) as exc:
+                # The database is away: nothing is lost, the leases expire.
+                logger.warning(
+                    "worker for %s: unfinished commands not released at stop (%s); they come "
+                    "back when their leases expire", self._domain, exc or "no answer",
+                )  # fmt: skip
             if released:
                 logger.info("worker for %s released %d unfinished commands", self._domain, released)
+            unflushed = native.stats()["unflushed"]
+            if unflushed:
+                logger.warning(
+                    "worker for %s: %s outcomes not applied at stop (the database did not "
+                    "answer in time); their commands are redelivered when their leases expire",
+                    self._domain, unflushed,
+                )  # fmt: skip
             if events_task is not None:
                 # ends once the engine is shut down, after the last event
                 await asyncio.wait([events_task], timeout=1.0)

@@ -316,6 +316,8 @@ async def test_sigterm_during_freeze_returns_within_stop_timeout(
         # Within the stop timeout, plus the interpreter's exit.
         assert elapsed < stop_timeout + 1.5, (elapsed, frozen_worker.diagnostics())
         assert await completed(pool) < n
+        # It gave up on the silent database, not waited for it.
+        assert "at stop" in frozen_worker.log(), frozen_worker.diagnostics()
         # Another worker, straight to the server, gets everything left: what the stopped one
         # held is redelivered when its leases expire; nothing is applied twice.
         survivor = await WorkerProcess.start(tmp_path, "survivor", database_url, *args)
