@@ -200,6 +200,9 @@ impl Engine {
             .saturating_mul(SERVER_TIMEOUT_FACTOR)
             .as_millis()
             .to_string();
+        // A statement_timeout the DSN sets itself (`options=-c statement_timeout=...`, as the
+        // sync worker's) is kept.
+        let own_timeout = opts.get_options().is_some_and(|o| o.contains("statement_timeout"));
         let pool = PgPoolOptions::new()
             .max_connections(cfg.max_connections.max(1))
             .acquire_timeout(cfg.acquire_timeout)
@@ -211,6 +214,9 @@ impl Engine {
             .after_connect(move |conn, _meta| {
                 let server_ms = server_ms.clone();
                 Box::pin(async move {
+                    if own_timeout {
+                        return Ok(());
+                    }
                     let set = sqlx::query(sql::SET_STATEMENT_TIMEOUT).bind(server_ms).execute(conn);
                     match tokio::time::timeout(call_timeout, set).await {
                         Ok(done) => done.map(|_| ()),
