@@ -17,6 +17,10 @@ With `--sync` the worker is the library's `commandbus.sync.SyncWorker` over a ps
 `ConnectionPool`, with a no-op plain `def` handler (`HandlerRegistry.register_sync`, which both
 libraries have): `run()` blocks in a thread of its own, STOP calls `stop(timeout=30)`. No
 asyncio in that mode (benches/sync_throughput.py).
+
+`--metrics`, `--health` and `--tracing` attach this library's observers before the run
+(`commandbus.metrics.instrument`, `commandbus.health.WorkerHealth`,
+`commandbus.tracing.instrument`: benches/metrics_overhead.py).
 """
 
 from __future__ import annotations
@@ -78,6 +82,22 @@ def _say(text: str) -> None:
     sys.stdout.flush()
 
 
+def _observe(worker: Any, args: argparse.Namespace) -> None:
+    """Attach the observers asked for (imported only then: a plain run imports none)."""
+    if args.metrics:
+        from commandbus.metrics import instrument
+
+        instrument(worker)
+    if args.health:
+        from commandbus.health import WorkerHealth
+
+        WorkerHealth(worker)
+    if args.tracing:
+        from commandbus import tracing
+
+        tracing.instrument(worker)
+
+
 async def _main(args: argparse.Namespace) -> int:
     if args.record_starts:
         _Stats.starts = {}
@@ -90,6 +110,7 @@ async def _main(args: argparse.Namespace) -> int:
         registry = HandlerRegistry()
         registry.register(args.domain, COMMAND_TYPE, _noop)
         worker = Worker(pool, args.domain, registry)
+        _observe(worker, args)
         _say("READY")
         if await _readline() != "GO":
             return 2
@@ -156,6 +177,7 @@ def _main_sync(args: argparse.Namespace) -> int:
         registry = HandlerRegistry()
         registry.register_sync(args.domain, COMMAND_TYPE, _noop_sync)
         worker = SyncWorker(pool, args.domain, registry)
+        _observe(worker, args)
         _say("READY")
         if sys.stdin.readline().strip() != "GO":
             return 2
@@ -218,6 +240,9 @@ def main() -> int:
     parser.add_argument("--poll-interval", type=float, default=1.0)
     parser.add_argument("--record-starts", default=None)
     parser.add_argument("--sync", action="store_true", help="the library's SyncWorker")
+    parser.add_argument("--metrics", action="store_true", help="commandbus.metrics.instrument")
+    parser.add_argument("--health", action="store_true", help="commandbus.health.WorkerHealth")
+    parser.add_argument("--tracing", action="store_true", help="commandbus.tracing.instrument")
     args = parser.parse_args()
     if args.sync:
         return _main_sync(args)

@@ -8,6 +8,7 @@ naming the offending field and value.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 from uuid import UUID
 
@@ -46,6 +47,10 @@ COMMAND_TYPE_MAX_LEN = 255
 DEFAULT_MAX_PAYLOAD_BYTES = 1_048_576
 
 _COMMANDS_SUFFIX = "__commands"
+
+#: Set by `commandbus.tracing.instrument_sending()`: returns the trace context to carry in a
+#: command's message (W3C `traceparent`/`tracestate`), or None. None: nothing is added.
+message_trace_context: Callable[[], dict[str, str] | None] | None = None
 _CONTROL_CHARS_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
@@ -209,7 +214,8 @@ def command_message(
     data_json: str,
 ) -> str:
     """The JSON text of a command's queue message, with the predecessor's keys: `domain`,
-    `command_type`, `command_id`, `correlation_id`, `reply_to` (only when set) and `data`,
+    `command_type`, `command_id`, `correlation_id`, `reply_to` (only when set), `trace_context`
+    (only with tracing instrumented and a span current) and `data`,
     where `data_json` (from `encode_json`) is spliced in as it is, not encoded again."""
     head: dict[str, object] = {
         "domain": domain,
@@ -219,6 +225,8 @@ def command_message(
     }
     if reply_to:
         head["reply_to"] = reply_to
+    if message_trace_context is not None and (carrier := message_trace_context()):
+        head["trace_context"] = carrier
     return f'{orjson.dumps(head)[:-1].decode()},"data":{data_json}}}'
 
 

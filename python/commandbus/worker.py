@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import inspect
 import logging
 import os
@@ -29,6 +30,7 @@ from commandbus._dsn import (
     validate_call_timeout,
 )
 from commandbus._native import Outcome
+from commandbus._observe import Observer, combine
 from commandbus._sql import command_queue
 from commandbus._validation import decode_json, encode_json, validate_domain
 from commandbus.batch import run_callback_if_complete
@@ -164,6 +166,15 @@ class Worker:
         self._native: _native.NativeWorker | None = None
         self._step_native: _native.NativeWorker | None = None
         self._executor: ThreadPoolExecutor | None = None
+        # Metrics, tracing and health attach here (commandbus.metrics / tracing / health); with
+        # none attached the run loop is the plain one: nothing per command is added.
+        self._observers: list[Observer] = []
+
+    def add_observer(self, observer: Observer) -> None:
+        """Attach an observer of handler runs (see `commandbus._observe`); takes effect at the
+        next `run()`. `commandbus.metrics.instrument`, `tracing.instrument` and `health` use it."""
+        if observer not in self._observers:
+            self._observers.append(observer)
 
     @property
     def domain(self) -> str:
@@ -301,7 +312,10 @@ class Worker:
                 max_workers=self._sync_threads or 8, thread_name_prefix=f"rcmd-{self._domain}"
             )
         loop = asyncio.get_running_loop()
-        result = await loop.run_in_executor(self._executor, resolved.fn, cmd, ctx)
+        # In the caller's context, as asyncio.to_thread: a span (commandbus.tracing) or any
+        # context variable set around the handler is seen by its thread too.
+        run = contextvars.copy_context().run
+        result = await loop.run_in_executor(self._executor, run, resolved.fn, cmd, ctx)
         if inspect.isawaitable(result):
             result = await result
         return result
@@ -327,6 +341,45 @@ class Worker:
         except Exception as exc:
             logger.exception("handler of msg_id=%s attempt=%s raised", msg_id, attempt)
             native.report(msg_id, attempt, self._failure(exc, attempt, max_attempts))
+
+    async def _execute_observed(
+        self, native: _native.NativeWorker, item: ClaimedTuple, observer: Observer
+    ) -> None:
+        """`_execute` with `observer` (several are combined into one, `_observe.combine`) told
+        of the handler's start and of its outcome kind (SUCCESS, RETRY, EXHAUSTED, PERMANENT or
+        BUSINESS_RULE). The outcome decisions are the same calls as `_execute`'s; an observer's
+        failure is logged and never changes the outcome."""
+        msg_id, attempt, max_attempts = item[0], item[1], item[2]
+        token: Any = None
+        outcome = _SUCCESS
+        try:
+            command, context = self._decode(native, item)
+            try:
+                token = observer.started(command, context, item)
+            except Exception:
+                logger.exception("observer %r failed", observer)
+            result = await self._call_handler(command, context)
+            if result is not None:
+                try:
+                    result_json = encode_json(result, "result", _MAX_RESULT_BYTES)
+                except (SerializationError, ValidationError) as exc:
+                    raise PermanentCommandError("RESULT_NOT_SERIALIZABLE", str(exc)) from exc
+                outcome = Outcome.success(result_json)
+        except asyncio.CancelledError:
+            outcome = self._stopped_outcome(attempt, max_attempts)
+            raise
+        except (TransientCommandError, PermanentCommandError, BusinessRuleException) as exc:
+            logger.info("command msg_id=%s attempt=%s failed: %s", msg_id, attempt, exc)
+            outcome = self._failure(exc, attempt, max_attempts)
+        except Exception as exc:
+            logger.exception("handler of msg_id=%s attempt=%s raised", msg_id, attempt)
+            outcome = self._failure(exc, attempt, max_attempts)
+        finally:
+            native.report(msg_id, attempt, outcome)
+            try:
+                observer.finished(token, outcome.kind)
+            except Exception:
+                logger.exception("observer %r failed", observer)
 
     async def run(
         self,
@@ -384,6 +437,10 @@ class Worker:
             # The engine claims when slots are free (a slot frees when its outcome is
             # reported) and hands each claimed batch over here; empty means stopping.
             in_flight = self._in_flight
+            observers = tuple(self._observers)
+            for obs in observers:
+                obs.attach(self, native)
+            observer = combine(observers)
             while not self._stop_requested:
                 try:
                     batch: list[ClaimedTuple] = await call(native.next_batch)
@@ -396,6 +453,16 @@ class Worker:
                     continue
                 if not batch:
                     break
+                if observer is not None:
+                    try:
+                        await observer.claimed(batch)
+                    except Exception:
+                        logger.exception("observer %r failed", observer)
+                    for item in batch:
+                        task = asyncio.create_task(self._execute_observed(native, item, observer))
+                        in_flight.add(task)
+                        task.add_done_callback(in_flight.discard)
+                    continue
                 for item in batch:
                     task = asyncio.create_task(self._execute(native, item))
                     in_flight.add(task)
@@ -477,6 +544,11 @@ class Worker:
                     "worker for %s: unfinished commands not released at stop (%s); they come "
                     "back when their leases expire", self._domain, exc or "no answer",
                 )  # fmt: skip
+            for obs in self._observers:
+                try:
+                    await obs.detach(self, native)
+                except Exception:
+                    logger.exception("observer %r failed at stop", obs)
             if released:
                 logger.info("worker for %s released %d unfinished commands", self._domain, released)
             unflushed = native.stats()["unflushed"]

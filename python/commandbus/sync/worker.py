@@ -21,6 +21,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
 from commandbus._dsn import DEFAULT_CALL_TIMEOUT
+from commandbus._observe import Observer
 from commandbus.exceptions import TransientCommandError, ValidationError
 from commandbus.handler import HandlerRegistry
 from commandbus.models import Command, HandlerContext
@@ -173,6 +174,7 @@ class SyncWorker:
         self._last: _EngineWorker | None = None
         self._run_thread: threading.Thread | None = None
         self._stop_task: asyncio.Task[None] | None = None
+        self._observers: list[Observer] = []
         # Validates the domain and the other arguments now, as the async Worker does.
         self._queue_name = self._new_worker(async_twin(self._conninfo, {}, 1, "x")).queue_name
 
@@ -190,6 +192,12 @@ class SyncWorker:
             call_timeout=self._call_timeout,
             health=self._health,
         )
+
+    def add_observer(self, observer: Observer) -> None:
+        """Attach an observer of handler runs (metrics, tracing), as `Worker.add_observer`;
+        takes effect at the next `run()`."""
+        if observer not in self._observers:
+            self._observers.append(observer)
 
     @property
     def domain(self) -> str:
@@ -277,6 +285,8 @@ class SyncWorker:
     ) -> None:
         apool = async_twin(self._conninfo, self._kwargs, 2, f"rcmd-sync-{self._domain}")
         worker = self._new_worker(apool)
+        for observer in self._observers:
+            worker.add_observer(observer)
         if worker._sync_threads is None:
             # As the async worker: more threads than this only take turns at the GIL.
             worker._sync_threads = min(concurrency, 32)

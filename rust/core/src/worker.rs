@@ -7,7 +7,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::JoinHandle;
@@ -83,6 +83,11 @@ struct Counters {
     flushes: AtomicU64,
     flush_errors: AtomicU64,
     released: AtomicU64,
+    /// Claim statements that answered, and their summed latency: metrics read them at scrape
+    /// time (a few relaxed atomic adds per claim or flush, nothing per command).
+    claims: AtomicU64,
+    claim_micros: AtomicU64,
+    flush_micros: AtomicU64,
 }
 
 /// A snapshot of the worker's counters.
@@ -94,6 +99,11 @@ pub struct WorkerStats {
     pub flushes: u64,
     pub flush_errors: u64,
     pub released: u64,
+    /// Claim statements that answered (empty ones included) and their summed latency.
+    pub claims: u64,
+    pub claim_micros: u64,
+    /// Summed latency of the successful flushes (`flushes` of them).
+    pub flush_micros: u64,
     pub in_flight: u64,
     /// Outcomes reported and not yet applied (queued or in the running flush).
     pub unflushed: u64,
@@ -140,6 +150,10 @@ async fn within<F: std::future::Future>(left: Option<Duration>, fut: F) -> Optio
         None => Some(fut.await),
         Some(left) => tokio::time::timeout(left, fut).await.ok(),
     }
+}
+
+fn micros_since(started: Instant) -> u64 {
+    u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -223,6 +237,7 @@ impl WorkerCore {
         if self.stopping() {
             return Err(CoreError::Closed("worker"));
         }
+        let started = Instant::now();
         let claimed = self
             .engine
             .claim(
@@ -232,6 +247,9 @@ impl WorkerCore {
                 self.cfg.default_max_attempts,
             )
             .await?;
+        let c = &self.counters;
+        c.claims.fetch_add(1, Ordering::Relaxed);
+        c.claim_micros.fetch_add(micros_since(started), Ordering::Relaxed);
         self.register(&claimed);
         Ok(claimed)
     }
@@ -390,6 +408,9 @@ impl WorkerCore {
             flushes: c.flushes.load(Ordering::Relaxed),
             flush_errors: c.flush_errors.load(Ordering::Relaxed),
             released: c.released.load(Ordering::Relaxed),
+            claims: c.claims.load(Ordering::Relaxed),
+            claim_micros: c.claim_micros.load(Ordering::Relaxed),
+            flush_micros: c.flush_micros.load(Ordering::Relaxed),
             in_flight: lock(&self.in_flight).len() as u64,
             unflushed: self.unflushed.load(Ordering::Acquire) as u64,
             last_error: lock(&self.last_error).clone(),
@@ -431,6 +452,7 @@ impl WorkerCore {
         // About a minute of retries: past that the leases have expired anyway and the commands
         // come back to a worker, so giving up loses nothing (the fence rejects late outcomes).
         for _ in 0..40 {
+            let started = Instant::now();
             match self
                 .engine
                 .finish(&self.cfg.domain, batch.clone(), self.cfg.default_max_attempts)
@@ -439,6 +461,7 @@ impl WorkerCore {
                 Ok(applied) => {
                     let c = &self.counters;
                     c.flushes.fetch_add(1, Ordering::Relaxed);
+                    c.flush_micros.fetch_add(micros_since(started), Ordering::Relaxed);
                     c.applied.fetch_add(applied.len() as u64, Ordering::Relaxed);
                     c.fenced
                         .fetch_add(n.saturating_sub(applied.len() as u64), Ordering::Relaxed);

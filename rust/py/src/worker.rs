@@ -174,6 +174,9 @@ impl NativeWorker {
         d.set_item("flushes", s.flushes)?;
         d.set_item("flush_errors", s.flush_errors)?;
         d.set_item("released", s.released)?;
+        d.set_item("claims", s.claims)?;
+        d.set_item("claim_micros", s.claim_micros)?;
+        d.set_item("flush_micros", s.flush_micros)?;
         d.set_item("in_flight", s.in_flight)?;
         d.set_item("unflushed", s.unflushed)?;
         d.set_item("last_error", s.last_error)?;
