@@ -75,7 +75,7 @@ def _pids_cpu(pids: set[int]) -> float:
 async def _send_cost(dsn: str, n: int, singles: int) -> dict[str, Any]:
     find = (
         "SELECT pid FROM pg_stat_activity"
-        " WHERE application_name = 'rcmd-bus' AND datname = current_database()"
+        " WHERE application_name = 'rcmd bus' AND datname = current_database()"
     )
     async with AsyncConnectionPool(dsn, min_size=1, max_size=4, open=False) as pool:
         await setup_database(pool)

@@ -50,6 +50,44 @@ def native_dsn(conninfo: str) -> str:
     return url
 
 
+#: Default deadline in seconds of one database call of the Rust engine (`Worker`, `CommandBus`).
+DEFAULT_CALL_TIMEOUT = 10.0
+
+#: libpq parameters for the connections the library opens itself with psycopg (the batch
+#: listener, the pools it creates): TCP keepalives (probes after 15 s idle, every 5 s, 3 of
+#: them) and `tcp_user_timeout` (30 s of unacknowledged data) end a connection whose peer
+#: vanished at the network level; `connect_timeout` bounds the connect. The Rust engine sets
+#: the same on its sockets (rust/vendor/sqlx-core/RCMD-PATCH.md). Values the conninfo sets
+#: itself win.
+KEEPALIVE_PARAMS: dict[str, str] = {
+    "keepalives": "1",
+    "keepalives_idle": "15",
+    "keepalives_interval": "5",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "30000",
+    "connect_timeout": "10",
+}
+
+
+def keepalive_kwargs(conninfo: str) -> dict[str, str]:
+    """The `KEEPALIVE_PARAMS` a conninfo does not set itself, as connection kwargs."""
+    given = conninfo_to_dict(conninfo)
+    return {k: v for k, v in KEEPALIVE_PARAMS.items() if k not in given}
+
+
+def validate_call_timeout(value: object) -> float:
+    """`call_timeout` as a float, or ValidationError naming it: a number of seconds > 0."""
+    from commandbus.exceptions import ValidationError
+
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not 0 < value <= 1_000_000  # also rejects NaN
+    ):
+        raise ValidationError("call_timeout", value, "must be a number of seconds > 0")
+    return float(value)
+
+
 def pool_conninfo(pool: object) -> str:
     """The conninfo of a psycopg pool (a string, or psycopg_pool's sync callable form)."""
     from commandbus.exceptions import ValidationError

@@ -32,7 +32,7 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from commandbus import _db
-from commandbus._dsn import pool_conninfo
+from commandbus._dsn import keepalive_kwargs, pool_conninfo
 from commandbus.exceptions import (
     CommandBusError,
     DuplicateBatchError,  # re-exported: its old home
@@ -51,6 +51,9 @@ LISTENER_APPLICATION_NAME = "commandbus-batch-listener"
 LISTENER_POLL_INTERVAL = 5.0
 #: First and largest pause before the listener reconnects (doubling in between).
 LISTENER_RECONNECT_DELAY = (0.5, 30.0)
+#: deadline in seconds of each database call of the listener (connect, LISTEN, the check of
+#: pending batches): a connection that goes silent is dropped and replaced, never waited on
+LISTENER_CALL_TIMEOUT = 10.0
 #: A pending callback whose batch does not exist this many seconds after registration (its
 #: creating transaction rolled back) is dropped.
 ORPHAN_GRACE = 600.0
@@ -401,6 +404,14 @@ def _parse(payload: str) -> BatchKey | None:
         return None
 
 
+async def _close(conn: AsyncConnection[Any]) -> None:
+    """Close a listener connection; one that went silent is closed without waiting on it."""
+    try:
+        await asyncio.wait_for(conn.close(), LISTENER_CALL_TIMEOUT)
+    except TimeoutError:
+        conn.pgconn.finish()
+
+
 class BatchListener:
     """LISTENs on `commandbus_batch` on a dedicated autocommit connection and fires the
     callbacks of the batches it hears complete. One per database (conninfo) and event loop,
@@ -412,6 +423,7 @@ class BatchListener:
     def __init__(self, conninfo: str, connect_kwargs: dict[str, Any] | None = None) -> None:
         self.conninfo = conninfo
         self._connect_kwargs = {
+            **keepalive_kwargs(conninfo),
             **(connect_kwargs or {}),
             "autocommit": True,
             "application_name": LISTENER_APPLICATION_NAME,
@@ -459,22 +471,33 @@ class BatchListener:
         try:
             while not self._retire_if_idle():
                 try:
-                    conn = await AsyncConnection.connect(self.conninfo, **self._connect_kwargs)
-                except psycopg.Error as err:
-                    logger.warning("batch listener cannot connect (%s); retry in %.1fs", err, delay)
+                    conn = await asyncio.wait_for(
+                        AsyncConnection.connect(self.conninfo, **self._connect_kwargs),
+                        LISTENER_CALL_TIMEOUT,
+                    )
+                except (psycopg.Error, TimeoutError) as err:
+                    logger.warning(
+                        "batch listener cannot connect (%s); retry in %.1fs",
+                        err or "no answer", delay,
+                    )  # fmt: skip
                 else:
                     try:
-                        await _db.execute(conn, "batch_listen")
+                        await asyncio.wait_for(
+                            _db.execute(conn, "batch_listen"), LISTENER_CALL_TIMEOUT
+                        )
                         self.connections += 1
                         self.listening.set()
                         delay = LISTENER_RECONNECT_DELAY[0]
                         await self._serve(conn)
                         return
                     except Exception as err:
-                        logger.warning("batch listener lost its connection (%s); reconnecting", err)
+                        logger.warning(
+                            "batch listener lost its connection (%s); reconnecting",
+                            err or "no answer",
+                        )
                     finally:
                         self.listening.clear()
-                        await conn.close()
+                        await _close(conn)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, LISTENER_RECONNECT_DELAY[1])
         finally:
@@ -509,11 +532,13 @@ class BatchListener:
                 await self._check(conn, self._announced(heard))
 
     async def _check(self, conn: AsyncConnection[Any], keys: list[BatchKey]) -> None:
-        """Fire the callbacks of the complete batches among `keys`; drop orphans."""
+        """Fire the callbacks of the complete batches among `keys`; drop orphans. Raises
+        TimeoutError when the connection does not answer within `LISTENER_CALL_TIMEOUT`."""
         if not keys:
             return
-        rows = await _db.fetch_all(
-            conn, "batch_get_many", [k[0] for k in keys], [k[1] for k in keys]
+        rows = await asyncio.wait_for(
+            _db.fetch_all(conn, "batch_get_many", [k[0] for k in keys], [k[1] for k in keys]),
+            LISTENER_CALL_TIMEOUT,
         )
         seen = _fire_completed(rows, self.conninfo)
         now = time.monotonic()

@@ -13,7 +13,12 @@ from psycopg_pool import AsyncConnectionPool
 
 from commandbus import _db, _native, retention
 from commandbus._bridge import call
-from commandbus._dsn import native_dsn, pool_conninfo
+from commandbus._dsn import (
+    DEFAULT_CALL_TIMEOUT,
+    native_dsn,
+    pool_conninfo,
+    validate_call_timeout,
+)
 from commandbus._validation import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     command_message,
@@ -135,6 +140,7 @@ class CommandBus:
         *,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         native_max_connections: int = 10,
+        call_timeout: float = DEFAULT_CALL_TIMEOUT,
     ) -> None:
         """Args:
         pool: the psycopg async pool (queries, and the conninfo the engine connects with).
@@ -142,11 +148,20 @@ class CommandBus:
             choice to the worker's RetryPolicy.
         max_payload_bytes: largest encoded `data` accepted (PayloadTooLargeError above it).
         native_max_connections: size of the Rust engine's own pool.
+        call_timeout: deadline in seconds of one send of the Rust engine (plus 1 ms per
+            command it carries): with no answer by then its connection is abandoned and the
+            send raises `DatabaseError` (its outcome unknown: a resend of the same command_id
+            names it as a duplicate if it was written after all).
         """
         self._pool = pool
         self._default_max_attempts = validate_max_attempts(default_max_attempts)
         self._max_payload_bytes = max_payload_bytes
-        self._native = _native.NativeBus(native_dsn(pool_conninfo(pool)), native_max_connections)
+        self._native = _native.NativeBus(
+            native_dsn(pool_conninfo(pool)),
+            native_max_connections,
+            call_timeout=validate_call_timeout(call_timeout),
+            application_name="rcmd bus",
+        )
         self._commands = PostgresCommandRepository(pool)
         self._audit = PostgresAuditLogger(pool)
 

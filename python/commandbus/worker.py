@@ -9,7 +9,10 @@ import contextlib
 import contextvars
 import inspect
 import logging
+import os
 import signal
+import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,7 +23,12 @@ from psycopg_pool import AsyncConnectionPool
 
 from commandbus import _native
 from commandbus._bridge import call
-from commandbus._dsn import native_dsn, pool_conninfo
+from commandbus._dsn import (
+    DEFAULT_CALL_TIMEOUT,
+    native_dsn,
+    pool_conninfo,
+    validate_call_timeout,
+)
 from commandbus._native import Outcome
 from commandbus._observe import Observer, combine
 from commandbus._sql import command_queue
@@ -110,6 +118,7 @@ class Worker:
         max_flush: int = 1000,
         sync_handler_threads: int | None = None,
         retention: RetentionPolicy | None = None,
+        call_timeout: float = DEFAULT_CALL_TIMEOUT,
     ) -> None:
         """Args:
         pool: the psycopg async pool (its conninfo is what the Rust engine connects with).
@@ -122,6 +131,11 @@ class Worker:
         sync_handler_threads: size of the thread pool for plain `def` handlers
             (default: min(concurrency, 32)).
         retention: prune this domain's old terminal commands periodically while running.
+        call_timeout: deadline in seconds of one database call of the engine (claim, flush,
+            lease extension, release; plus 1 ms per row it carries). A call with no answer
+            by then abandons its connection and is retried on a fresh one, with the backoff
+            of any connection error. The server cancels an engine statement after three times
+            this (`statement_timeout`).
         """
         self._pool = pool
         self._domain = validate_domain(domain)
@@ -140,6 +154,7 @@ class Worker:
         self._max_flush = max_flush
         self._sync_threads = sync_handler_threads
         self._retention = retention
+        self._call_timeout = validate_call_timeout(call_timeout)
         self._queue_name = command_queue(domain)
         self._dsn = native_dsn(pool_conninfo(pool))
         self._running = False
@@ -194,6 +209,10 @@ class Worker:
             max_flush=self._max_flush,
             auto_extend=self._auto_extend,
             concurrency=concurrency,
+            call_timeout=self._call_timeout,
+            # What `pg_stat_activity` shows for this worker's connections (the console's
+            # "workers seen"); the pid of the process running it, after any fork.
+            application_name=f"rcmd worker {self._domain} {socket.gethostname()}:{os.getpid()}",
         )
 
     # -- decoding ------------------------------------------------------------------------
@@ -494,13 +513,17 @@ class Worker:
     ) -> None:
         """The stop sequence: stop claiming; let in-flight handlers finish (up to the stop
         timeout), cancel the rest; flush every outcome; release unreported leases (batches
-        claimed and never started included); close."""
+        claimed and never started included); close. With a stop timeout all of it ends within
+        that timeout, even when the database does not answer: handlers get the timeout but its
+        last tenth (at most 1 s), the engine's part what is left (what it cannot flush or
+        release in time is redelivered once its lease expires, never applied twice)."""
         native.stop_claiming()
+        timeout = self._stop_timeout
+        until = None if timeout is None else time.monotonic() + max(0.0, timeout)
         try:
             if self._in_flight:
-                _done, pending = await asyncio.wait(
-                    set(self._in_flight), timeout=self._stop_timeout
-                )
+                handlers_timeout = None if timeout is None else timeout - min(1.0, timeout / 10)
+                _done, pending = await asyncio.wait(set(self._in_flight), timeout=handlers_timeout)
                 for task in pending:
                     task.cancel()
                 if pending:
@@ -508,7 +531,19 @@ class Worker:
                         "worker for %s: %d handlers cancelled at stop", self._domain, len(pending)
                     )
                     await asyncio.wait(pending)
-            released = await call(native.shutdown)
+            budget = None if until is None else max(0.0, until - time.monotonic())
+            shutdown = call(lambda completions: native.shutdown(completions, budget))
+            released = 0
+            try:
+                # The engine keeps to the budget itself; the wait_for only guards against a
+                # bug there.
+                released = await asyncio.wait_for(shutdown, None if budget is None else budget + 1)
+            except (DatabaseError, TimeoutError) as exc:
+                # The database is away: nothing is lost, the leases expire.
+                logger.warning(
+                    "worker for %s: unfinished commands not released at stop (%s); they come "
+                    "back when their leases expire", self._domain, exc or "no answer",
+                )  # fmt: skip
             for obs in self._observers:
                 try:
                     await obs.detach(self, native)
@@ -516,8 +551,16 @@ class Worker:
                     logger.exception("observer %r failed at stop", obs)
             if released:
                 logger.info("worker for %s released %d unfinished commands", self._domain, released)
+            unflushed = native.stats()["unflushed"]
+            if unflushed:
+                logger.warning(
+                    "worker for %s: %s outcomes not applied at stop (the database did not "
+                    "answer in time); their commands are redelivered when their leases expire",
+                    self._domain, unflushed,
+                )  # fmt: skip
             if events_task is not None:
-                await events_task  # ends once the engine is shut down, after the last event
+                # ends once the engine is shut down, after the last event
+                await asyncio.wait([events_task], timeout=1.0)
         finally:
             if events_task is not None and not events_task.done():
                 events_task.cancel()
@@ -529,9 +572,11 @@ class Worker:
             logger.info("worker for %s stopped", self._domain)
 
     async def stop(self, timeout: float | None = None) -> None:
-        """Stop gracefully: claim nothing more, wait up to `timeout` seconds for running
-        handlers (None: no limit), apply their outcomes and release what never started.
-        Returns once the worker has stopped."""
+        """Stop gracefully: claim nothing more, wait for running handlers, apply their outcomes
+        and release what never started. Returns once the worker has stopped, within `timeout`
+        seconds (None: no limit) even when the database does not answer: handlers get the
+        timeout but its last tenth (at most 1 s); what cannot be flushed or released in time
+        is redelivered when its lease expires (never applied twice)."""
         if not self._running:
             return
         self._stop_timeout = timeout

@@ -41,3 +41,11 @@ SELECT commandbus.release_commands_v1($1::text, $2::uuid[], $3::bigint[], $4::in
 -- Analyzes the command table once if it never was (at worker start).
 -- No parameters.
 SELECT commandbus.refresh_statistics_v1() AS analyzed
+
+-- name: set_statement_timeout
+-- Run on each new connection of the Rust engine: the server cancels a statement of the engine
+-- after this long (three call deadlines), so a backend whose client gave up on it (abandoned
+-- at its deadline while waiting on a lock, say) does not hold a connection slot for long. A
+-- SET rather than a startup parameter: connection poolers (pgbouncer) refuse unknown ones.
+-- $1 milliseconds TEXT
+SELECT set_config('statement_timeout', $1::text, false)

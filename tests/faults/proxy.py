@@ -1,21 +1,23 @@
-"""A TCP proxy that injects network faults between the workers and PostgreSQL.
+"""A TCP proxy for fault tests: what a stuck pgbouncer or cloud SQL proxy, a NAT or
+load-balancer idle drop, or a failover without resets looks like to a client.
 
-    proxy = FaultProxy("127.0.0.1", server_port).start()
-    worker_dsn = proxy.dsn(server_dsn)   # same URL, the proxy's host and port
-    proxy.freeze()                       # connections open now go silent (not closed)
-    proxy.add_latency(20)                # every chunk forwarded 20 ms later, both directions
-    proxy.reset()                        # no latency; the frozen connections are reset (RST)
-    proxy.close()
+    proxy = FaultProxy("127.0.0.1", 5432).start()   # listens on 127.0.0.1:<proxy.port>
+    dsn = proxy.dsn(database_url)                   # the same DSN, through the proxy
+    proxy.freeze()          # connections open now stop forwarding, stay open; new ones pass
+    proxy.add_latency(50)   # every chunk forwarded from now on waits 50 ms (0: none)
+    proxy.thaw()            # frozen connections forward again (what they held is delivered)
+    proxy.reset()           # no faults: frozen connections are closed, no latency
+    proxy.stop()            # (or close(); also a context manager)
 
-The proxy runs an asyncio loop in a daemon thread; the methods above are called from any other
-thread and return once the loop applied them.
+`freeze(direction)`: "both" (default) stops both directions; "to_client" only the answers
+(requests reach the server, which runs and commits them, and the client never hears back: a
+commit whose outcome is unknown); "to_server" only the requests. A frozen direction stops
+reading its source socket, so what the peer sends waits in kernel buffers and in the proxy:
+nothing is lost, nothing is closed, the peer's TCP stack sees a live connection.
 
-``freeze()`` is what a stuck pgbouncer or cloud SQL proxy, a NAT or load-balancer idle drop or a
-failover without resets looks like to a client: the connections open at that moment stop
-forwarding in both directions (nothing more is read from or written to either side) but stay
-open, so neither peer sees an error; connections opened afterwards pass normally.
-``add_latency(ms)`` delays every chunk read from either side by ``ms`` (order kept) on every
-connection, the open ones and the new ones, until ``add_latency(0)`` or ``reset()``.
+The proxy runs its own event loop in a daemon thread; every method is thread-safe and may be
+called from sync or async code (it never blocks on the proxied traffic). One proxy serves any
+number of processes (worker subprocesses connect to `port`).
 """
 
 from __future__ import annotations
@@ -23,242 +25,230 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-import time
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-T = TypeVar("T")
-
-#: bytes read per chunk (a PostgreSQL message batch fits; larger ones come in several chunks)
-CHUNK = 65536
+Direction = Literal["both", "to_client", "to_server"]
 
 
-class _Link:
-    """One proxied connection: the client side and the upstream (server) side."""
+@dataclass
+class _Pipe:
+    """One direction of one proxied connection."""
 
-    def __init__(self, client: asyncio.StreamWriter, upstream: asyncio.StreamWriter) -> None:
-        self.client = client
-        self.upstream = upstream
-        self.frozen = False
-        self.closed = asyncio.Event()
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    #: set while this direction forwards
+    running: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def abort(self) -> None:
-        """Close both sides at once with a reset (no FIN handshake)."""
-        for writer in (self.client, self.upstream):
+
+@dataclass(eq=False)
+class _Conn:
+    to_server: _Pipe
+    to_client: _Pipe
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def pipes(self, direction: Direction) -> list[_Pipe]:
+        if direction == "to_client":
+            return [self.to_client]
+        if direction == "to_server":
+            return [self.to_server]
+        return [self.to_server, self.to_client]
+
+    @property
+    def frozen(self) -> bool:
+        return not (self.to_server.running.is_set() and self.to_client.running.is_set())
+
+    def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        for pipe in (self.to_server, self.to_client):
             with contextlib.suppress(Exception):
-                writer.transport.abort()
-        self.closed.set()
+                pipe.writer.transport.abort()
+                pipe.writer.close()
 
 
 class FaultProxy:
-    """A TCP proxy to ``target_host:target_port`` listening on ``listen_host`` (free port)."""
+    """A TCP proxy to `target_host:target_port` whose connections can be frozen or slowed."""
 
-    def __init__(self, target_host: str, target_port: int, listen_host: str = "127.0.0.1") -> None:
+    def __init__(self, target_host: str, target_port: int, host: str = "127.0.0.1") -> None:
         self.target_host = target_host
         self.target_port = target_port
-        self.listen_host = listen_host
-        self._latency = 0.0  # seconds
-        self._links: set[_Link] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._server: asyncio.Server | None = None
-        self._thread: threading.Thread | None = None
-        self._port: int | None = None
-        #: connections accepted since start (for diagnostics)
+        self.host = host
+        self.port = 0
+        self.latency_s = 0.0
+        #: connections accepted so far
         self.accepted = 0
+        self._conns: set[_Conn] = set()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="fault-proxy", daemon=True
+        )
+        self._server: asyncio.Server | None = None
+
+    @classmethod
+    def for_dsn(cls, dsn: str) -> FaultProxy:
+        """A proxy to the host and port of a `postgresql://` URL (TCP only)."""
+        parts = urlsplit(dsn)
+        if not parts.hostname or parts.hostname.startswith("/"):
+            raise ValueError(f"a TCP host is needed to proxy {parts.hostname!r}")
+        return cls(parts.hostname, parts.port or 5432)
+
+    def dsn(self, dsn: str) -> str:
+        """`dsn` (a `postgresql://` URL) with its host and port replaced by this proxy's."""
+        parts = urlsplit(dsn)
+        auth = parts.netloc.rpartition("@")[0]
+        netloc = f"{auth}@" if auth else ""
+        return urlunsplit(parts._replace(netloc=f"{netloc}{self.host}:{self.port}"))
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> FaultProxy:
-        ready = threading.Event()
-        failure: list[BaseException] = []
-
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            try:
-                self._server = loop.run_until_complete(
-                    asyncio.start_server(self._accept, self.listen_host, 0)
-                )
-                self._port = int(self._server.sockets[0].getsockname()[1])
-            except BaseException as exc:
-                failure.append(exc)
-                ready.set()
-                loop.close()
-                return
-            ready.set()
-            try:
-                loop.run_forever()
-            finally:
-                loop.close()
-
-        self._thread = threading.Thread(target=run, name="fault-proxy", daemon=True)
         self._thread.start()
-        ready.wait()
-        if failure:
-            raise failure[0]
+        self._call(self._start())
         return self
 
-    def close(self) -> None:
-        """Stop listening, reset every connection and stop the loop thread (idempotent)."""
-        loop, self._loop = self._loop, None
-        if loop is None:
+    def stop(self) -> None:
+        if not self._thread.is_alive():
             return
+        self._call(self._stop())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        self._loop.close()
 
-        async def shutdown() -> None:
-            if self._server is not None:
-                self._server.close()
-            for link in list(self._links):
-                link.abort()
-            if self._tasks:
-                await asyncio.wait(list(self._tasks), timeout=5)
-            self._links.clear()
-
-        asyncio.run_coroutine_threadsafe(shutdown(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        if self._thread is not None:
-            self._thread.join(10)
+    close = stop
 
     def __enter__(self) -> FaultProxy:
-        return self.start() if self._loop is None else self
+        return self.start()
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    # -- addresses -------------------------------------------------------------------------
-
-    @property
-    def port(self) -> int:
-        if self._port is None:
-            raise RuntimeError("the proxy is not started")
-        return self._port
-
-    def dsn(self, dsn: str) -> str:
-        """``dsn`` (a ``postgresql://`` URL) with the proxy's host and port."""
-        parts = urlsplit(dsn)
-        userinfo = parts.netloc.rpartition("@")[0]
-        netloc = f"{userinfo}@" if userinfo else ""
-        return urlunsplit(parts._replace(netloc=f"{netloc}{self.listen_host}:{self.port}"))
+        self.stop()
 
     # -- faults ----------------------------------------------------------------------------
 
-    def _call(self, fn: Callable[[], T]) -> T:
-        loop = self._loop
-        if loop is None:
-            raise RuntimeError("the proxy is not started")
+    def freeze(self, direction: Direction = "both") -> int:
+        """Stop forwarding `direction` on the connections open now, without closing them;
+        connections opened later pass. Returns how many connections were frozen."""
 
-        async def run() -> T:
-            return fn()
+        async def freeze() -> int:
+            for conn in self._conns:
+                for pipe in conn.pipes(direction):
+                    pipe.running.clear()
+            return len(self._conns)
 
-        return asyncio.run_coroutine_threadsafe(run(), loop).result(10)
+        return self._call(freeze())
 
-    def freeze(self) -> int:
-        """Stop forwarding on every connection open now, without closing it; new connections
-        pass. Returns how many connections were frozen."""
+    def thaw(self) -> None:
+        """Frozen connections forward again."""
 
-        def apply() -> int:
-            count = 0
-            for link in self._links:
-                if not link.frozen:
-                    link.frozen = True
-                    count += 1
-            return count
+        async def thaw() -> None:
+            for conn in self._conns:
+                conn.to_server.running.set()
+                conn.to_client.running.set()
 
-        return self._call(apply)
+        self._call(thaw())
 
     def add_latency(self, ms: float) -> None:
-        """Forward every chunk, both directions, ``ms`` milliseconds after it was read (on open
-        and new connections; ``0`` removes it)."""
+        """Every chunk forwarded from now on, either way, waits `ms` milliseconds (on open and
+        new connections; `0` removes it)."""
         if ms < 0:
             raise ValueError(f"latency must be >= 0 ms, got {ms}")
 
-        def apply() -> None:
-            self._latency = ms / 1000.0
+        async def set_latency() -> None:
+            self.latency_s = ms / 1000.0
 
-        self._call(apply)
+        self._call(set_latency())
 
     def reset(self) -> int:
-        """Back to a plain proxy: no latency, the frozen connections closed with a reset.
-        Returns how many frozen connections were reset."""
+        """No faults any more: frozen connections are closed (as a NAT that dropped them would,
+        eventually), latency back to 0. Returns how many connections were closed."""
 
-        def apply() -> int:
-            self._latency = 0.0
-            frozen = [link for link in self._links if link.frozen]
-            for link in frozen:
-                link.abort()
-                self._links.discard(link)
+        async def reset() -> int:
+            self.latency_s = 0.0
+            frozen = [c for c in self._conns if c.frozen]
+            for conn in frozen:
+                conn.close()
+                self._conns.discard(conn)
             return len(frozen)
 
-        return self._call(apply)
+        return self._call(reset())
 
     @property
     def connections(self) -> tuple[int, int]:
         """(open connections, of which frozen)."""
-        return self._call(lambda: (len(self._links), sum(ln.frozen for ln in self._links)))
 
-    # -- forwarding ------------------------------------------------------------------------
+        async def count() -> tuple[int, int]:
+            return len(self._conns), sum(c.frozen for c in self._conns)
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        return self._call(count())
+
+    @property
+    def open_connections(self) -> int:
+        async def count() -> int:
+            return len(self._conns)
+
+        return self._call(count())
+
+    # -- inside the proxy's loop -------------------------------------------------------------
+
+    def _call(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=10)
+
+    async def _start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, self.host, 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        tasks = [t for conn in self._conns for t in conn.tasks]
+        for conn in list(self._conns):
+            conn.close()
+        self._conns.clear()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+        await asyncio.sleep(0.05)  # transports finish closing on this loop
+
+    async def _accept(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         self.accepted += 1
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
         try:
-            up_reader, up_writer = await asyncio.open_connection(self.target_host, self.target_port)
+            server_r, server_w = await asyncio.open_connection(self.target_host, self.target_port)
         except OSError:
-            writer.transport.abort()  # the server is down: the client sees a reset
+            client_w.transport.abort()
             return
-        link = _Link(writer, up_writer)
-        self._links.add(link)
+        conn = _Conn(_Pipe(client_r, server_w), _Pipe(server_r, client_w))
+        conn.to_server.running.set()
+        conn.to_client.running.set()
+        self._conns.add(conn)
+        conn.tasks = [
+            asyncio.create_task(self._pump(conn, conn.to_server)),
+            asyncio.create_task(self._pump(conn, conn.to_client)),
+        ]
+
+    async def _pump(self, conn: _Conn, pipe: _Pipe) -> None:
         try:
-            await asyncio.gather(
-                self._pump(link, reader, up_writer), self._pump(link, up_reader, writer)
-            )
-        finally:
-            if link.frozen:
-                # frozen: stay open (silent, in _links) until reset() or close() aborts it
-                await link.closed.wait()
-            self._links.discard(link)
-            link.abort()
-
-    async def _pump(
-        self, link: _Link, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        """Forward reader -> writer until EOF, an error, or the link freezing."""
-        queue: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue()
-
-        async def write() -> None:
             while True:
-                item = await queue.get()
-                if item is None:
-                    return
-                due, data = item
-                delay = due - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                if link.frozen:
-                    return
-                writer.write(data)
-                await writer.drain()
-
-        writer_task = asyncio.create_task(write())
-        try:
-            while not link.frozen and not writer_task.done():
-                data = await reader.read(CHUNK)
-                if not data or link.frozen:
+                await pipe.running.wait()
+                data = await pipe.reader.read(65536)
+                if not data:
                     break
-                queue.put_nowait((time.monotonic() + self._latency, data))
-        except (ConnectionError, OSError):
+                if self.latency_s:
+                    await asyncio.sleep(self.latency_s)
+                # Frozen while reading: hold the chunk until thawed (or closed).
+                await pipe.running.wait()
+                pipe.writer.write(data)
+                await pipe.writer.drain()
+        except (OSError, asyncio.IncompleteReadError):
             pass
-        finally:
-            if link.frozen:
-                writer_task.cancel()
-            else:
-                queue.put_nowait(None)
-            with contextlib.suppress(asyncio.CancelledError, ConnectionError, OSError):
-                await writer_task
-            if not link.frozen:
-                # one direction ended: end the other one too
-                link.abort()
+        except asyncio.CancelledError:
+            return
+        # One side ended: end the connection (unless it is frozen: a frozen connection is
+        # only ended by reset() or stop()).
+        if not conn.frozen:
+            conn.close()
+            self._conns.discard(conn)
+
+
+__all__ = ["Direction", "FaultProxy"]

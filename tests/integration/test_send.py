@@ -354,7 +354,7 @@ async def test_send_recovers_when_its_connections_were_killed(
         killed = await fetch(
             pool,
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-            " WHERE application_name = 'rcmd-bus' AND datname = current_database()",
+            " WHERE application_name = 'rcmd bus' AND datname = current_database()",
         )
         assert killed and all(ok for (ok,) in killed)
         await asyncio.sleep(1.2)
@@ -498,7 +498,7 @@ async def test_send_batch_chunks_run_at_once_but_keep_request_order(
         connections = await fetch(
             pool,
             "SELECT count(*) FROM pg_stat_activity"
-            " WHERE application_name = 'rcmd-bus' AND datname = current_database()",
+            " WHERE application_name = 'rcmd bus' AND datname = current_database()",
         )
         assert connections[0][0] >= 2  # statements ran beside each other
     finally:

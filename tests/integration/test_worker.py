@@ -568,7 +568,7 @@ async def test_worker_survives_its_connections_being_killed(pool: AsyncConnectio
         killed = await fetch(
             pool,
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-            " WHERE application_name LIKE 'rcmd-worker%%' AND datname = current_database()",
+            " WHERE application_name LIKE 'rcmd worker %%' AND datname = current_database()",
         )
         assert killed and all(row[0] for row in killed)
         await bus.send("orders", "Ping", second, {})

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from commandbus._dsn import native_dsn, pool_conninfo
+from commandbus._dsn import (
+    KEEPALIVE_PARAMS,
+    keepalive_kwargs,
+    native_dsn,
+    pool_conninfo,
+    validate_call_timeout,
+)
 from commandbus.exceptions import ValidationError
 
 
@@ -38,3 +44,22 @@ def test_pool_conninfo_accepts_str_and_sync_callable() -> None:
         pool_conninfo(Pool(later))
     with pytest.raises(ValidationError):
         pool_conninfo(object())
+
+
+def test_keepalive_kwargs_fill_in_what_the_conninfo_does_not_set() -> None:
+    assert keepalive_kwargs("host=db dbname=x") == KEEPALIVE_PARAMS
+    own = keepalive_kwargs("postgresql://u@db/x?keepalives_idle=60&connect_timeout=3")
+    assert "keepalives_idle" not in own and "connect_timeout" not in own
+    assert own["tcp_user_timeout"] == "30000"
+
+
+@pytest.mark.parametrize("value", [0, -1, float("nan"), float("inf"), True, "10", None, 2e6])
+def test_call_timeout_must_be_positive_seconds(value: object) -> None:
+    with pytest.raises(ValidationError) as exc:
+        validate_call_timeout(value)
+    assert exc.value.field == "call_timeout"
+
+
+def test_call_timeout_accepts_numbers() -> None:
+    assert validate_call_timeout(3) == 3.0
+    assert validate_call_timeout(0.5) == 0.5

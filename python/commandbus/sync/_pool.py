@@ -8,7 +8,7 @@ from psycopg import pq
 from psycopg.conninfo import make_conninfo
 from psycopg_pool import AsyncConnectionPool
 
-from commandbus._dsn import pool_conninfo
+from commandbus._dsn import keepalive_kwargs, pool_conninfo
 from commandbus.exceptions import ValidationError
 
 _LIBPQ_KEYWORDS = frozenset(
@@ -34,9 +34,15 @@ def sync_pool_settings(pool: object) -> tuple[str, dict[str, Any]]:
 def async_twin(
     conninfo: str, kwargs: dict[str, Any], max_size: int, name: str
 ) -> AsyncConnectionPool[Any]:
-    """An unopened async pool on the same server (open and close it on the loop it serves)."""
+    """An unopened async pool on the same server (open and close it on the loop it serves), its
+    connections with TCP keepalives (`KEEPALIVE_PARAMS`, unless the conninfo sets them)."""
     return AsyncConnectionPool(
-        conninfo, kwargs=kwargs, min_size=1, max_size=max(1, max_size), open=False, name=name
+        conninfo,
+        kwargs={**keepalive_kwargs(conninfo), **kwargs},
+        min_size=1,
+        max_size=max(1, max_size),
+        open=False,
+        name=name,
     )
 
 

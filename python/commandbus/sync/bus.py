@@ -21,6 +21,7 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from commandbus import _db_sync, _validation
+from commandbus._dsn import DEFAULT_CALL_TIMEOUT
 from commandbus._validation import DEFAULT_MAX_PAYLOAD_BYTES, validate_domain, validate_int
 from commandbus.batch import BatchCompletionCallback
 from commandbus.bus import DEFAULT_BATCH_CHUNK_SIZE, CommandBus, _collect_results, _Columns
@@ -75,6 +76,7 @@ class SyncCommandBus:
         *,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         native_max_connections: int = 10,
+        call_timeout: float = DEFAULT_CALL_TIMEOUT,
     ) -> None:
         """Args as for `CommandBus`; `pool` is a `psycopg_pool.ConnectionPool`."""
         conninfo, kwargs = sync_pool_settings(pool)
@@ -87,6 +89,7 @@ class SyncCommandBus:
             default_max_attempts,
             max_payload_bytes=max_payload_bytes,
             native_max_connections=native_max_connections,
+            call_timeout=call_timeout,
         )
         self._lock = threading.Lock()
         self._loop: LoopThread | None = None

@@ -20,6 +20,7 @@ from psycopg import errors as pg_errors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
+from commandbus._dsn import DEFAULT_CALL_TIMEOUT
 from commandbus._observe import Observer
 from commandbus.exceptions import TransientCommandError, ValidationError
 from commandbus.handler import HandlerRegistry
@@ -126,6 +127,7 @@ class SyncWorker:
         auto_extend_leases: bool = False,
         max_flush: int = 1000,
         retention: RetentionPolicy | None = None,
+        call_timeout: float = DEFAULT_CALL_TIMEOUT,
     ) -> None:
         """Args:
         pool: a `psycopg_pool.ConnectionPool` (its conninfo and connection kwargs are what the
@@ -139,7 +141,7 @@ class SyncWorker:
         concurrency: default of `run(concurrency=...)` (4 when neither gives it).
         handler_threads: threads running handlers (default: min(concurrency, 32), as the async
             worker's; raise it for handlers that mostly wait on I/O).
-        auto_extend_leases, max_flush, retention: as for the async `Worker`.
+        auto_extend_leases, max_flush, retention, call_timeout: as for the async `Worker`.
         """
         validate_timeouts(statement_timeout, visibility_timeout)
         if concurrency is not None:
@@ -160,6 +162,7 @@ class SyncWorker:
         self._auto_extend = auto_extend_leases
         self._max_flush = max_flush
         self._retention = retention
+        self._call_timeout = call_timeout
         self._health = HealthStatus()
         self._lock = threading.Lock()
         self._running = False
@@ -186,6 +189,7 @@ class SyncWorker:
             max_flush=self._max_flush,
             sync_handler_threads=self._handler_threads,
             retention=self._retention,
+            call_timeout=self._call_timeout,
             health=self._health,
         )
 

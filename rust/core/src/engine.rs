@@ -18,6 +18,40 @@ use crate::sql;
 
 /// A pooled connection idle for this long is pinged before it is handed out again.
 const PING_IDLE_AFTER: Duration = Duration::from_secs(1);
+/// The default deadline of one database call (`EngineConfig::call_timeout`).
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Added to a call's deadline per row it carries (a flush of 1,000 outcomes gets 1 s more, up
+/// to one more call timeout).
+const DEADLINE_PER_ROW: Duration = Duration::from_millis(1);
+/// The server cancels a statement of the engine after this many call deadlines
+/// (`statement_timeout`), so a backend whose client gave up (a statement stuck behind a lock
+/// when its connection was abandoned) does not hold a connection slot for long.
+const SERVER_TIMEOUT_FACTOR: u32 = 3;
+
+/// Runs `$fut` (a call on the pooled connection `$conn`) within `$deadline`. With no answer in
+/// time the connection is abandoned: detached from the pool and closed (never handed out again,
+/// its slot free for a fresh one), and the enclosing function returns a connection error.
+macro_rules! timed {
+    ($conn:ident, $deadline:expr, $fut:expr) => {{
+        let deadline: Duration = $deadline;
+        let result = tokio::time::timeout(deadline, $fut).await;
+        match result {
+            Ok(r) => r.map_err(CoreError::from),
+            Err(_) => {
+                drop($conn.detach());
+                return Err(no_answer(deadline));
+            }
+        }
+    }};
+}
+
+/// The error of a call that got no answer within `deadline`.
+fn no_answer(deadline: Duration) -> CoreError {
+    CoreError::Connection(format!(
+        "no answer from the database within {:.1} s; connection abandoned",
+        deadline.as_secs_f64()
+    ))
+}
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -26,6 +60,9 @@ pub struct EngineConfig {
     pub max_connections: u32,
     pub acquire_timeout: Duration,
     pub application_name: String,
+    /// The deadline of one database call (plus `DEADLINE_PER_ROW` per row it carries): a call
+    /// with no answer by then abandons its connection and fails as a connection error.
+    pub call_timeout: Duration,
 }
 
 impl EngineConfig {
@@ -33,8 +70,9 @@ impl EngineConfig {
         EngineConfig {
             dsn: dsn.into(),
             max_connections: 10,
-            acquire_timeout: Duration::from_secs(30),
+            acquire_timeout: DEFAULT_CALL_TIMEOUT,
             application_name: "rcmd".to_owned(),
+            call_timeout: DEFAULT_CALL_TIMEOUT,
         }
     }
 }
@@ -142,6 +180,9 @@ impl Claimed {
 #[derive(Clone)]
 pub struct Engine {
     pool: PgPool,
+    /// What the pool connects with (the listener's own connections use it too).
+    opts: PgConnectOptions,
+    call_timeout: Duration,
 }
 
 impl Engine {
@@ -154,6 +195,14 @@ impl Engine {
                 reason: e.to_string(),
             })?
             .application_name(&cfg.application_name);
+        let call_timeout = cfg.call_timeout.max(Duration::from_millis(1));
+        let server_ms = call_timeout
+            .saturating_mul(SERVER_TIMEOUT_FACTOR)
+            .as_millis()
+            .to_string();
+        // A statement_timeout the DSN sets itself (`options=-c statement_timeout=...`, as the
+        // sync worker's) is kept.
+        let own_timeout = opts.get_options().is_some_and(|o| o.contains("statement_timeout"));
         let pool = PgPoolOptions::new()
             .max_connections(cfg.max_connections.max(1))
             .acquire_timeout(cfg.acquire_timeout)
@@ -162,16 +211,51 @@ impl Engine {
             // taken as alive (a dead one then fails its statement, which the caller sees as
             // a connection error, as it would if the server went away mid-call).
             .test_before_acquire(false)
-            .before_acquire(|conn, meta| {
+            .after_connect(move |conn, _meta| {
+                let server_ms = server_ms.clone();
+                Box::pin(async move {
+                    if own_timeout {
+                        return Ok(());
+                    }
+                    let set = sqlx::query(sql::SET_STATEMENT_TIMEOUT).bind(server_ms).execute(conn);
+                    match tokio::time::timeout(call_timeout, set).await {
+                        Ok(done) => done.map(|_| ()),
+                        Err(_) => Err(sqlx::Error::PoolTimedOut),
+                    }
+                })
+            })
+            // The ping has the call deadline: a silent connection is closed (an error here
+            // makes sqlx close it without a goodbye) and the acquire opens a fresh one.
+            .before_acquire(move |conn, meta| {
                 Box::pin(async move {
                     if meta.idle_for >= PING_IDLE_AFTER {
-                        conn.ping().await?;
+                        match tokio::time::timeout(call_timeout, conn.ping()).await {
+                            Ok(pinged) => pinged?,
+                            Err(_) => return Err(sqlx::Error::PoolTimedOut),
+                        }
                     }
                     Ok(true)
                 })
             })
-            .connect_lazy_with(opts);
-        Ok(Engine { pool })
+            .connect_lazy_with(opts.clone());
+        Ok(Engine {
+            pool,
+            opts,
+            call_timeout,
+        })
+    }
+
+    /// The deadline of a call carrying `rows` rows: the call timeout plus `DEADLINE_PER_ROW`
+    /// per row, at most twice the call timeout (the server's `statement_timeout` is three
+    /// times it).
+    pub fn deadline(&self, rows: usize) -> Duration {
+        let per_rows = DEADLINE_PER_ROW.saturating_mul(rows.min(u32::MAX as usize) as u32);
+        self.call_timeout.saturating_add(per_rows.min(self.call_timeout))
+    }
+
+    /// A pooled connection (waiting at most the pool's acquire timeout).
+    async fn conn(&self) -> CoreResult<PoolConnection<Postgres>> {
+        Ok(self.pool.acquire().await?)
     }
 
     pub async fn close(&self) {
@@ -179,13 +263,23 @@ impl Engine {
     }
 
     pub async fn ensure_queue(&self, queue: &str) -> CoreResult<bool> {
-        let row = sqlx::query(sql::ENSURE_QUEUE).bind(queue).fetch_one(&self.pool).await?;
+        let mut conn = self.conn().await?;
+        let row = timed!(
+            conn,
+            self.deadline(0),
+            sqlx::query(sql::ENSURE_QUEUE).bind(queue).fetch_one(&mut *conn)
+        )?;
         Ok(row.try_get("created")?)
     }
 
     /// ANALYZEs the command table if it never was (see `refresh_statistics_v1`).
     pub async fn refresh_statistics(&self) -> CoreResult<bool> {
-        let row = sqlx::query(sql::REFRESH_STATISTICS).fetch_one(&self.pool).await?;
+        let mut conn = self.conn().await?;
+        let row = timed!(
+            conn,
+            self.deadline(0),
+            sqlx::query(sql::REFRESH_STATISTICS).fetch_one(&mut *conn)
+        )?;
         Ok(row.try_get("analyzed")?)
     }
 
@@ -196,9 +290,15 @@ impl Engine {
             return Ok(Vec::new());
         }
         let n = batch.command_ids.len();
+        let deadline = self.deadline(n);
+        let mut conn = self.conn().await?;
         if batch.is_plain() {
             if let Some(text) = sql::for_command_queue(sql::SEND_COMMANDS_DIRECT, domain) {
-                match Self::send_direct(&self.pool, text, domain, &batch, None).await {
+                match timed!(
+                    conn,
+                    deadline,
+                    Self::send_direct(&mut *conn, text, domain, &batch, None)
+                ) {
                     // The queue or the schema is missing, or a command_id is taken: nothing was
                     // written, and the function below creates the queue or names the problem.
                     Err(e) if matches!(e.sqlstate(), Some("42P01" | "23505")) => {}
@@ -206,17 +306,20 @@ impl Engine {
                 }
             }
         }
-        let rows = sqlx::query(sql::SEND_COMMANDS)
-            .bind(domain)
-            .bind(batch.command_ids)
-            .bind(batch.command_types)
-            .bind(batch.messages)
-            .bind(batch.correlation_ids)
-            .bind(batch.reply_tos)
-            .bind(batch.max_attempts)
-            .bind(batch.batch_ids)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = timed!(
+            conn,
+            deadline,
+            sqlx::query(sql::SEND_COMMANDS)
+                .bind(domain)
+                .bind(batch.command_ids)
+                .bind(batch.command_types)
+                .bind(batch.messages)
+                .bind(batch.correlation_ids)
+                .bind(batch.reply_tos)
+                .bind(batch.max_attempts)
+                .bind(batch.batch_ids)
+                .fetch_all(&mut *conn)
+        )?;
         if rows.len() != n {
             return Err(CoreError::Invalid {
                 field: "send_commands",
@@ -272,11 +375,17 @@ impl Engine {
                     }
                 };
                 let Ok(mut conn) = acquired else { break };
-                let Ok(reserved) = Self::reserve(&mut *conn, reserve, n).await else {
+                let deadline = self.deadline(n);
+                let reserved = tokio::time::timeout(deadline, Self::reserve(&mut *conn, reserve, n)).await;
+                let Ok(Ok(reserved)) = reserved else {
+                    if reserved.is_err() {
+                        // No answer: the connection is abandoned, the unit goes through `send`.
+                        drop(conn.detach());
+                    }
                     break;
                 };
                 let unit = queue.pop_front().expect("front exists");
-                inflight.push_back(tokio::spawn(Self::open(conn, text, unit, reserved)));
+                inflight.push_back(tokio::spawn(Self::open(conn, text, unit, reserved, deadline)));
             }
             let first = match front_done {
                 Some(opened) => Ok(opened),
@@ -297,12 +406,17 @@ impl Engine {
             };
             let Opened { unit, result } = opened;
             let error = match result {
-                Ok((tx, ids)) => match tx.commit().await {
-                    Ok(()) => {
+                // A commit with no answer is dropped with its transaction: sqlx rolls back what
+                // it can and closes the connection (see RCMD-PATCH.md). Its outcome is unknown,
+                // reported as a connection error (a resend of the same command_ids names them
+                // as duplicates if they were written after all).
+                Ok((tx, ids)) => match tokio::time::timeout(self.call_timeout, tx.commit()).await {
+                    Ok(Ok(())) => {
                         sent.push(ids);
                         continue;
                     }
-                    Err(e) => CoreError::from(e),
+                    Ok(Err(e)) => CoreError::from(e),
+                    Err(_) => no_answer(self.call_timeout),
                 },
                 Err(e) => e,
             };
@@ -312,8 +426,9 @@ impl Engine {
             for handle in inflight.drain(..) {
                 let opened = Self::joined(handle.await);
                 if let Ok((tx, _)) = opened.result {
-                    // A failed rollback leaves nothing behind either: the connection is closed.
-                    let _ = tx.rollback().await;
+                    // A failed (or unanswered, then dropped) rollback leaves nothing behind
+                    // either: the connection is closed.
+                    let _ = tokio::time::timeout(self.call_timeout, tx.rollback()).await;
                 }
                 behind.push(opened.unit);
             }
@@ -366,14 +481,22 @@ impl Engine {
         Ok((ids, row.try_get("vt_us")?))
     }
 
-    /// Runs a plain unit's statement in a new transaction on `conn` and leaves it open.
-    async fn open(conn: PoolConnection<Postgres>, text: String, unit: SendUnit, reserved: (Vec<i64>, i64)) -> Opened {
-        let result = async {
+    /// Runs a plain unit's statement in a new transaction on `conn` and leaves it open; with no
+    /// answer within `deadline` the transaction is dropped (see the commit in `send_ordered`).
+    async fn open(
+        conn: PoolConnection<Postgres>,
+        text: String,
+        unit: SendUnit,
+        reserved: (Vec<i64>, i64),
+        deadline: Duration,
+    ) -> Opened {
+        let result = tokio::time::timeout(deadline, async {
             let mut tx = Transaction::begin(conn, None).await?;
             let ids = Self::send_direct(&mut *tx, text, &unit.0, &unit.1, Some(reserved)).await?;
             Ok((tx, ids))
-        }
-        .await;
+        })
+        .await
+        .unwrap_or_else(|_| Err(no_answer(deadline)));
         Opened { unit, result }
     }
 
@@ -431,22 +554,29 @@ impl Engine {
         if qty <= 0 {
             return Ok(Vec::new());
         }
-        let mut conn = self.pool.acquire().await?;
-        let leased: Option<Vec<i64>> = sqlx::query_scalar(sql::LEASE_MESSAGES)
-            .bind(domain)
-            .bind(vt)
-            .bind(qty)
-            .fetch_one(&mut *conn)
-            .await?;
+        let deadline = self.deadline(qty as usize);
+        let mut conn = self.conn().await?;
+        let leased: Option<Vec<i64>> = timed!(
+            conn,
+            deadline,
+            sqlx::query_scalar(sql::LEASE_MESSAGES)
+                .bind(domain)
+                .bind(vt)
+                .bind(qty)
+                .fetch_one(&mut *conn)
+        )?;
         let Some(msg_ids) = leased.filter(|ids| !ids.is_empty()) else {
             return Ok(Vec::new());
         };
-        let rows = sqlx::query(sql::CLAIM_LEASED)
-            .bind(domain)
-            .bind(msg_ids)
-            .bind(default_max_attempts)
-            .fetch_all(&mut *conn)
-            .await?;
+        let rows = timed!(
+            conn,
+            deadline,
+            sqlx::query(sql::CLAIM_LEASED)
+                .bind(domain)
+                .bind(msg_ids)
+                .bind(default_max_attempts)
+                .fetch_all(&mut *conn)
+        )?;
         rows.iter().map(Claimed::from_row).collect()
     }
 
@@ -464,6 +594,7 @@ impl Engine {
         if cols.is_empty() {
             return Ok(Vec::new());
         }
+        let deadline = self.deadline(cols.command_ids.len());
         let query = if cols.all_success() {
             // The common flush: the statement without the failure columns and audit kinds.
             sqlx::query(sql::COMPLETE_COMMANDS)
@@ -487,7 +618,12 @@ impl Engine {
                 .bind(cols.backoffs)
                 .bind(default_max_attempts)
         };
-        let rows = query.fetch_all(&self.pool).await?;
+        // One statement, one transaction: with no answer to it (its commit included) the
+        // outcome is unknown, and the flusher retries on a fresh connection. That is safe: an
+        // outcome applied once is fenced the second time (its lease is gone), and one never
+        // applied is applied by the retry or, failing that, redelivered when its lease expires.
+        let mut conn = self.conn().await?;
+        let rows = timed!(conn, deadline, query.fetch_all(&mut *conn))?;
         rows.iter()
             .map(|r| Ok((r.try_get("command_id")?, r.try_get("status")?)))
             .collect()
@@ -507,14 +643,18 @@ impl Engine {
             return Ok(0);
         }
         let (ids, msgs, atts) = Self::lease_columns(leases);
-        let row = sqlx::query(sql::EXTEND_LEASES)
-            .bind(domain)
-            .bind(ids)
-            .bind(msgs)
-            .bind(atts)
-            .bind(seconds)
-            .fetch_one(&self.pool)
-            .await?;
+        let mut conn = self.conn().await?;
+        let row = timed!(
+            conn,
+            self.deadline(leases.len()),
+            sqlx::query(sql::EXTEND_LEASES)
+                .bind(domain)
+                .bind(ids)
+                .bind(msgs)
+                .bind(atts)
+                .bind(seconds)
+                .fetch_one(&mut *conn)
+        )?;
         Ok(row.try_get("extended")?)
     }
 
@@ -524,26 +664,99 @@ impl Engine {
             return Ok(0);
         }
         let (ids, msgs, atts) = Self::lease_columns(leases);
-        let row = sqlx::query(sql::RELEASE_COMMANDS)
-            .bind(domain)
-            .bind(ids)
-            .bind(msgs)
-            .bind(atts)
-            .fetch_one(&self.pool)
-            .await?;
+        let mut conn = self.conn().await?;
+        let row = timed!(
+            conn,
+            self.deadline(leases.len()),
+            sqlx::query(sql::RELEASE_COMMANDS)
+                .bind(domain)
+                .bind(ids)
+                .bind(msgs)
+                .bind(atts)
+                .fetch_one(&mut *conn)
+        )?;
         Ok(row.try_get("released")?)
     }
 
+    /// A listener on `channel`, on a connection of its own (a one-connection pool of its own, so
+    /// a listener abandoned on a silent connection never holds a slot of the engine's pool:
+    /// sqlx's `UNLISTEN` on drop waits there until the kernel gives up on the connection).
     pub async fn listener(&self, channel: &str) -> CoreResult<PgListener> {
-        let mut listener = PgListener::connect_with(&self.pool).await?;
-        listener.listen(channel).await?;
-        Ok(listener)
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(self.call_timeout)
+            .connect_lazy_with(self.opts.clone());
+        let listen = async {
+            let mut listener = PgListener::connect_with(&pool).await?;
+            listener.listen(channel).await?;
+            Ok::<_, sqlx::Error>(listener)
+        };
+        match tokio::time::timeout(self.call_timeout, listen).await {
+            Ok(listener) => Ok(listener?),
+            Err(_) => Err(no_answer(self.call_timeout)),
+        }
+    }
+
+    /// Checks that a listener's connection still answers, within the call deadline.
+    pub async fn check_listener(&self, listener: &mut PgListener) -> CoreResult<()> {
+        match tokio::time::timeout(self.call_timeout, sqlx::query("SELECT 1").execute(listener)).await {
+            Ok(done) => done.map(|_| ()).map_err(CoreError::from),
+            Err(_) => Err(no_answer(self.call_timeout)),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn engine(dsn: &str, call_timeout: Duration) -> Engine {
+        let mut cfg = EngineConfig::new(dsn);
+        cfg.call_timeout = call_timeout;
+        cfg.acquire_timeout = call_timeout;
+        Engine::connect_lazy(&cfg).unwrap()
+    }
+
+    #[test]
+    fn deadlines_grow_with_rows_up_to_twice_the_call_timeout() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _guard = rt.enter();
+        let e = engine("postgresql://nobody@127.0.0.1:1/none", Duration::from_secs(10));
+        assert_eq!(e.deadline(0), Duration::from_secs(10));
+        assert_eq!(e.deadline(1000), Duration::from_secs(11));
+        assert_eq!(e.deadline(usize::MAX), Duration::from_secs(20));
+    }
+
+    #[test]
+    fn a_server_that_never_answers_fails_the_call_within_its_deadline() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            // Accepts connections and never says a word (holds them open).
+            let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = silent.local_addr().unwrap().port();
+            let held = tokio::spawn(async move {
+                let mut open = Vec::new();
+                while let Ok((sock, _)) = silent.accept().await {
+                    open.push(sock);
+                }
+            });
+            let e = engine(
+                &format!("postgresql://nobody@127.0.0.1:{port}/none"),
+                Duration::from_millis(300),
+            );
+            let t0 = std::time::Instant::now();
+            let err = e.ensure_queue("q").await.unwrap_err();
+            assert!(matches!(err, CoreError::Connection(_)), "{err:?}");
+            assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+            held.abort();
+        });
+    }
 
     #[test]
     fn send_batch_checks_column_lengths() {

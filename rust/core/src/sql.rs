@@ -42,6 +42,8 @@ pub const EXTEND_LEASES: &str = statement("extend_leases");
 pub const RELEASE_COMMANDS: &str = statement("release_commands");
 pub const ENSURE_QUEUE: &str = statement("ensure_queue");
 pub const REFRESH_STATISTICS: &str = statement("refresh_statistics");
+/// Each new engine connection: the server-side statement timeout.
+pub const SET_STATEMENT_TIMEOUT: &str = statement("set_statement_timeout");
 /// Templates: `{queue_table}` stands for the quoted name of the queue's PGMQ table.
 pub const SEND_COMMANDS_DIRECT: &str = statement("send_commands_direct");
 pub const RESERVE_MSG_IDS: &str = statement("reserve_msg_ids");

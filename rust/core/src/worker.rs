@@ -24,6 +24,9 @@ mod claim_loop;
 /// Outcomes allowed to wait for their flush before claims pause, at least: a small worker
 /// keeps claiming while one flush runs.
 const MIN_UNFLUSHED: usize = 64;
+/// The listener checks that its connection still answers this often (a connection that went
+/// silent is replaced; until then polling finds the work).
+const LISTENER_CHECK: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -139,6 +142,14 @@ pub struct WorkerCore {
     last_error: Mutex<Option<String>>,
     claim_loop: Mutex<Option<JoinHandle<()>>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// Runs `fut` to its end, or for at most `left` (None: no limit); None when the time ran out.
+async fn within<F: std::future::Future>(left: Option<Duration>, fut: F) -> Option<F::Output> {
+    match left {
+        None => Some(fut.await),
+        Some(left) => tokio::time::timeout(left, fut).await.ok(),
+    }
 }
 
 fn micros_since(started: Instant) -> u64 {
@@ -333,13 +344,29 @@ impl WorkerCore {
     /// reported outcome, release the leases whose outcome never came (batches never taken,
     /// abandoned handlers), stop the tasks, close the pool. Returns how many leases were
     /// released.
-    pub async fn shutdown(&self) -> CoreResult<i32> {
+    ///
+    /// With a `budget`, the whole sequence ends within it even when the database does not
+    /// answer: each step gets what is left (claims and a flush still running are aborted, the
+    /// release is skipped when no time is left). Nothing is lost by that: an outcome not applied
+    /// and a lease not released come back when the lease expires, the command is redelivered,
+    /// and the fence rejects a late duplicate.
+    pub async fn shutdown(&self, budget: Option<Duration>) -> CoreResult<i32> {
+        let until = budget.map(|b| tokio::time::Instant::now() + b);
+        let left = || until.map(|u| u.saturating_duration_since(tokio::time::Instant::now()));
         self.stop_claiming();
         let claim_loop = lock(&self.claim_loop).take();
-        if let Some(handle) = claim_loop {
-            let _ = handle.await;
+        if let Some(mut handle) = claim_loop {
+            if within(left(), &mut handle).await.is_none() {
+                handle.abort();
+                self.reserved.store(0, Ordering::Release);
+            }
         }
-        self.flush().await?;
+        let flushed = within(left(), self.flush()).await.is_some();
+        if !flushed {
+            self.note_error(&CoreError::Connection(
+                "stop: outcomes not flushed within the stop timeout (they are redelivered)".into(),
+            ));
+        }
         lock(&self.ready).clear();
         let leases: Vec<Lease> = lock(&self.in_flight)
             .drain()
@@ -349,13 +376,21 @@ impl WorkerCore {
                 attempt,
             })
             .collect();
-        let released = self.engine.release(&self.cfg.domain, &leases).await;
+        let released = match within(left(), self.engine.release(&self.cfg.domain, &leases)).await {
+            Some(released) => released,
+            None => Err(CoreError::Connection(
+                "stop: leases not released within the stop timeout (they expire)".into(),
+            )),
+        };
         lock(&self.outcomes).take();
         let tasks: Vec<JoinHandle<()>> = lock(&self.tasks).drain(..).collect();
-        for t in tasks {
-            let _ = t.await;
+        for mut t in tasks {
+            if within(left(), &mut t).await.is_none() {
+                t.abort();
+            }
         }
-        self.engine.close().await;
+        // Closing waits for connections in use to come back: bounded as the rest.
+        let _ = within(left(), self.engine.close()).await;
         self.events.close();
         let released = released?;
         self.counters
@@ -461,15 +496,27 @@ impl WorkerCore {
                     }
                 }
             };
+            let mut check = tokio::time::interval(LISTENER_CHECK);
+            check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            check.tick().await;
             loop {
                 tokio::select! {
                     n = listener.recv() => match n {
                         Ok(_) => self.wake.notify_one(),
                         Err(err) => { self.note_error(&CoreError::from(err)); break; }
                     },
+                    _ = check.tick() => {
+                        // A connection that went silent never fails `recv`: ask it something.
+                        if let Err(err) = self.engine.check_listener(&mut listener).await {
+                            self.note_error(&err);
+                            break;
+                        }
+                    }
                     _ = stop_rx.changed() => return,
                 }
             }
+            // Messages may have arrived unheard: claim once more now.
+            self.wake.notify_one();
         }
     }
 

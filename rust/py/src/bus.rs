@@ -45,13 +45,15 @@ pub struct NativeBus {
 #[pymethods]
 impl NativeBus {
     #[new]
-    #[pyo3(signature = (dsn, max_connections = 10))]
-    fn new(dsn: String, max_connections: u32) -> PyResult<Self> {
+    #[pyo3(signature = (dsn, max_connections = 10, call_timeout = 10.0, application_name = None))]
+    fn new(dsn: String, max_connections: u32, call_timeout: f64, application_name: Option<String>) -> PyResult<Self> {
         let rt = runtime()?;
         let _guard = rt.enter();
         let mut cfg = EngineConfig::new(dsn);
         cfg.max_connections = max_connections;
-        cfg.application_name = "rcmd-bus".into();
+        cfg.application_name = application_name.unwrap_or_else(|| "rcmd bus".into());
+        cfg.call_timeout = crate::worker::seconds("call_timeout", call_timeout)?;
+        cfg.acquire_timeout = cfg.call_timeout;
         let engine = Engine::connect_lazy(&cfg).map_err(|e| to_pyerr(e, None))?;
         Ok(NativeBus { engine })
     }

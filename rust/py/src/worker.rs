@@ -14,6 +14,20 @@ use crate::errors::to_pyerr;
 use crate::outcome::Outcome;
 use crate::runtime::runtime;
 
+/// A positive number of seconds as a Duration (the deadlines of the engine).
+pub(crate) fn seconds(field: &'static str, value: f64) -> PyResult<Duration> {
+    if !value.is_finite() || value <= 0.0 || value > 1e6 {
+        return Err(to_pyerr(
+            rcmd_core::CoreError::Invalid {
+                field,
+                reason: format!("{value} (must be a number of seconds > 0)"),
+            },
+            None,
+        ));
+    }
+    Ok(Duration::from_secs_f64(value))
+}
+
 fn ready<T>(result: CoreResult<T>, domain: &str, ok: impl FnOnce(T) -> Ready) -> Ready {
     match result {
         Ok(v) => ok(v),
@@ -31,7 +45,7 @@ impl NativeWorker {
     #[new]
     #[pyo3(signature = (dsn, domain, visibility_timeout = 30, default_max_attempts = 3, use_notify = true,
                         poll_interval = 1.0, max_flush = 1000, auto_extend = false, max_connections = 4,
-                        concurrency = 1))]
+                        concurrency = 1, call_timeout = 10.0, application_name = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         dsn: String,
@@ -44,12 +58,16 @@ impl NativeWorker {
         auto_extend: bool,
         max_connections: u32,
         concurrency: usize,
+        call_timeout: f64,
+        application_name: Option<String>,
     ) -> PyResult<Self> {
         let rt = runtime()?;
         let _guard = rt.enter();
         let mut ecfg = EngineConfig::new(dsn);
         ecfg.max_connections = max_connections.max(3);
-        ecfg.application_name = format!("rcmd-worker:{domain}");
+        ecfg.application_name = application_name.unwrap_or_else(|| format!("rcmd worker {domain}"));
+        ecfg.call_timeout = seconds("call_timeout", call_timeout)?;
+        ecfg.acquire_timeout = ecfg.call_timeout;
         let engine = Engine::connect_lazy(&ecfg).map_err(|e| to_pyerr(e, Some(&domain)))?;
         let mut cfg = WorkerConfig::new(domain).with_concurrency(concurrency);
         cfg.visibility_timeout = visibility_timeout;
@@ -138,10 +156,13 @@ impl NativeWorker {
         self.core.stop_claiming();
     }
 
-    /// Graceful stop: flush, release unreported leases, close. Resolves to the released count.
-    fn shutdown(&self, completions: &Completions) -> PyResult<u64> {
+    /// Graceful stop: flush, release unreported leases, close. Resolves to the released count,
+    /// within `timeout` seconds (None: no limit) even when the database does not answer.
+    #[pyo3(signature = (completions, timeout = None))]
+    fn shutdown(&self, completions: &Completions, timeout: Option<f64>) -> PyResult<u64> {
+        let budget = timeout.map(|t| Duration::from_secs_f64(t.clamp(0.0, 1e9)));
         let core = Arc::clone(&self.core);
-        completions.spawn(async move { ready(core.shutdown().await, &core.config().domain, Ready::Int) })
+        completions.spawn(async move { ready(core.shutdown(budget).await, &core.config().domain, Ready::Int) })
     }
 
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {

@@ -28,6 +28,7 @@ from typing import Any
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
+from commandbus._dsn import keepalive_kwargs, pool_conninfo
 from commandbus._validation import validate_domain, validate_queue_name
 from commandbus.process.base import _SYNC_MODE, BaseProcessManager
 from commandbus.process.repository import PostgresProcessRepository
@@ -169,7 +170,7 @@ class SyncProcessReplyRouter:
         kwargs: dict[str, Any] = dict((given() if callable(given) else given) or {})
         pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
             self._pool.conninfo,
-            kwargs=kwargs,
+            kwargs={**keepalive_kwargs(pool_conninfo(self._pool)), **kwargs},
             min_size=1,
             max_size=concurrency + 1,
             configure=configure,

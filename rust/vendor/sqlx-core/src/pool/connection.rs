@@ -14,6 +14,8 @@ use super::inner::{is_beyond_max_lifetime, DecrementSizeGuard, PoolInner};
 use crate::pool::options::PoolConnectionMetadata;
 
 const CLOSE_ON_DROP_TIMEOUT: Duration = Duration::from_secs(5);
+/// rcmd patch: how long the ping of a connection returned to the pool may take.
+const RELEASE_PING_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A connection managed by a [`Pool`][crate::pool::Pool].
 ///
@@ -311,7 +313,13 @@ impl<DB: Database> Floating<DB, Live<DB>> {
         // returned to the pool; also of course, if it was dropped due to an error
         // this is simply a band-aid as SQLx-next connections should be able
         // to recover from cancellations
-        if let Err(error) = self.raw.ping().await {
+        // rcmd patch: the ping gets RELEASE_PING_TIMEOUT; a connection that does not answer
+        // (a silent network, a frozen proxy) is closed instead of holding its pool slot forever.
+        let ping = match crate::rt::timeout(RELEASE_PING_TIMEOUT, self.raw.ping()).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::PoolTimedOut),
+        };
+        if let Err(error) = ping {
             tracing::warn!(
                 %error,
                 "error occurred while testing the connection on-release",

@@ -181,6 +181,22 @@ impl<S: Socket + ?Sized> Socket for Box<S> {
     }
 }
 
+/// rcmd patch: keepalive and TCP_USER_TIMEOUT on a TCP connection (see `connect_tcp`).
+#[cfg(feature = "_rt-tokio")]
+fn set_keepalive(stream: &tokio::net::TcpStream) -> io::Result<()> {
+    use std::time::Duration;
+    let sock = socket2::SockRef::from(stream);
+    let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(15));
+    #[cfg(any(target_os = "linux", target_os = "android", target_os = "macos", target_os = "windows"))]
+    let keepalive = keepalive.with_interval(Duration::from_secs(5));
+    #[cfg(any(target_os = "linux", target_os = "android", target_os = "macos"))]
+    let keepalive = keepalive.with_retries(3);
+    sock.set_tcp_keepalive(&keepalive)?;
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    sock.set_tcp_user_timeout(Some(Duration::from_secs(30)))?;
+    Ok(())
+}
+
 pub async fn connect_tcp<Ws: WithSocket>(
     host: &str,
     port: u16,
@@ -192,6 +208,12 @@ pub async fn connect_tcp<Ws: WithSocket>(
         // rcmd patch (upstream launchbadge/sqlx#4336, not in 0.9.0): without TCP_NODELAY, Nagle
         // and delayed ACKs held round trips for ~40 ms (send_batch over TCP at half speed).
         stream.set_nodelay(true)?;
+        // rcmd patch: a peer that vanishes at the network level (NAT or load-balancer drop,
+        // failover without a reset) is noticed by the kernel: keepalive probes after 15 s idle,
+        // every 5 s, 3 unanswered probes close the connection; data unacknowledged for 30 s
+        // (TCP_USER_TIMEOUT, Linux) does too. psycopg gets the same through libpq's
+        // keepalives_* and tcp_user_timeout parameters.
+        set_keepalive(&stream)?;
         return Ok(with_socket.with_socket(stream).await);
     }
 
