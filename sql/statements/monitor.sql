@@ -1,0 +1,127 @@
+-- The monitor read model (python/commandbus/ops/monitor.py): the console's dashboard and lists.
+-- Each statement is bounded by an index range or a cap, never a count over the whole command or
+-- audit table (see sql/migrations/V002__console.sql for the choices).
+
+-- name: monitor_domains
+-- The domains that have a command queue (`<domain>__commands` in pgmq.meta), in name order.
+-- No parameters.
+SELECT left(queue_name, -length('__commands')) AS domain
+FROM pgmq.meta
+WHERE queue_name LIKE '%\_\_commands'
+ORDER BY 1
+
+-- name: monitor_queue_stats
+-- A queue's depth (exact up to the cap), messages leased or delayed, oldest visible message
+-- (queue_stats_v1); NULLs when the queue does not exist.
+-- $1 queue TEXT, $2 cap INT
+SELECT depth, depth_exact, leased, oldest_visible, now() AS at
+FROM commandbus.queue_stats_v1($1::text, $2::int)
+
+-- name: monitor_tsq_counts
+-- The number of TSQ commands per domain, exact (an index-only walk of ix_command_tsq).
+-- No parameters.
+SELECT domain, count(*) AS n
+FROM commandbus.command
+WHERE in_tsq
+GROUP BY domain
+
+-- name: monitor_status_estimates
+-- The estimated number of commands per (domain, status): each pair's share at the last ANALYZE
+-- (the multivariate statistics st_command_domain_status) times the table's current row count
+-- as the planner estimates it (rows per page at the last ANALYZE times the pages now). No rows
+-- before the first ANALYZE, or for a role that cannot read the statistics (not the owner).
+-- No parameters.
+SELECT s.most_common_vals[i][1] AS domain, s.most_common_vals[i][2] AS status,
+       round(s.most_common_freqs[i]
+             * CASE WHEN c.relpages > 0
+                    THEN c.reltuples / c.relpages
+                         * (pg_relation_size(c.oid) / current_setting('block_size')::int)
+                    ELSE greatest(c.reltuples, 0) END)::bigint AS estimate
+FROM pg_stats_ext s
+JOIN pg_class c ON c.oid = 'commandbus.command'::regclass
+CROSS JOIN LATERAL generate_subscripts(s.most_common_freqs, 1) AS i
+WHERE s.statistics_schemaname = 'commandbus' AND s.statistics_name = 'st_command_domain_status'
+
+-- name: monitor_throughput
+-- Commands completed and failed (moved to the TSQ, or failed by a business rule) per domain
+-- and bucket of $2 seconds, for audit rows at or after `since` (or the start of the bucket of
+-- now() - window when since is NULL or older). The audit table's primary key is walked backwards from its newest row to the
+-- first row older than that start: the cost follows the rows of the window, not the table.
+-- The first row carries now() (a row with NULL domain when the window has no events).
+-- $1 window_seconds INT, $2 bucket_seconds INT, $3 since TIMESTAMPTZ
+WITH w AS (
+    SELECT now() AS at,
+           greatest(date_bin(make_interval(secs => $2::int), now() - make_interval(secs => $1::int),
+                             TIMESTAMPTZ '2000-01-01 00:00:00+00'),
+                    coalesce($3::timestamptz, '-infinity')) AS start
+), b AS (
+    SELECT coalesce((SELECT a.audit_id FROM commandbus.audit a, w
+                     WHERE a.ts < w.start ORDER BY a.audit_id DESC LIMIT 1), 0) AS id
+), e AS (
+    SELECT a.domain, date_bin(make_interval(secs => $2::int), a.ts, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS bucket,
+           count(*) FILTER (WHERE a.event_type = 'COMPLETED') AS completed,
+           count(*) FILTER (WHERE a.event_type <> 'COMPLETED') AS failed
+    FROM commandbus.audit a, w, b
+    WHERE a.audit_id > b.id AND a.ts >= w.start
+      AND a.event_type IN ('COMPLETED', 'MOVED_TO_TSQ', 'BUSINESS_RULE_FAILED')
+    GROUP BY 1, 2
+)
+SELECT w.at, w.start, e.domain, e.bucket, e.completed, e.failed
+FROM w LEFT JOIN e ON true
+ORDER BY e.bucket, e.domain
+
+-- name: monitor_workers
+-- The worker connections of this database (the engine names them `rcmd worker <domain>
+-- <host>:<pid>`), one row per worker process.
+-- No parameters.
+SELECT application_name, count(*) AS connections,
+       count(*) FILTER (WHERE state = 'active') AS active,
+       min(backend_start) AS connected_since,
+       max(coalesce(state_change, backend_start)) AS last_change,
+       now() AS at
+FROM pg_stat_activity
+WHERE application_name LIKE 'rcmd worker %' AND datname = current_database()
+GROUP BY application_name
+ORDER BY application_name
+
+-- name: monitor_list_commands
+-- One page of commands, newest first (created_at, then command_id, descending), after a keyset
+-- cursor. At most $10 rows are read from ix_command_created per call (the filters on columns the
+-- hot path writes have no index): the matching rows among them, up to $9, come first; the last
+-- row read follows with scan_end true and the number of rows read, so the caller can resume a
+-- scan that found fewer than $9 matches.
+-- $1 domain TEXT, $2 status TEXT, $3 command_type TEXT, $4 batch_id UUID,
+-- $5 created_after TIMESTAMPTZ, $6 created_before TIMESTAMPTZ, $7 cursor_created_at TIMESTAMPTZ,
+-- $8 cursor_command_id UUID, $9 limit INT, $10 scan_limit INT
+WITH s AS MATERIALIZED (
+    SELECT domain, command_id, command_type, status, attempts, max_attempts, msg_id, correlation_id,
+           nullif(reply_queue, '') AS reply_to, last_error_type, last_error_code, last_error_msg,
+           created_at, updated_at, batch_id, result,
+           ($1::text IS NULL OR domain = $1::text)
+           AND ($2::text IS NULL OR status = $2::text)
+           AND ($3::text IS NULL OR command_type = $3::text)
+           AND ($4::uuid IS NULL OR batch_id = $4::uuid) AS hit
+    FROM commandbus.command
+    WHERE created_at >= coalesce($5::timestamptz, '-infinity')
+      AND created_at <= coalesce($6::timestamptz, 'infinity')
+      AND created_at <= coalesce($7::timestamptz, 'infinity')
+      AND (created_at < coalesce($7::timestamptz, 'infinity')
+           OR command_id < coalesce($8::uuid, 'ffffffff-ffff-ffff-ffff-ffffffffffff'::uuid))
+    ORDER BY created_at DESC, command_id DESC
+    LIMIT $10::int
+)
+(SELECT s.*, false AS scan_end, 0::bigint AS scanned
+ FROM s WHERE s.hit ORDER BY s.created_at DESC, s.command_id DESC LIMIT $9::int)
+UNION ALL
+(SELECT s.*, true AS scan_end, (SELECT count(*) FROM s) AS scanned
+ FROM s ORDER BY s.created_at, s.command_id LIMIT 1)
+
+-- name: monitor_command_by_id
+-- A command by id among the given domains (a probe of uq_command_domain_cmdid per domain).
+-- $1 command_id UUID, $2 domains TEXT[]
+SELECT domain, command_id, command_type, status, attempts, max_attempts, msg_id, correlation_id,
+       nullif(reply_queue, '') AS reply_to, last_error_type, last_error_code, last_error_msg,
+       created_at, updated_at, batch_id, result
+FROM commandbus.command
+WHERE command_id = $1::uuid AND domain = ANY ($2::text[])
+ORDER BY domain
