@@ -125,3 +125,36 @@ SELECT domain, command_id, command_type, status, attempts, max_attempts, msg_id,
 FROM commandbus.command
 WHERE command_id = $1::uuid AND domain = ANY ($2::text[])
 ORDER BY domain
+
+-- name: monitor_command_message
+-- A command's queue message (its payload), from the queue or its archive; NULL when neither
+-- holds it any more.
+-- $1 domain TEXT, $2 msg_id BIGINT
+SELECT commandbus.command_message_v1($1::text, $2::bigint) AS message
+
+-- name: monitor_process_domains
+-- The domains that have processes, in name order (a skip scan of the primary key).
+-- No parameters.
+WITH RECURSIVE d AS (
+    (SELECT domain FROM commandbus.process ORDER BY domain LIMIT 1)
+    UNION ALL
+    SELECT (SELECT p.domain FROM commandbus.process p WHERE p.domain > d.domain ORDER BY p.domain LIMIT 1)
+    FROM d WHERE d.domain IS NOT NULL
+)
+SELECT domain FROM d WHERE domain IS NOT NULL
+
+-- name: monitor_list_processes
+-- One page of a domain's processes (of one status, or all when NULL), newest first, after a
+-- keyset cursor (created_at, process_id).
+-- $1 domain TEXT, $2 status TEXT, $3 cursor_created_at TIMESTAMPTZ, $4 cursor_process_id UUID,
+-- $5 limit INT
+SELECT domain, process_id, process_type, status, current_step, state, error_code, error_message,
+       created_at, updated_at, completed_at, batch_id
+FROM commandbus.process
+WHERE domain = $1::text
+  AND ($2::text IS NULL OR status = $2::text)
+  AND created_at <= coalesce($3::timestamptz, 'infinity')
+  AND (created_at < coalesce($3::timestamptz, 'infinity')
+       OR process_id < coalesce($4::uuid, 'ffffffff-ffff-ffff-ffff-ffffffffffff'::uuid))
+ORDER BY created_at DESC, process_id DESC
+LIMIT $5::int

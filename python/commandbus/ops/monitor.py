@@ -33,6 +33,8 @@ from commandbus import _db, _sql
 from commandbus._validation import validate_domain, validate_int, validate_uuid
 from commandbus.exceptions import ValidationError
 from commandbus.models import CommandMetadata, CommandStatus
+from commandbus.process.models import ProcessMetadata, ProcessStatus
+from commandbus.process.repository import _process_from_row
 from commandbus.repositories.command import metadata_from_row
 
 T = TypeVar("T")
@@ -404,6 +406,55 @@ class Monitor:
         elif end is not None and scanned >= SCAN_LIMIT:
             next_cursor = encode_cursor(end["created_at"], end["command_id"])
         return Page(items=items, next_cursor=next_cursor, scanned=scanned)
+
+    async def command_message(self, domain: str, msg_id: int | None) -> dict[str, Any] | None:
+        """A command's queue message (its payload), from the queue or the archive; None when
+        neither holds it any more."""
+        validate_domain(domain)
+        if msg_id is None:
+            return None
+        value = await _db.fetch_value(
+            self._pool, "monitor_command_message", domain, msg_id, domain=domain
+        )
+        return value if isinstance(value, dict) else None
+
+    # -- processes ---------------------------------------------------------------------
+
+    async def process_domains(self) -> list[str]:
+        """The domains that have processes, in name order."""
+        rows = await _db.fetch_all(self._pool, "monitor_process_domains")
+        return [str(r[0]) for r in rows]
+
+    async def list_processes(
+        self,
+        domain: str,
+        *,
+        status: ProcessStatus | None = None,
+        cursor: str | None = None,
+        limit: int = 50,
+    ) -> Page[ProcessMetadata[Any, Any]]:
+        """One page of a domain's processes, newest first, after `cursor`."""
+        validate_domain(domain)
+        validate_int("limit", limit, 1)
+        after = None if cursor is None else decode_cursor(cursor)
+        st = None if status is None else ProcessStatus(status).value
+        rows = await _db.fetch_all(
+            self._pool,
+            "monitor_list_processes",
+            domain,
+            st,
+            None if after is None else after[0],
+            None if after is None else after[1],
+            limit,
+            domain=domain,
+        )
+        items = [_process_from_row(r) for r in rows]
+        next_cursor = (
+            encode_cursor(items[-1].created_at, items[-1].process_id)
+            if len(items) >= limit
+            else None
+        )
+        return Page(items=items, next_cursor=next_cursor, scanned=len(rows))
 
 
 def _bucket_floor(ts: datetime) -> datetime:
