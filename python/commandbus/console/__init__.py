@@ -47,15 +47,30 @@ def create_app(settings: ConsoleSettings, **kwargs: Any) -> FastAPI:
 
 
 async def _demo_worker(console: Any, concurrency: int) -> None:
+    """A worker of the E2E domain on its own pool, whose connections are named as the
+    engine's workers name theirs (`rcmd worker <domain> <host>:<pid>`: the dashboard lists it)."""
+    import socket
+
+    from psycopg.conninfo import make_conninfo
+    from psycopg_pool import AsyncConnectionPool
+
+    from commandbus._dsn import pool_conninfo
     from commandbus.e2e import DOMAIN, registry
     from commandbus.worker import Worker
 
-    worker = Worker(console.pool, DOMAIN, registry)
+    name = f"rcmd worker {DOMAIN} {socket.gethostname()}:{os.getpid()}"
+    conninfo = make_conninfo(pool_conninfo(console.pool), application_name=name)
+    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+        conninfo, min_size=1, max_size=4, open=False
+    )
+    await pool.open(wait=True)
+    worker = Worker(pool, DOMAIN, registry)
     try:
         await worker.run(concurrency=concurrency)
     finally:
         with contextlib.suppress(Exception):
             await worker.stop(timeout=5)
+        await pool.close()
 
 
 def serve(

@@ -71,7 +71,8 @@ def get_console(request: Request) -> Console:
 
 def redirect(path: str, **query: Any) -> RedirectResponse:
     q = {k: v for k, v in query.items() if v not in (None, "")}
-    return RedirectResponse(path + ("?" + urlencode(q) if q else ""), status_code=303)
+    sep = "&" if "?" in path else "?"
+    return RedirectResponse(path + (sep + urlencode(q) if q else ""), status_code=303)
 
 
 # -- template filters -----------------------------------------------------------------------

@@ -98,13 +98,12 @@ def chart(points: list[ThroughputPoint], width: int = 720, height: int = 180) ->
 @router.get("/fragments/chart", response_class=HTMLResponse)
 async def chart_fragment(request: Request, console: C) -> Response:
     points = await console.monitor.throughput(minutes=CHART_MINUTES)
-    # The current bucket is still filling: its rate is shown apart, not drawn.
-    settled = points[:-1]
+    # The current bucket is still filling: its rate is over the part elapsed.
     return console.render(
         request,
         "_chart.html",
         {
-            "chart": chart(settled),
+            "chart": chart(points),
             "current": points[-1],
             "minutes": CHART_MINUTES,
             "bucket": BUCKET_SECONDS,

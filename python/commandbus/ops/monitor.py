@@ -225,8 +225,9 @@ class Monitor:
             leased = int(q.get("leased") or 0)
             oldest: datetime | None = q.get("oldest_visible")
             waiting = None if oldest is None else max((q["at"] - oldest).total_seconds(), 0.0)
-            known = estimates.get(domain, {})
-            counts = {s: n for s, n in known.items() if s in _TERMINAL_ESTIMATED}
+            known = estimates.get(domain)
+            # A status missing from the statistics of a domain they cover is (nearly) absent.
+            counts = {s: known.get(s, 0) for s in _TERMINAL_ESTIMATED} if known else {}
             counts["PENDING"] = max(depth - leased, 0)
             counts["IN_PROGRESS"] = leased
             counts["IN_TROUBLESHOOTING_QUEUE"] = tsq.get(domain, 0)
