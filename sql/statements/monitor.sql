@@ -86,17 +86,17 @@ ORDER BY application_name
 
 -- name: monitor_list_commands
 -- One page of commands, newest first (created_at, then command_id, descending), after a keyset
--- cursor. At most $10 rows are read from ix_command_created per call (the filters on columns the
--- hot path writes have no index): the matching rows among them, up to $9, come first; the last
--- row read follows with scan_end true and the number of rows read, so the caller can resume a
--- scan that found fewer than $9 matches.
+-- cursor. The filters on columns the hot path writes have no index: the rows are read from
+-- ix_command_created in order, at most $10 of them per call, and the matching ones, up to $9,
+-- returned; the read stops as soon as $9 matched (a page of a common filter reads ~$9 rows).
 -- $1 domain TEXT, $2 status TEXT, $3 command_type TEXT, $4 batch_id UUID,
 -- $5 created_after TIMESTAMPTZ, $6 created_before TIMESTAMPTZ, $7 cursor_created_at TIMESTAMPTZ,
 -- $8 cursor_command_id UUID, $9 limit INT, $10 scan_limit INT
-WITH s AS MATERIALIZED (
-    SELECT domain, command_id, command_type, status, attempts, max_attempts, msg_id, correlation_id,
-           nullif(reply_queue, '') AS reply_to, last_error_type, last_error_code, last_error_msg,
-           created_at, updated_at, batch_id, result,
+SELECT s.*
+FROM (
+    SELECT domain, command_id, command_type, status, attempts, max_attempts, msg_id,
+           correlation_id, nullif(reply_queue, '') AS reply_to, last_error_type, last_error_code,
+           last_error_msg, created_at, updated_at, batch_id, result,
            ($1::text IS NULL OR domain = $1::text)
            AND ($2::text IS NULL OR status = $2::text)
            AND ($3::text IS NULL OR command_type = $3::text)
@@ -109,12 +109,44 @@ WITH s AS MATERIALIZED (
            OR command_id < coalesce($8::uuid, 'ffffffff-ffff-ffff-ffff-ffffffffffff'::uuid))
     ORDER BY created_at DESC, command_id DESC
     LIMIT $10::int
-)
-(SELECT s.*, false AS scan_end, 0::bigint AS scanned
- FROM s WHERE s.hit ORDER BY s.created_at DESC, s.command_id DESC LIMIT $9::int)
-UNION ALL
-(SELECT s.*, true AS scan_end, (SELECT count(*) FROM s) AS scanned
- FROM s ORDER BY s.created_at, s.command_id LIMIT 1)
+) s
+WHERE s.hit
+LIMIT $9::int
+
+-- name: monitor_list_batch_commands
+-- One page of a batch's commands (optionally of one status / type), newest first, after a
+-- keyset cursor: the batch's rows through ix_command_batch, the newest $7 of them kept (a
+-- batch is read whole per page; create_batch caps them at what one call sends).
+-- $1 domain TEXT, $2 batch_id UUID, $3 status TEXT, $4 command_type TEXT,
+-- $5 cursor_created_at TIMESTAMPTZ, $6 cursor_command_id UUID, $7 limit INT
+SELECT domain, command_id, command_type, status, attempts, max_attempts, msg_id, correlation_id,
+       nullif(reply_queue, '') AS reply_to, last_error_type, last_error_code, last_error_msg,
+       created_at, updated_at, batch_id, result
+FROM commandbus.command
+WHERE domain = $1::text AND batch_id = $2::uuid
+  AND ($3::text IS NULL OR status = $3::text)
+  AND ($4::text IS NULL OR command_type = $4::text)
+  AND created_at <= coalesce($5::timestamptz, 'infinity')
+  AND (created_at < coalesce($5::timestamptz, 'infinity')
+       OR command_id < coalesce($6::uuid, 'ffffffff-ffff-ffff-ffff-ffffffffffff'::uuid))
+ORDER BY created_at DESC, command_id DESC
+LIMIT $7::int
+
+-- name: monitor_scan_end
+-- Where a list_commands read of $5 rows ended (its last row), for a page that found fewer
+-- matches than asked: the cursor that resumes the scan. No row when fewer than $5 are left.
+-- $1 created_after TIMESTAMPTZ, $2 created_before TIMESTAMPTZ, $3 cursor_created_at TIMESTAMPTZ,
+-- $4 cursor_command_id UUID, $5 scan_limit INT
+SELECT created_at, command_id
+FROM commandbus.command
+WHERE created_at >= coalesce($1::timestamptz, '-infinity')
+  AND created_at <= coalesce($2::timestamptz, 'infinity')
+  AND created_at <= coalesce($3::timestamptz, 'infinity')
+  AND (created_at < coalesce($3::timestamptz, 'infinity')
+       OR command_id < coalesce($4::uuid, 'ffffffff-ffff-ffff-ffff-ffffffffffff'::uuid))
+ORDER BY created_at DESC, command_id DESC
+OFFSET $5::int - 1
+LIMIT 1
 
 -- name: monitor_command_by_id
 -- A command by id among the given domains (a probe of uq_command_domain_cmdid per domain).

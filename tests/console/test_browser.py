@@ -226,7 +226,8 @@ def test_every_page_tsq_retry_and_bulk_generation(
         str(r[0])
         for r in query(
             database_url,
-            "SELECT command_id FROM commandbus.command WHERE command_id = ANY(%s::uuid[]) AND in_tsq",
+            "SELECT command_id FROM commandbus.command"
+            " WHERE command_id = ANY(%s::uuid[]) AND in_tsq",
             listed,
         )
     }

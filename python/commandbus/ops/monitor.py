@@ -73,7 +73,8 @@ class CommandFilter:
 @dataclass
 class Page(Generic[T]):
     """One page of a keyset listing. `next_cursor` (opaque) resumes after it; None at the end.
-    `scanned` is how many rows the call read to find the items."""
+    `scanned`: the rows the call read when it stopped at its read limit (a short page of a
+    rare filter), else the items."""
 
     items: list[T]
     next_cursor: str | None
@@ -381,6 +382,34 @@ class Monitor:
             return Page(items=items, next_cursor=None, scanned=len(rows))
         after = None if cursor is None else decode_cursor(cursor)
         batch_id = None if flt.batch_id is None else validate_uuid(flt.batch_id, "batch_id")
+        at = None if after is None else after[0]
+        aid = None if after is None else after[1]
+        by_time = flt.created_after is not None or flt.created_before is not None
+        if batch_id is not None and flt.domain is not None and not by_time:
+            # A batch's commands through its index, not the created_at scan: a batch is
+            # created at one time, often long ago, and a bounded scan from now would miss it.
+            batch_rows = await _db.fetch_all(
+                self._pool,
+                "monitor_list_batch_commands",
+                flt.domain,
+                batch_id,
+                status,
+                flt.command_type,
+                at,
+                aid,
+                limit,
+                rows=dict,
+            )
+            batch_items = [metadata_from_row(r) for r in batch_rows]
+            last_item = batch_items[-1] if len(batch_items) >= limit else None
+            return Page(
+                items=batch_items,
+                next_cursor=None
+                if last_item is None
+                else encode_cursor(last_item.created_at, last_item.command_id),
+                scanned=len(batch_rows),
+            )
+        scan = SCAN_LIMIT
         rows = await _db.fetch_all(
             self._pool,
             "monitor_list_commands",
@@ -390,22 +419,33 @@ class Monitor:
             batch_id,
             flt.created_after,
             flt.created_before,
-            None if after is None else after[0],
-            None if after is None else after[1],
+            at,
+            aid,
             limit,
-            SCAN_LIMIT,
+            scan,
             rows=dict,
         )
-        hits = [r for r in rows if not r["scan_end"]]
-        end = next((r for r in rows if r["scan_end"]), None)
-        items = [metadata_from_row(r) for r in hits]
-        scanned = int(end["scanned"]) if end is not None else 0
+        items = [metadata_from_row(r) for r in rows]
         next_cursor: str | None = None
-        if len(hits) >= limit:
-            last = hits[-1]
+        scanned = len(rows)
+        if len(rows) >= limit:
+            last = rows[-1]
             next_cursor = encode_cursor(last["created_at"], last["command_id"])
-        elif end is not None and scanned >= SCAN_LIMIT:
-            next_cursor = encode_cursor(end["created_at"], end["command_id"])
+        else:
+            # Fewer matches than asked: either the end of the list, or the read's limit.
+            end = await _db.fetch_one(
+                self._pool,
+                "monitor_scan_end",
+                flt.created_after,
+                flt.created_before,
+                at,
+                aid,
+                scan,
+                rows=dict,
+            )
+            if end is not None:
+                scanned = scan
+                next_cursor = encode_cursor(end["created_at"], end["command_id"])
         return Page(items=items, next_cursor=next_cursor, scanned=scanned)
 
     async def command_message(self, domain: str, msg_id: int | None) -> dict[str, Any] | None:
