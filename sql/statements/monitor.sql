@@ -42,33 +42,39 @@ JOIN pg_class c ON c.oid = 'commandbus.command'::regclass
 CROSS JOIN LATERAL generate_subscripts(s.most_common_freqs, 1) AS i
 WHERE s.statistics_schemaname = 'commandbus' AND s.statistics_name = 'st_command_domain_status'
 
--- name: monitor_throughput
--- Commands completed and failed (moved to the TSQ, or failed by a business rule) per domain
--- and bucket of $2 seconds, for audit rows at or after `since` (or the start of the bucket of
--- now() - window when since is NULL or older). The audit table's primary key is walked backwards from its newest row to the
--- first row older than that start: the cost follows the rows of the window, not the table.
--- The first row carries now() (a row with NULL domain when the window has no events).
+-- name: monitor_throughput_start
+-- Where a throughput read starts: the start of the bucket of now() - window (or `since`, when
+-- later), and the id of the newest audit row older than that (found by walking the primary
+-- key backwards from the newest row: the cost follows the rows of the window, not the table);
+-- with now() and the newest audit row's id.
 -- $1 window_seconds INT, $2 bucket_seconds INT, $3 since TIMESTAMPTZ
 WITH w AS (
     SELECT now() AS at,
            greatest(date_bin(make_interval(secs => $2::int), now() - make_interval(secs => $1::int),
                              TIMESTAMPTZ '2000-01-01 00:00:00+00'),
                     coalesce($3::timestamptz, '-infinity')) AS start
-), b AS (
-    SELECT coalesce((SELECT a.audit_id FROM commandbus.audit a, w
-                     WHERE a.ts < w.start ORDER BY a.audit_id DESC LIMIT 1), 0) AS id
-), e AS (
-    SELECT a.domain, date_bin(make_interval(secs => $2::int), a.ts, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS bucket,
-           count(*) FILTER (WHERE a.event_type = 'COMPLETED') AS completed,
-           count(*) FILTER (WHERE a.event_type <> 'COMPLETED') AS failed
-    FROM commandbus.audit a, w, b
-    WHERE a.audit_id > b.id AND a.ts >= w.start
-      AND a.event_type IN ('COMPLETED', 'MOVED_TO_TSQ', 'BUSINESS_RULE_FAILED')
-    GROUP BY 1, 2
 )
-SELECT w.at, w.start, e.domain, e.bucket, e.completed, e.failed
-FROM w LEFT JOIN e ON true
-ORDER BY e.bucket, e.domain
+SELECT w.at, w.start,
+       coalesce((SELECT a.audit_id FROM commandbus.audit a
+                 WHERE a.ts < w.start ORDER BY a.audit_id DESC LIMIT 1), 0) AS after_id,
+       coalesce((SELECT max(a.audit_id) FROM commandbus.audit a), 0) AS last_id
+FROM w
+
+-- name: monitor_throughput
+-- Commands completed and failed (moved to the TSQ, or failed by a business rule) per domain
+-- and bucket of $2 seconds, from the audit rows with audit_id in ($1, $4] at or after `start`.
+-- A closed primary-key range given as values: estimated from the statistics, or (a table
+-- never analyzed, or rows newer than its histogram) as a narrow range; never a table scan.
+-- $1 after_id BIGINT, $2 bucket_seconds INT, $3 start TIMESTAMPTZ, $4 last_id BIGINT
+SELECT a.domain,
+       date_bin(make_interval(secs => $2::int), a.ts, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS bucket,
+       count(*) FILTER (WHERE a.event_type = 'COMPLETED') AS completed,
+       count(*) FILTER (WHERE a.event_type <> 'COMPLETED') AS failed
+FROM commandbus.audit a
+WHERE a.audit_id > $1::bigint AND a.audit_id <= $4::bigint AND a.ts >= $3::timestamptz
+  AND a.event_type IN ('COMPLETED', 'MOVED_TO_TSQ', 'BUSINESS_RULE_FAILED')
+GROUP BY 1, 2
+ORDER BY 2, 1
 
 -- name: monitor_workers
 -- The worker connections of this database (the engine names them `rcmd worker <domain>
@@ -115,16 +121,20 @@ LIMIT $9::int
 
 -- name: monitor_list_batch_commands
 -- One page of a batch's commands (optionally of one status / type), newest first, after a
--- keyset cursor: the batch's rows through ix_command_batch, the newest $7 of them kept (a
--- batch is read whole per page; create_batch caps them at what one call sends).
+-- keyset cursor: the batch's rows through ix_command_batch (materialized, so the planner
+-- cannot walk ix_command_created from now instead, which reads the whole table for a batch
+-- created long ago), the newest $7 of them kept.
 -- $1 domain TEXT, $2 batch_id UUID, $3 status TEXT, $4 command_type TEXT,
 -- $5 cursor_created_at TIMESTAMPTZ, $6 cursor_command_id UUID, $7 limit INT
-SELECT domain, command_id, command_type, status, attempts, max_attempts, msg_id, correlation_id,
-       nullif(reply_queue, '') AS reply_to, last_error_type, last_error_code, last_error_msg,
-       created_at, updated_at, batch_id, result
-FROM commandbus.command
-WHERE domain = $1::text AND batch_id = $2::uuid
-  AND ($3::text IS NULL OR status = $3::text)
+WITH b AS MATERIALIZED (
+    SELECT domain, command_id, command_type, status, attempts, max_attempts, msg_id,
+           correlation_id, nullif(reply_queue, '') AS reply_to, last_error_type,
+           last_error_code, last_error_msg, created_at, updated_at, batch_id, result
+    FROM commandbus.command
+    WHERE domain = $1::text AND batch_id = $2::uuid
+)
+SELECT * FROM b
+WHERE ($3::text IS NULL OR status = $3::text)
   AND ($4::text IS NULL OR command_type = $4::text)
   AND created_at <= coalesce($5::timestamptz, 'infinity')
   AND (created_at < coalesce($5::timestamptz, 'infinity')

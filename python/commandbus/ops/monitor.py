@@ -262,21 +262,29 @@ class Monitor:
             tp.settled.clear()
             tp.settled_until = None
             tp.covered_from = None
-        rows = await _db.fetch_all(
+        start_row = await _db.fetch_one(
             self._pool,
-            "monitor_throughput",
+            "monitor_throughput_start",
             window,
             BUCKET_SECONDS,
             tp.settled_until,
             rows=dict,
         )
-        now: datetime = rows[0]["at"]
-        start: datetime = rows[0]["start"]
+        assert start_row is not None  # one row always
+        now: datetime = start_row["at"]
+        start: datetime = start_row["start"]
         tp.last_now = now
+        rows = await _db.fetch_all(
+            self._pool,
+            "monitor_throughput",
+            start_row["after_id"],
+            BUCKET_SECONDS,
+            start,
+            start_row["last_id"],
+            rows=dict,
+        )
         fresh: dict[datetime, dict[str, tuple[int, int]]] = {}
         for r in rows:
-            if r["domain"] is None:
-                continue
             bucket: datetime = r["bucket"]
             if bucket < start:  # a bucket cut by the start: only its tail was read
                 continue
