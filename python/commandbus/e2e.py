@@ -282,6 +282,80 @@ async def generate(
     return GenerationResult(count, time.perf_counter() - started, None)
 
 
+# -- the demo worker ------------------------------------------------------------------------
+
+
+async def _work(dsn: str, concurrency: int) -> None:
+    import os
+    import socket
+
+    from psycopg.conninfo import make_conninfo
+    from psycopg_pool import AsyncConnectionPool
+
+    from commandbus.worker import Worker
+
+    # Named as the engine names a worker's connections: the console lists it.
+    name = f"rcmd worker {DOMAIN} {socket.gethostname()}:{os.getpid()}"
+    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+        make_conninfo(dsn, application_name=name), min_size=1, max_size=4, open=False
+    )
+    await pool.open(wait=True)
+    worker = Worker(pool, DOMAIN, registry)
+    try:
+        await worker.run(concurrency=concurrency)
+    finally:
+        await worker.stop(timeout=30)
+        await pool.close()
+
+
+def _process(dsn: str, concurrency: int) -> None:
+    import contextlib
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_work(dsn, concurrency))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m commandbus.e2e --dsn URL [--processes N] [--concurrency C]`: workers of the
+    E2E domain running the probabilistic handler until interrupted (Ctrl-C stops them)."""
+    import argparse
+    import multiprocessing
+    import os
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m commandbus.e2e", description=main.__doc__)
+    p.add_argument("--dsn", default=os.environ.get("DATABASE_URL"), help="default: DATABASE_URL")
+    p.add_argument("--processes", type=int, default=1)
+    p.add_argument("--concurrency", type=int, default=64, help="handlers at once per process")
+    args = p.parse_args(argv)
+    if not args.dsn:
+        print("error: give --dsn or set DATABASE_URL", file=sys.stderr)
+        return 2
+    if args.processes < 1 or args.concurrency < 1:
+        print("error: --processes and --concurrency must be >= 1", file=sys.stderr)
+        return 2
+    ctx = multiprocessing.get_context("spawn")
+    procs = [
+        ctx.Process(target=_process, args=(args.dsn, args.concurrency), name=f"e2e-worker-{i}")
+        for i in range(args.processes)
+    ]
+    for proc in procs:
+        proc.start()
+    try:
+        for proc in procs:
+            proc.join()
+    except KeyboardInterrupt:
+        for proc in procs:
+            proc.join(timeout=35)
+    return max((proc.exitcode or 0) for proc in procs)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
+
+
 __all__ = [
     "COMMAND_TYPE",
     "DOMAIN",
@@ -293,6 +367,7 @@ __all__ = [
     "expected_outcomes",
     "generate",
     "handle_test_command",
+    "main",
     "registry",
     "roll",
     "sample_duration_ms",

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
+import subprocess
+import sys
 from typing import Any
 
 import pytest
-from itest_helpers import fetch
+from itest_helpers import fetch, wait_until
 from psycopg_pool import AsyncConnectionPool
 
 from commandbus import CommandBus, RetryPolicy, e2e
 from commandbus.e2e import Behavior, expected_outcomes, generate
 from commandbus.exceptions import ValidationError
+from commandbus.ops.monitor import Monitor
 from commandbus.testing import drain_queue
 
 Pool = AsyncConnectionPool[Any]
@@ -68,3 +74,51 @@ async def test_generation_as_a_batch_and_its_limits(pool: Pool) -> None:
             await generate(bus, e2e.MAX_BATCH + 1, Behavior(), batch_name="x")
     finally:
         await bus.close()
+
+
+async def test_the_demo_worker_command_runs_several_processes(
+    pool: Pool, database_url: str
+) -> None:
+    """`python -m commandbus.e2e --processes 2` works the generated commands; its workers are
+    listed by the monitor; Ctrl-C (SIGINT to its process group) stops it."""
+    bus = CommandBus(pool)
+    try:
+        await generate(bus, 300, Behavior(fail_permanent_pct=10))
+    finally:
+        await bus.close()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen(  # noqa: ASYNC220 (started once; the test then waits on the db)
+        [
+            sys.executable,
+            "-m",
+            "commandbus.e2e",
+            "--dsn",
+            database_url,
+            "--processes",
+            "2",
+            "--concurrency",
+            "8",
+        ],
+        env=env,
+        start_new_session=True,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        monitor = Monitor(pool)
+
+        async def done() -> bool:
+            [(n,)] = await fetch(
+                pool,
+                "SELECT count(*) FROM commandbus.command WHERE status IN"
+                " ('COMPLETED', 'IN_TROUBLESHOOTING_QUEUE')",
+            )
+            return int(n) == 300
+
+        await wait_until(done, timeout=60)
+        workers = [w for w in await monitor.workers() if w.domain == "e2e" and w.connected]
+        assert len(workers) == 2
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = await asyncio.to_thread(proc.communicate, timeout=60)
+    assert proc.returncode == 0, err.decode()
+    assert b"Traceback" not in err
