@@ -122,3 +122,15 @@ def test_handler_raises_and_succeeds_by_behavior() -> None:
     cmd, ctx = _ctx({})
     result = asyncio.run(handle_test_command(cmd, ctx))
     assert result["status"] == "success" and result["attempt"] == 2 and not result["timed_out"]
+
+
+def test_generated_ids_are_uuid7_in_time_order() -> None:
+    import uuid
+
+    from commandbus.e2e import time_ordered_uuid
+
+    ids = [time_ordered_uuid() for _ in range(2000)]
+    assert all(u.version == 7 and u.variant == uuid.RFC_4122 for u in ids)
+    assert len(set(ids)) == len(ids)
+    stamps = [u.int >> 80 for u in ids]
+    assert stamps == sorted(stamps)  # ordered by their millisecond

@@ -205,7 +205,9 @@ async def tsq_page(
     command_type: str | None = None,
     offset: int = 0,
 ) -> Response:
-    domains = await console.tsq.list_domains()
+    # The TSQ sizes of all domains in one index walk; a type filter is counted on its own.
+    sizes = await console.monitor.tsq_sizes()
+    domains = sorted(sizes)
     chosen = _opt(domain) or (domains[0] if domains else None)
     ctype = _opt(command_type)
     items: list[Any] = []
@@ -213,7 +215,11 @@ async def tsq_page(
     if chosen is not None:
         offset = max(0, offset)
         items = await console.tsq.list_troubleshooting(chosen, ctype, PAGE_SIZE, offset)
-        count = await console.tsq.count_troubleshooting(chosen, ctype)
+        count = (
+            await console.tsq.count_troubleshooting(chosen, ctype)
+            if ctype is not None
+            else sizes.get(chosen, 0)
+        )
     return console.render(
         request,
         "tsq.html",

@@ -194,10 +194,15 @@ class Monitor:
         rows = await _db.fetch_all(self._pool, "monitor_domains")
         return [str(r[0]) for r in rows]
 
+    async def tsq_sizes(self) -> dict[str, int]:
+        """The exact number of TSQ commands per domain (domains with none left out)."""
+        rows = await _db.fetch_all(self._pool, "monitor_tsq_counts")
+        return {str(r[0]): int(r[1]) for r in rows if int(r[1]) > 0}
+
     async def domain_stats(self) -> list[DomainStats]:
         """Per domain: counts by status, queue depth, oldest waiting, TSQ size, recent rates."""
         domains = await self.domains()
-        tsq = {str(r[0]): int(r[1]) for r in await _db.fetch_all(self._pool, "monitor_tsq_counts")}
+        tsq = await self.tsq_sizes()
         estimates: dict[str, dict[str, int]] = {}
         for r in await _db.fetch_all(self._pool, "monitor_status_estimates"):
             estimates.setdefault(str(r[0]), {})[str(r[1])] = int(r[2])
