@@ -13,8 +13,8 @@
    /e2e/generate, then the job's progress polled until it is done.
 4. Worker throughput with and without a dashboard refreshing every second, same run: rounds of
    --round-commands no-op commands worked by one worker process (benches/_worker.py), in the
-   order off, on, off, on...; "on" runs the console in its own process and fetches both
-   dashboard fragments every second. Rate = commands / (last updated_at - GO).
+   order off, on, on, off, off, on... (ABBA); "on" runs the console in its own process and
+   fetches both dashboard fragments every second. Rate = commands / (last updated_at - GO).
 
 Prints a JSON summary on the last line; benches/README.md has the method and the figures.
 """
@@ -347,17 +347,21 @@ async def throughput_ab(
     refresh_ms: list[float] = []
     await _round(dsn, pool, min(n, 10_000), concurrency)  # warm-up: queue, plans, caches
     for r in range(rounds):
-        rate = await _round(dsn, pool, n, concurrency)
-        off.append(rate)
-        _log(f"  round {r + 1} without console: {rate:,.0f} commands/s")
-        with Dashboard(dsn, 8765) as dash:
-            rate = await _round(dsn, pool, n, concurrency)
-        on.append(rate)
-        refresh_ms += dash.refreshes
-        _log(
-            f"  round {r + 1} with a dashboard refreshing every second: {rate:,.0f} commands/s"
-            f" ({len(dash.refreshes)} refreshes)"
-        )
+        # ABBA: off-on, then on-off, so a drift of the machine's load favours neither.
+        for with_console in (False, True) if r % 2 == 0 else (True, False):
+            if not with_console:
+                rate = await _round(dsn, pool, n, concurrency)
+                off.append(rate)
+                _log(f"  round {r + 1} without console: {rate:,.0f} commands/s")
+                continue
+            with Dashboard(dsn, 8765) as dash:
+                rate = await _round(dsn, pool, n, concurrency)
+            on.append(rate)
+            refresh_ms += dash.refreshes
+            _log(
+                f"  round {r + 1} with a dashboard refreshing every second: {rate:,.0f}"
+                f" commands/s ({len(dash.refreshes)} refreshes)"
+            )
     return {
         "commands_per_round": n,
         "concurrency": concurrency,
@@ -413,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--audit-per-command", type=int, default=4)
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--bulk", type=int, default=1_000_000, help="0: skip")
-    p.add_argument("--rounds", type=int, default=2, help="0: skip the throughput A/B")
+    p.add_argument("--rounds", type=int, default=4, help="0: skip the throughput A/B")
     p.add_argument("--round-commands", type=int, default=50_000)
     p.add_argument("--concurrency", type=int, default=64)
     args = p.parse_args(argv)

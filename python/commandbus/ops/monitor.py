@@ -40,7 +40,7 @@ from commandbus.repositories.command import metadata_from_row
 T = TypeVar("T")
 
 #: Queue counts above this are not counted: depth becomes the msg_id span (an upper bound).
-QUEUE_COUNT_CAP = 100_000
+QUEUE_COUNT_CAP = 10_000
 #: Rows of the created_at index read at most per list_commands call.
 SCAN_LIMIT = 20_000
 #: Width of a throughput bucket, in seconds.
