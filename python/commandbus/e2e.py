@@ -244,6 +244,15 @@ class GenerationResult:
     batch_id: UUID | None
 
 
+def _requests(
+    domain: str, n: int, data: dict[str, Any], max_attempts: int | None
+) -> list[SendRequest]:
+    return [
+        SendRequest(domain, COMMAND_TYPE, time_ordered_uuid(), data, max_attempts=max_attempts)
+        for _ in range(n)
+    ]
+
+
 async def generate(
     bus: CommandBus,
     count: int,
@@ -279,10 +288,8 @@ async def generate(
     sent = 0
     while sent < count:
         n = min(GENERATION_STEP, count - sent)
-        requests = [
-            SendRequest(domain, COMMAND_TYPE, time_ordered_uuid(), data, max_attempts=max_attempts)
-            for _ in range(n)
-        ]
+        # Built in a thread: the event loop (a console serving pages) stays responsive.
+        requests = await asyncio.to_thread(_requests, domain, n, data, max_attempts)
         base = sent
 
         def progress(done: int, _total: int, base: int = base) -> None:

@@ -42,7 +42,7 @@ T = TypeVar("T")
 #: Queue counts above this are not counted: depth becomes the msg_id span (an upper bound).
 QUEUE_COUNT_CAP = 10_000
 #: Rows of the created_at index read at most per list_commands call.
-SCAN_LIMIT = 20_000
+SCAN_LIMIT = 10_000
 #: Width of a throughput bucket, in seconds.
 BUCKET_SECONDS = 10
 #: A bucket ending this long ago no longer changes (its transactions have committed).
@@ -244,6 +244,8 @@ class Monitor:
                     counts_by_status=counts,
                     queue_depth=depth,
                     queue_depth_exact=q.get("depth_exact") is not False,
+                    counts_estimated=_TERMINAL_ESTIMATED
+                    + (() if q.get("depth_exact") is not False else ("PENDING",)),
                     oldest_waiting_seconds=waiting,
                     tsq_size=tsq.get(domain, 0),
                     completed_per_s=c / span,
