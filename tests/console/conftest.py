@@ -1,4 +1,6 @@
-"""Fixtures of the console tests: a seeded database and a TestClient on the console app."""
+"""Fixtures and helpers of the console tests: a seeded database and a TestClient on the console
+app. tests/console is a package (its __init__.py), so this module is `console.conftest` and does
+not shadow tests/conftest.py, which other tests import as `conftest`."""
 
 from __future__ import annotations
 

@@ -13,7 +13,8 @@ from fastapi.testclient import TestClient
 
 from commandbus.console.settings import ConsoleSettings
 from commandbus.exceptions import ValidationError
-from conftest import XSS, Seeded, csrf, make_client, query
+
+from .conftest import XSS, Seeded, csrf, make_client, query
 
 
 def _status(url: str, cid: object) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from conftest import XSS, Seeded, execute, query
+from .conftest import XSS, Seeded, execute, query
 
 CHROMIUM = os.environ.get("RCMD_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 if not Path(CHROMIUM).exists():

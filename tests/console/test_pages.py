@@ -6,7 +6,7 @@ import re
 
 from fastapi.testclient import TestClient
 
-from conftest import XSS, Seeded, query
+from .conftest import XSS, Seeded, query
 
 
 def test_dashboard_and_its_fragments(client: TestClient, seeded: Seeded, database_url: str) -> None:
