@@ -322,16 +322,16 @@ async def _work(dsn: str, concurrency: int) -> None:
     await pool.open(wait=True)
     worker = Worker(pool, DOMAIN, registry)
     try:
-        await worker.run(concurrency=concurrency)
+        # SIGINT / SIGTERM: a graceful stop (running handlers finish, outcomes are applied).
+        await worker.run(concurrency=concurrency, handle_signals=True)
     finally:
-        await worker.stop(timeout=30)
         await pool.close()
 
 
 def _process(dsn: str, concurrency: int) -> None:
     import contextlib
 
-    with contextlib.suppress(KeyboardInterrupt):
+    with contextlib.suppress(KeyboardInterrupt):  # a SIGINT before the worker handles signals
         asyncio.run(_work(dsn, concurrency))
 
 
@@ -364,8 +364,12 @@ def main(argv: list[str] | None = None) -> int:
         for proc in procs:
             proc.join()
     except KeyboardInterrupt:
+        # The children got the same SIGINT (one process group): each stops gracefully.
         for proc in procs:
             proc.join(timeout=35)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(timeout=5)
     return max((proc.exitcode or 0) for proc in procs)
 
 
