@@ -36,7 +36,7 @@ pytest_plugins = ["commandbus.testing"]
 
 TESTS_DIR = Path(__file__).resolve().parent
 #: test directories whose tests need PostgreSQL (they get the ``db`` marker)
-DB_TEST_DIRS = ("integration", "e2e", "cli", "faults")
+DB_TEST_DIRS = ("integration", "e2e", "cli", "faults", "console")
 #: fixtures that reach the database; tests/unit must not use them
 DB_FIXTURES = DATABASE_FIXTURES | {"pg_admin_dsn", "pg_template", "database_url", "pool"}
 

@@ -42,33 +42,39 @@ JOIN pg_class c ON c.oid = 'commandbus.command'::regclass
 CROSS JOIN LATERAL generate_subscripts(s.most_common_freqs, 1) AS i
 WHERE s.statistics_schemaname = 'commandbus' AND s.statistics_name = 'st_command_domain_status'
 
--- name: monitor_throughput
--- Commands completed and failed (moved to the TSQ, or failed by a business rule) per domain
--- and bucket of $2 seconds, for audit rows at or after `since` (or the start of the bucket of
--- now() - window when since is NULL or older). The audit table's primary key is walked backwards from its newest row to the
--- first row older than that start: the cost follows the rows of the window, not the table.
--- The first row carries now() (a row with NULL domain when the window has no events).
+-- name: monitor_throughput_start
+-- Where a throughput read starts: the start of the bucket of now() - window (or `since`, when
+-- later), and the id of the newest audit row older than that (found by walking the primary
+-- key backwards from the newest row: the cost follows the rows of the window, not the table);
+-- with now() and the newest audit row's id.
 -- $1 window_seconds INT, $2 bucket_seconds INT, $3 since TIMESTAMPTZ
 WITH w AS (
     SELECT now() AS at,
            greatest(date_bin(make_interval(secs => $2::int), now() - make_interval(secs => $1::int),
                              TIMESTAMPTZ '2000-01-01 00:00:00+00'),
                     coalesce($3::timestamptz, '-infinity')) AS start
-), b AS (
-    SELECT coalesce((SELECT a.audit_id FROM commandbus.audit a, w
-                     WHERE a.ts < w.start ORDER BY a.audit_id DESC LIMIT 1), 0) AS id
-), e AS (
-    SELECT a.domain, date_bin(make_interval(secs => $2::int), a.ts, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS bucket,
-           count(*) FILTER (WHERE a.event_type = 'COMPLETED') AS completed,
-           count(*) FILTER (WHERE a.event_type <> 'COMPLETED') AS failed
-    FROM commandbus.audit a, w, b
-    WHERE a.audit_id > b.id AND a.ts >= w.start
-      AND a.event_type IN ('COMPLETED', 'MOVED_TO_TSQ', 'BUSINESS_RULE_FAILED')
-    GROUP BY 1, 2
 )
-SELECT w.at, w.start, e.domain, e.bucket, e.completed, e.failed
-FROM w LEFT JOIN e ON true
-ORDER BY e.bucket, e.domain
+SELECT w.at, w.start,
+       coalesce((SELECT a.audit_id FROM commandbus.audit a
+                 WHERE a.ts < w.start ORDER BY a.audit_id DESC LIMIT 1), 0) AS after_id,
+       coalesce((SELECT max(a.audit_id) FROM commandbus.audit a), 0) AS last_id
+FROM w
+
+-- name: monitor_throughput
+-- Commands completed and failed (moved to the TSQ, or failed by a business rule) per domain
+-- and bucket of $2 seconds, from the audit rows with audit_id in ($1, $4] at or after `start`.
+-- A closed primary-key range given as values: estimated from the statistics, or (a table
+-- never analyzed, or rows newer than its histogram) as a narrow range; never a table scan.
+-- $1 after_id BIGINT, $2 bucket_seconds INT, $3 start TIMESTAMPTZ, $4 last_id BIGINT
+SELECT a.domain,
+       date_bin(make_interval(secs => $2::int), a.ts, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS bucket,
+       count(*) FILTER (WHERE a.event_type = 'COMPLETED') AS completed,
+       count(*) FILTER (WHERE a.event_type <> 'COMPLETED') AS failed
+FROM commandbus.audit a
+WHERE a.audit_id > $1::bigint AND a.audit_id <= $4::bigint AND a.ts >= $3::timestamptz
+  AND a.event_type IN ('COMPLETED', 'MOVED_TO_TSQ', 'BUSINESS_RULE_FAILED')
+GROUP BY 1, 2
+ORDER BY 2, 1
 
 -- name: monitor_workers
 -- The worker connections of this database (the engine names them `rcmd worker <domain>
@@ -86,17 +92,17 @@ ORDER BY application_name
 
 -- name: monitor_list_commands
 -- One page of commands, newest first (created_at, then command_id, descending), after a keyset
--- cursor. At most $10 rows are read from ix_command_created per call (the filters on columns the
--- hot path writes have no index): the matching rows among them, up to $9, come first; the last
--- row read follows with scan_end true and the number of rows read, so the caller can resume a
--- scan that found fewer than $9 matches.
+-- cursor. The filters on columns the hot path writes have no index: the rows are read from
+-- ix_command_created in order, at most $10 of them per call, and the matching ones, up to $9,
+-- returned; the read stops as soon as $9 matched (a page of a common filter reads ~$9 rows).
 -- $1 domain TEXT, $2 status TEXT, $3 command_type TEXT, $4 batch_id UUID,
 -- $5 created_after TIMESTAMPTZ, $6 created_before TIMESTAMPTZ, $7 cursor_created_at TIMESTAMPTZ,
 -- $8 cursor_command_id UUID, $9 limit INT, $10 scan_limit INT
-WITH s AS MATERIALIZED (
-    SELECT domain, command_id, command_type, status, attempts, max_attempts, msg_id, correlation_id,
-           nullif(reply_queue, '') AS reply_to, last_error_type, last_error_code, last_error_msg,
-           created_at, updated_at, batch_id, result,
+SELECT s.*
+FROM (
+    SELECT domain, command_id, command_type, status, attempts, max_attempts, msg_id,
+           correlation_id, nullif(reply_queue, '') AS reply_to, last_error_type, last_error_code,
+           last_error_msg, created_at, updated_at, batch_id, result,
            ($1::text IS NULL OR domain = $1::text)
            AND ($2::text IS NULL OR status = $2::text)
            AND ($3::text IS NULL OR command_type = $3::text)
@@ -109,12 +115,48 @@ WITH s AS MATERIALIZED (
            OR command_id < coalesce($8::uuid, 'ffffffff-ffff-ffff-ffff-ffffffffffff'::uuid))
     ORDER BY created_at DESC, command_id DESC
     LIMIT $10::int
+) s
+WHERE s.hit
+LIMIT $9::int
+
+-- name: monitor_list_batch_commands
+-- One page of a batch's commands (optionally of one status / type), newest first, after a
+-- keyset cursor: the batch's rows through ix_command_batch (materialized, so the planner
+-- cannot walk ix_command_created from now instead, which reads the whole table for a batch
+-- created long ago), the newest $7 of them kept.
+-- $1 domain TEXT, $2 batch_id UUID, $3 status TEXT, $4 command_type TEXT,
+-- $5 cursor_created_at TIMESTAMPTZ, $6 cursor_command_id UUID, $7 limit INT
+WITH b AS MATERIALIZED (
+    SELECT domain, command_id, command_type, status, attempts, max_attempts, msg_id,
+           correlation_id, nullif(reply_queue, '') AS reply_to, last_error_type,
+           last_error_code, last_error_msg, created_at, updated_at, batch_id, result
+    FROM commandbus.command
+    WHERE domain = $1::text AND batch_id = $2::uuid
 )
-(SELECT s.*, false AS scan_end, 0::bigint AS scanned
- FROM s WHERE s.hit ORDER BY s.created_at DESC, s.command_id DESC LIMIT $9::int)
-UNION ALL
-(SELECT s.*, true AS scan_end, (SELECT count(*) FROM s) AS scanned
- FROM s ORDER BY s.created_at, s.command_id LIMIT 1)
+SELECT * FROM b
+WHERE ($3::text IS NULL OR status = $3::text)
+  AND ($4::text IS NULL OR command_type = $4::text)
+  AND created_at <= coalesce($5::timestamptz, 'infinity')
+  AND (created_at < coalesce($5::timestamptz, 'infinity')
+       OR command_id < coalesce($6::uuid, 'ffffffff-ffff-ffff-ffff-ffffffffffff'::uuid))
+ORDER BY created_at DESC, command_id DESC
+LIMIT $7::int
+
+-- name: monitor_scan_end
+-- Where a list_commands read of $5 rows ended (its last row), for a page that found fewer
+-- matches than asked: the cursor that resumes the scan. No row when fewer than $5 are left.
+-- $1 created_after TIMESTAMPTZ, $2 created_before TIMESTAMPTZ, $3 cursor_created_at TIMESTAMPTZ,
+-- $4 cursor_command_id UUID, $5 scan_limit INT
+SELECT created_at, command_id
+FROM commandbus.command
+WHERE created_at >= coalesce($1::timestamptz, '-infinity')
+  AND created_at <= coalesce($2::timestamptz, 'infinity')
+  AND created_at <= coalesce($3::timestamptz, 'infinity')
+  AND (created_at < coalesce($3::timestamptz, 'infinity')
+       OR command_id < coalesce($4::uuid, 'ffffffff-ffff-ffff-ffff-ffffffffffff'::uuid))
+ORDER BY created_at DESC, command_id DESC
+OFFSET $5::int - 1
+LIMIT 1
 
 -- name: monitor_command_by_id
 -- A command by id among the given domains (a probe of uq_command_domain_cmdid per domain).
@@ -125,3 +167,36 @@ SELECT domain, command_id, command_type, status, attempts, max_attempts, msg_id,
 FROM commandbus.command
 WHERE command_id = $1::uuid AND domain = ANY ($2::text[])
 ORDER BY domain
+
+-- name: monitor_command_message
+-- A command's queue message (its payload), from the queue or its archive; NULL when neither
+-- holds it any more.
+-- $1 domain TEXT, $2 msg_id BIGINT
+SELECT commandbus.command_message_v1($1::text, $2::bigint) AS message
+
+-- name: monitor_process_domains
+-- The domains that have processes, in name order (a skip scan of the primary key).
+-- No parameters.
+WITH RECURSIVE d AS (
+    (SELECT domain FROM commandbus.process ORDER BY domain LIMIT 1)
+    UNION ALL
+    SELECT (SELECT p.domain FROM commandbus.process p WHERE p.domain > d.domain ORDER BY p.domain LIMIT 1)
+    FROM d WHERE d.domain IS NOT NULL
+)
+SELECT domain FROM d WHERE domain IS NOT NULL
+
+-- name: monitor_list_processes
+-- One page of a domain's processes (of one status, or all when NULL), newest first, after a
+-- keyset cursor (created_at, process_id).
+-- $1 domain TEXT, $2 status TEXT, $3 cursor_created_at TIMESTAMPTZ, $4 cursor_process_id UUID,
+-- $5 limit INT
+SELECT domain, process_id, process_type, status, current_step, state, error_code, error_message,
+       created_at, updated_at, completed_at, batch_id
+FROM commandbus.process
+WHERE domain = $1::text
+  AND ($2::text IS NULL OR status = $2::text)
+  AND created_at <= coalesce($3::timestamptz, 'infinity')
+  AND (created_at < coalesce($3::timestamptz, 'infinity')
+       OR process_id < coalesce($4::uuid, 'ffffffff-ffff-ffff-ffff-ffffffffffff'::uuid))
+ORDER BY created_at DESC, process_id DESC
+LIMIT $5::int

@@ -80,6 +80,7 @@ async def test_domain_stats_and_throughput(pool: Pool) -> None:
     # ANALYZE reads every row of a table this small: the estimates are exact.
     assert after.counts_by_status["COMPLETED"] == completed
     assert after.counts_by_status["FAILED"] == failed
+    assert after.counts_by_status["CANCELED"] == 0  # covered by the statistics, absent
     assert after.completed_per_s == pytest.approx(completed / 60)
     assert after.failed_per_s == pytest.approx((tsq + failed) / 60)
 

@@ -16,6 +16,11 @@ OPTIONAL = (
     "testcontainers",
     "prometheus_client",
     "opentelemetry",
+    "fastapi",
+    "starlette",
+    "jinja2",
+    "uvicorn",
+    "python_multipart",
 )
 #: Dependencies of the `rcmd` command line only: `import commandbus` must not pay for them.
 CLI_ONLY = ("typer", "click", "rich", "commandbus.cli")
@@ -127,3 +132,11 @@ def test_the_metrics_and_tracing_modules_import_only_their_extra() -> None:
     assert "opentelemetry" in tracing and "prometheus_client" not in tracing
     health = _top_level(_modules_after("import commandbus.health"))
     assert not health & {"prometheus_client", "opentelemetry"}
+def test_the_monitor_and_the_e2e_model_need_no_console_extra() -> None:
+    """`commandbus.ops.monitor` and `commandbus.e2e` are pure library (the CLI and workers
+    import them); only `commandbus.console` pulls in the web stack, and only when it serves."""
+    modules = _modules_after("import commandbus.ops.monitor, commandbus.e2e")
+    assert not _top_level(modules) & set(OPTIONAL)
+    modules = _modules_after("import commandbus.console")
+    assert not _top_level(modules) & set(OPTIONAL)
+    assert "commandbus.console.app" not in modules

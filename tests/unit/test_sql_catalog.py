@@ -150,6 +150,7 @@ def test_the_embedded_catalog_is_what_the_files_say() -> None:
     [
         (PACKAGE / "demo.sql", PACKAGE / "cli" / "demo.py", "_query"),
         (ROOT / "benches" / "sql" / "soak.sql", ROOT / "benches" / "soak.py", "_count"),
+        (ROOT / "benches" / "sql" / "console.sql", ROOT / "benches" / "console.py", "_query"),
     ],
 )
 def test_demo_and_benchmark_queries_live_with_their_code(

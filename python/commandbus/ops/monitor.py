@@ -33,14 +33,16 @@ from commandbus import _db, _sql
 from commandbus._validation import validate_domain, validate_int, validate_uuid
 from commandbus.exceptions import ValidationError
 from commandbus.models import CommandMetadata, CommandStatus
+from commandbus.process.models import ProcessMetadata, ProcessStatus
+from commandbus.process.repository import _process_from_row
 from commandbus.repositories.command import metadata_from_row
 
 T = TypeVar("T")
 
 #: Queue counts above this are not counted: depth becomes the msg_id span (an upper bound).
-QUEUE_COUNT_CAP = 100_000
+QUEUE_COUNT_CAP = 10_000
 #: Rows of the created_at index read at most per list_commands call.
-SCAN_LIMIT = 20_000
+SCAN_LIMIT = 10_000
 #: Width of a throughput bucket, in seconds.
 BUCKET_SECONDS = 10
 #: A bucket ending this long ago no longer changes (its transactions have committed).
@@ -71,7 +73,8 @@ class CommandFilter:
 @dataclass
 class Page(Generic[T]):
     """One page of a keyset listing. `next_cursor` (opaque) resumes after it; None at the end.
-    `scanned` is how many rows the call read to find the items."""
+    `scanned`: the rows the call read when it stopped at its read limit (a short page of a
+    rare filter), else the items."""
 
     items: list[T]
     next_cursor: str | None
@@ -191,10 +194,15 @@ class Monitor:
         rows = await _db.fetch_all(self._pool, "monitor_domains")
         return [str(r[0]) for r in rows]
 
+    async def tsq_sizes(self) -> dict[str, int]:
+        """The exact number of TSQ commands per domain (domains with none left out)."""
+        rows = await _db.fetch_all(self._pool, "monitor_tsq_counts")
+        return {str(r[0]): int(r[1]) for r in rows if int(r[1]) > 0}
+
     async def domain_stats(self) -> list[DomainStats]:
         """Per domain: counts by status, queue depth, oldest waiting, TSQ size, recent rates."""
         domains = await self.domains()
-        tsq = {str(r[0]): int(r[1]) for r in await _db.fetch_all(self._pool, "monitor_tsq_counts")}
+        tsq = await self.tsq_sizes()
         estimates: dict[str, dict[str, int]] = {}
         for r in await _db.fetch_all(self._pool, "monitor_status_estimates"):
             estimates.setdefault(str(r[0]), {})[str(r[1])] = int(r[2])
@@ -223,8 +231,9 @@ class Monitor:
             leased = int(q.get("leased") or 0)
             oldest: datetime | None = q.get("oldest_visible")
             waiting = None if oldest is None else max((q["at"] - oldest).total_seconds(), 0.0)
-            known = estimates.get(domain, {})
-            counts = {s: n for s, n in known.items() if s in _TERMINAL_ESTIMATED}
+            known = estimates.get(domain)
+            # A status missing from the statistics of a domain they cover is (nearly) absent.
+            counts = {s: known.get(s, 0) for s in _TERMINAL_ESTIMATED} if known else {}
             counts["PENDING"] = max(depth - leased, 0)
             counts["IN_PROGRESS"] = leased
             counts["IN_TROUBLESHOOTING_QUEUE"] = tsq.get(domain, 0)
@@ -235,6 +244,8 @@ class Monitor:
                     counts_by_status=counts,
                     queue_depth=depth,
                     queue_depth_exact=q.get("depth_exact") is not False,
+                    counts_estimated=_TERMINAL_ESTIMATED
+                    + (() if q.get("depth_exact") is not False else ("PENDING",)),
                     oldest_waiting_seconds=waiting,
                     tsq_size=tsq.get(domain, 0),
                     completed_per_s=c / span,
@@ -258,21 +269,29 @@ class Monitor:
             tp.settled.clear()
             tp.settled_until = None
             tp.covered_from = None
-        rows = await _db.fetch_all(
+        start_row = await _db.fetch_one(
             self._pool,
-            "monitor_throughput",
+            "monitor_throughput_start",
             window,
             BUCKET_SECONDS,
             tp.settled_until,
             rows=dict,
         )
-        now: datetime = rows[0]["at"]
-        start: datetime = rows[0]["start"]
+        assert start_row is not None  # one row always
+        now: datetime = start_row["at"]
+        start: datetime = start_row["start"]
         tp.last_now = now
+        rows = await _db.fetch_all(
+            self._pool,
+            "monitor_throughput",
+            start_row["after_id"],
+            BUCKET_SECONDS,
+            start,
+            start_row["last_id"],
+            rows=dict,
+        )
         fresh: dict[datetime, dict[str, tuple[int, int]]] = {}
         for r in rows:
-            if r["domain"] is None:
-                continue
             bucket: datetime = r["bucket"]
             if bucket < start:  # a bucket cut by the start: only its tail was read
                 continue
@@ -378,6 +397,34 @@ class Monitor:
             return Page(items=items, next_cursor=None, scanned=len(rows))
         after = None if cursor is None else decode_cursor(cursor)
         batch_id = None if flt.batch_id is None else validate_uuid(flt.batch_id, "batch_id")
+        at = None if after is None else after[0]
+        aid = None if after is None else after[1]
+        by_time = flt.created_after is not None or flt.created_before is not None
+        if batch_id is not None and flt.domain is not None and not by_time:
+            # A batch's commands through its index, not the created_at scan: a batch is
+            # created at one time, often long ago, and a bounded scan from now would miss it.
+            batch_rows = await _db.fetch_all(
+                self._pool,
+                "monitor_list_batch_commands",
+                flt.domain,
+                batch_id,
+                status,
+                flt.command_type,
+                at,
+                aid,
+                limit,
+                rows=dict,
+            )
+            batch_items = [metadata_from_row(r) for r in batch_rows]
+            last_item = batch_items[-1] if len(batch_items) >= limit else None
+            return Page(
+                items=batch_items,
+                next_cursor=None
+                if last_item is None
+                else encode_cursor(last_item.created_at, last_item.command_id),
+                scanned=len(batch_rows),
+            )
+        scan = SCAN_LIMIT
         rows = await _db.fetch_all(
             self._pool,
             "monitor_list_commands",
@@ -387,23 +434,83 @@ class Monitor:
             batch_id,
             flt.created_after,
             flt.created_before,
+            at,
+            aid,
+            limit,
+            scan,
+            rows=dict,
+        )
+        items = [metadata_from_row(r) for r in rows]
+        next_cursor: str | None = None
+        scanned = len(rows)
+        if len(rows) >= limit:
+            last = rows[-1]
+            next_cursor = encode_cursor(last["created_at"], last["command_id"])
+        else:
+            # Fewer matches than asked: either the end of the list, or the read's limit.
+            end = await _db.fetch_one(
+                self._pool,
+                "monitor_scan_end",
+                flt.created_after,
+                flt.created_before,
+                at,
+                aid,
+                scan,
+                rows=dict,
+            )
+            if end is not None:
+                scanned = scan
+                next_cursor = encode_cursor(end["created_at"], end["command_id"])
+        return Page(items=items, next_cursor=next_cursor, scanned=scanned)
+
+    async def command_message(self, domain: str, msg_id: int | None) -> dict[str, Any] | None:
+        """A command's queue message (its payload), from the queue or the archive; None when
+        neither holds it any more."""
+        validate_domain(domain)
+        if msg_id is None:
+            return None
+        value = await _db.fetch_value(
+            self._pool, "monitor_command_message", domain, msg_id, domain=domain
+        )
+        return value if isinstance(value, dict) else None
+
+    # -- processes ---------------------------------------------------------------------
+
+    async def process_domains(self) -> list[str]:
+        """The domains that have processes, in name order."""
+        rows = await _db.fetch_all(self._pool, "monitor_process_domains")
+        return [str(r[0]) for r in rows]
+
+    async def list_processes(
+        self,
+        domain: str,
+        *,
+        status: ProcessStatus | None = None,
+        cursor: str | None = None,
+        limit: int = 50,
+    ) -> Page[ProcessMetadata[Any, Any]]:
+        """One page of a domain's processes, newest first, after `cursor`."""
+        validate_domain(domain)
+        validate_int("limit", limit, 1)
+        after = None if cursor is None else decode_cursor(cursor)
+        st = None if status is None else ProcessStatus(status).value
+        rows = await _db.fetch_all(
+            self._pool,
+            "monitor_list_processes",
+            domain,
+            st,
             None if after is None else after[0],
             None if after is None else after[1],
             limit,
-            SCAN_LIMIT,
-            rows=dict,
+            domain=domain,
         )
-        hits = [r for r in rows if not r["scan_end"]]
-        end = next((r for r in rows if r["scan_end"]), None)
-        items = [metadata_from_row(r) for r in hits]
-        scanned = int(end["scanned"]) if end is not None else 0
-        next_cursor: str | None = None
-        if len(hits) >= limit:
-            last = hits[-1]
-            next_cursor = encode_cursor(last["created_at"], last["command_id"])
-        elif end is not None and scanned >= SCAN_LIMIT:
-            next_cursor = encode_cursor(end["created_at"], end["command_id"])
-        return Page(items=items, next_cursor=next_cursor, scanned=scanned)
+        items = [_process_from_row(r) for r in rows]
+        next_cursor = (
+            encode_cursor(items[-1].created_at, items[-1].process_id)
+            if len(items) >= limit
+            else None
+        )
+        return Page(items=items, next_cursor=next_cursor, scanned=len(rows))
 
 
 def _bucket_floor(ts: datetime) -> datetime:
