@@ -22,7 +22,7 @@ from commandbus._bridge import call
 from commandbus._dsn import native_dsn, pool_conninfo
 from commandbus._native import Outcome
 from commandbus._sql import command_queue
-from commandbus._validation import decode_json, encode_json, validate_domain
+from commandbus._validation import decode_json, encode_json, text_problem, validate_domain
 from commandbus.batch import run_callback_if_complete
 from commandbus.exceptions import (
     BusinessRuleException,
@@ -79,13 +79,23 @@ class _LeaseExtender:
             )
 
 
+def _storable(text: str) -> str:
+    """An error text as PostgreSQL can store it: a NUL character or a lone surrogate (which
+    a handler's message may hold) would fail the whole flush, so they are written escaped."""
+    if text_problem(text) is None:
+        return text
+    return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _details_json(details: dict[str, Any]) -> str | None:
     if not details:
         return None
     try:
-        return orjson.dumps(details, default=repr).decode()
+        encoded = orjson.dumps(details, default=repr)
     except (TypeError, orjson.JSONEncodeError):
-        return orjson.dumps({"repr": repr(details)}).decode()
+        encoded = orjson.dumps({"repr": repr(details)})
+    # JSONB rejects an escaped NUL: error details are diagnostics, a replacement will do.
+    return encoded.replace(b"\\u0000", b"\\ufffd").decode()
 
 
 class Worker:
@@ -244,6 +254,7 @@ class Worker:
             code, message, details = error.code, error.error_message, _details_json(error.details)
         else:
             code, message, details = type(error).__name__, str(error), None
+        code, message = _storable(str(code)), _storable(str(message))
         if isinstance(error, BusinessRuleException):
             error_type = "BUSINESS_RULE"
         elif isinstance(error, PermanentCommandError):
