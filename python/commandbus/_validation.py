@@ -27,6 +27,7 @@ __all__ = [
     "COMMAND_TYPE_MAX_LEN",
     "DEFAULT_MAX_PAYLOAD_BYTES",
     "DOMAIN_RE",
+    "INT32_MAX",
     "JSON_MAX_DEPTH",
     "PGMQ_MAX_QUEUE_NAME_LEN",
     "QUEUE_NAME_RE",
@@ -50,6 +51,8 @@ QUEUE_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 # PGMQ rejects queue names of 48 characters or more.
 PGMQ_MAX_QUEUE_NAME_LEN = 47
 COMMAND_TYPE_MAX_LEN = 255
+#: The largest value of a PostgreSQL INT column (attempts, seconds).
+INT32_MAX = 2**31 - 1
 DEFAULT_MAX_PAYLOAD_BYTES = 1_048_576
 
 #: Deepest nesting of JSON accepted (orjson's own limit is 254 levels of containers).
@@ -187,26 +190,36 @@ def validate_uuid(value: object, field: str) -> UUID:
 
 
 def validate_max_attempts(value: int | None) -> int | None:
-    """Return ``value`` if it is None or an int >= 1 (bools are rejected).
+    """Return ``value`` if it is None or an int from 1 to 2**31 - 1 (the INT column; bools
+    are rejected).
 
     Raises:
         ValidationError: Otherwise.
     """
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValidationError("max_attempts", value, "must be None or an integer >= 1")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= INT32_MAX:
+        raise ValidationError(
+            "max_attempts", value, f"must be None or an integer from 1 to {INT32_MAX}"
+        )
     return value
 
 
-def validate_int(field: str, value: object, minimum: int) -> int:
-    """Return ``value`` if it is an int (not a bool) of at least ``minimum``.
+def validate_int(field: str, value: object, minimum: int, maximum: int | None = None) -> int:
+    """Return ``value`` if it is an int (not a bool) of at least ``minimum`` (and at most
+    ``maximum`` when given).
 
     Raises:
         ValidationError: Otherwise.
     """
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValidationError(field, value, f"must be an integer >= {minimum}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < minimum
+        or (maximum is not None and value > maximum)
+    ):
+        bound = f"from {minimum} to {maximum}" if maximum is not None else f">= {minimum}"
+        raise ValidationError(field, value, f"must be an integer {bound}")
     return value
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from commandbus._validation import INT32_MAX
 from commandbus.exceptions import ValidationError
 
 __all__ = ["DEFAULT_RETRY_POLICY", "RetryPolicy"]
@@ -34,8 +35,14 @@ class RetryPolicy:
 
     def __post_init__(self) -> None:
         attempts: object = self.max_attempts
-        if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
-            raise ValidationError("max_attempts", attempts, "must be an integer >= 1")
+        if (
+            isinstance(attempts, bool)
+            or not isinstance(attempts, int)
+            or not 1 <= attempts <= INT32_MAX
+        ):
+            raise ValidationError(
+                "max_attempts", attempts, f"must be an integer from 1 to {INT32_MAX}"
+            )
         schedule: object = self.backoff_schedule
         if not isinstance(schedule, list | tuple):
             raise ValidationError("backoff_schedule", schedule, "must be a list of seconds")
@@ -44,12 +51,12 @@ class RetryPolicy:
                 isinstance(value, bool)
                 or not isinstance(value, int | float)
                 or (isinstance(value, float) and not math.isfinite(value))
-                or value < 0
+                or not 0 <= value <= INT32_MAX
             ):
                 raise ValidationError(
                     f"backoff_schedule[{index}]",
                     value,
-                    "must be a finite number of seconds >= 0",
+                    f"must be a finite number of seconds from 0 to {INT32_MAX}",
                 )
 
     def retry_after(self, attempt: int, max_attempts: int | None = None) -> int | None:

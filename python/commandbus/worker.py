@@ -22,7 +22,14 @@ from commandbus._bridge import call
 from commandbus._dsn import native_dsn, pool_conninfo
 from commandbus._native import Outcome
 from commandbus._sql import command_queue
-from commandbus._validation import decode_json, encode_json, text_problem, validate_domain
+from commandbus._validation import (
+    INT32_MAX,
+    decode_json,
+    encode_json,
+    text_problem,
+    validate_domain,
+    validate_int,
+)
 from commandbus.batch import run_callback_if_complete
 from commandbus.exceptions import (
     BusinessRuleException,
@@ -134,14 +141,7 @@ class Worker:
         self._pool = pool
         self._domain = validate_domain(domain)
         self._registry = registry
-        if (
-            isinstance(visibility_timeout, bool)
-            or not isinstance(visibility_timeout, int)
-            or visibility_timeout < 1
-        ):
-            raise ValidationError(
-                "visibility_timeout", visibility_timeout, "must be an integer >= 1 (seconds)"
-            )
+        validate_int("visibility_timeout", visibility_timeout, 1, INT32_MAX)
         self._visibility_timeout = visibility_timeout
         self._retry_policy = retry_policy or DEFAULT_RETRY_POLICY
         self._auto_extend = auto_extend_leases
@@ -488,6 +488,9 @@ class Worker:
         self, batch_size: int = 1, visibility_timeout: int | None = None
     ) -> list[ReceivedCommand]:
         """Claim up to `batch_size` commands now (no waiting)."""
+        validate_int("batch_size", batch_size, 1, INT32_MAX)
+        if visibility_timeout is not None:
+            validate_int("visibility_timeout", visibility_timeout, 1, INT32_MAX)
         native = self._step()
         vt = visibility_timeout or self._visibility_timeout
         items = await call(lambda c: native.receive(c, batch_size, vt))
