@@ -2,7 +2,7 @@
 
 Without `--dsn` (and without DATABASE_URL) a private PostgreSQL is started for the run.
 Exit code 0 when every command sent ended COMPLETED exactly once (one COMPLETED audit row
-each), 1 otherwise, 130 when interrupted.
+each), 1 otherwise, 2 when the database cannot be reached, 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -20,9 +20,11 @@ import uuid
 from typing import Any
 from uuid import UUID
 
+import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from commandbus import _db, _sql
+from commandbus._dsn import redact_dsn
 from commandbus.bus import CommandBus
 from commandbus.embedded import EmbeddedServer
 from commandbus.handler import HandlerRegistry
@@ -33,6 +35,7 @@ from commandbus.worker import Worker
 DOMAIN = "demo"
 COMMAND_TYPE = "Noop"
 POLL_SECONDS = 0.2
+CONNECT_TIMEOUT = 10
 
 
 @functools.cache
@@ -103,6 +106,14 @@ async def _work(pool: AsyncConnectionPool[Any], ids: list[UUID], args: argparse.
 
 
 async def _demo(dsn: str, args: argparse.Namespace) -> int:
+    # One direct connection first: a wrong DSN is one line naming the cause (the pool would
+    # retry it for 30 s and end in a traceback); the message shows the DSN without its password.
+    try:
+        conn = await psycopg.AsyncConnection.connect(dsn, connect_timeout=CONNECT_TIMEOUT)
+    except psycopg.Error as exc:
+        print(f"error: cannot connect to {redact_dsn(dsn)}: {exc}", file=sys.stderr)
+        return 2
+    await conn.close()
     pool: AsyncConnectionPool[Any] = AsyncConnectionPool(dsn, min_size=1, max_size=4, open=False)
     await pool.open(wait=True)
     try:
