@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 from psycopg_pool import AsyncConnectionPool
 
-from commandbus import _native
+from commandbus import _db, _native
 from commandbus._bridge import call
 from commandbus._dsn import native_dsn, pool_conninfo
 from commandbus._native import Outcome
@@ -158,6 +158,7 @@ class Worker:
         self._in_flight: set[asyncio.Task[None]] = set()
         self._native: _native.NativeWorker | None = None
         self._step_native: _native.NativeWorker | None = None
+        self._step_queue_ready = False
         self._executor: ThreadPoolExecutor | None = None
 
     @property
@@ -491,6 +492,10 @@ class Worker:
         validate_int("batch_size", batch_size, 1, INT32_MAX)
         if visibility_timeout is not None:
             validate_int("visibility_timeout", visibility_timeout, 1, INT32_MAX)
+        if not self._step_queue_ready:
+            # As run() does at start: a domain nothing was sent to yet has no queue.
+            await _db.fetch_value(self._pool, "ensure_queue", self._queue_name)
+            self._step_queue_ready = True
         native = self._step()
         vt = visibility_timeout or self._visibility_timeout
         items = await call(lambda c: native.receive(c, batch_size, vt))
