@@ -442,3 +442,63 @@ async def test_handler_output_postgresql_cannot_store_does_not_stop_the_worker(
     crashed = await bus.get_command(DOMAIN, special["Crash"])
     assert crashed is not None and crashed.status.value == "IN_TROUBLESHOOTING_QUEUE"
     assert crashed.last_error_msg == "nul \\x00 and \\udcff in an exception"
+
+
+# -- process data ----------------------------------------------------------------------------
+
+
+async def test_a_process_state_postgresql_cannot_store_is_rejected_before_any_write(
+    pool: AsyncConnectionPool[Any],
+) -> None:
+    """A process's state is stored as JSONB: a NaN in it (json.dumps wrote `NaN`, which
+    PostgreSQL rejects as a DatabaseError) or a NUL is a SerializationError naming its path,
+    and the start writes nothing (no process row, no step, no command)."""
+    from enum import StrEnum
+
+    from commandbus.process import BaseProcessManager, PostgresProcessRepository, ProcessCommand
+
+    class Step(StrEnum):
+        ONLY = "ONLY"
+
+    class Saga(BaseProcessManager[dict[str, Any], Step]):
+        process_type = "Saga"  # type: ignore[assignment]
+        domain = DOMAIN  # type: ignore[assignment]
+        state_class = dict  # type: ignore[assignment]
+
+        def create_initial_state(self, initial_data: dict[str, Any]) -> dict[str, Any]:
+            return dict(initial_data)
+
+        def get_first_step(self, state: dict[str, Any]) -> Step:
+            return Step.ONLY
+
+        async def build_command(self, step: Step, state: dict[str, Any]) -> ProcessCommand[Any]:
+            return ProcessCommand(command_type="Only", data={})
+
+        def update_state(self, state: dict[str, Any], step: Step, reply: Any) -> None:
+            return None
+
+        def get_next_step(self, current_step: Step, reply: Any, state: dict[str, Any]) -> None:
+            return None
+
+    bus = CommandBus(pool)
+    saga = Saga(bus, PostgresProcessRepository(pool), f"{DOMAIN}__process_replies", pool)
+
+    async def counts() -> tuple[Any, ...]:
+        async with pool.connection() as conn:
+            cur = await conn.execute(_COUNT_SQL)
+            row = await cur.fetchone()
+            assert row is not None
+            return tuple(row)
+
+    await saga.start({"ok": 1})  # the queues exist: what follows must add nothing
+    before = await counts()
+    for data, field, reason in (
+        ({"order": {"amount": math.nan}}, "state['order']['amount']", "NaN"),
+        ({"note": "a\x00b"}, "state['note']", "NUL"),
+        ({"tags": ["ok", "\udc00"]}, "state['tags'][1]", "surrogate"),
+    ):
+        with pytest.raises(SerializationError) as info:
+            await saga.start(data)
+        assert info.value.field == field and reason in info.value.reason
+    assert await counts() == before
+    await bus.close()
