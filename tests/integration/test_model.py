@@ -424,7 +424,7 @@ def test_the_lifecycle_matches_the_model(database_url: str) -> None:
         _Env.runner = runner
         _Env.pool = runner.run(open_pool())
         try:
-            n = 15 * (LONG_FACTOR if PROFILE == "long" else 1)
+            n = 15 * (LONG_FACTOR // 4 if PROFILE == "long" else 1)
             run_state_machine_as_test(
                 LifecycleMachine,
                 settings=settings(max_examples=n, stateful_step_count=40, deadline=None),
