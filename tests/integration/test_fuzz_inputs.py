@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -243,6 +244,9 @@ wrong_types = st.one_of(
 )
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
 def _is_str(value: object) -> bool:
     return isinstance(value, str)
 
@@ -255,7 +259,8 @@ def _acceptable(arg: str, value: Any) -> bool:
             return _is_str(value) and bool(DOMAIN_RE.fullmatch(value)) and "__" not in value \
                 and len(value) <= 37  # fmt: skip
         case "command_type":
-            return storable and 0 < len(value) <= 255 and value.isprintable()
+            # no C0/C1 control characters (a soft hyphen or a format character is fine)
+            return storable and 0 < len(value) <= 255 and not _CONTROL.search(value)
         case "reply_to":
             return value is None or (
                 _is_str(value) and bool(DOMAIN_RE.fullmatch(value)) and len(value) <= 47
