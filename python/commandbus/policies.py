@@ -51,12 +51,12 @@ class RetryPolicy:
                 isinstance(value, bool)
                 or not isinstance(value, int | float)
                 or (isinstance(value, float) and not math.isfinite(value))
-                or not 0 <= value <= INT32_MAX
+                or value < 0
             ):
                 raise ValidationError(
                     f"backoff_schedule[{index}]",
                     value,
-                    f"must be a finite number of seconds from 0 to {INT32_MAX}",
+                    "must be a finite number of seconds >= 0",
                 )
 
     def retry_after(self, attempt: int, max_attempts: int | None = None) -> int | None:
@@ -73,7 +73,9 @@ class RetryPolicy:
         schedule = self.backoff_schedule
         if not schedule:
             return _FALLBACK_BACKOFF
-        return math.ceil(schedule[min(max(attempt, 1), len(schedule)) - 1])
+        # Capped to what the queue's visibility (an INT of seconds) can hold: a larger backoff
+        # would fail at the engine's boundary and lose the outcome.
+        return min(math.ceil(schedule[min(max(attempt, 1), len(schedule)) - 1]), INT32_MAX)
 
     def get_backoff(self, attempt: int) -> int:
         """Return the delay in seconds before retrying after ``attempt``.
