@@ -3,12 +3,38 @@
 from __future__ import annotations
 
 import inspect
-from urllib.parse import quote, urlencode
+import re
+from typing import Any
+from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
+import psycopg
 from psycopg.conninfo import conninfo_to_dict
+
+# password=... in a key=value conninfo (quoted or not) and in a URL's query string.
+_KV_PASSWORD_RE = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)")
+_QUERY_PASSWORD_RE = re.compile(r"((?:^|&)password=)[^&]*")
+# user:password@ in a URL that urlsplit cannot parse
+_URL_PASSWORD_RE = re.compile(r"(://[^:/@]*:)[^@]*@")
 
 # libpq keywords sqlx understands as URL query parameters.
 _PASSTHROUGH = ("sslmode", "sslrootcert", "sslcert", "sslkey", "options", "application_name")
+
+
+def parse_conninfo(conninfo: str) -> dict[str, Any]:
+    """psycopg's `conninfo_to_dict`, whose error on a malformed DSN quotes the whole DSN,
+    password included: here it is a ValidationError showing the DSN without its password.
+
+    Raises:
+        ValidationError: field `dsn`, when the DSN cannot be parsed.
+    """
+    from commandbus.exceptions import ValidationError
+
+    try:
+        return conninfo_to_dict(conninfo)
+    except psycopg.ProgrammingError as exc:
+        shown = redact_dsn(conninfo)
+        reason = str(exc).replace(conninfo, shown).strip()
+        raise ValidationError("dsn", shown, f"cannot be parsed: {reason}") from None
 
 
 def native_dsn(conninfo: str) -> str:
@@ -16,7 +42,7 @@ def native_dsn(conninfo: str) -> str:
 
     Unix-socket hosts (a path) go in the `host` query parameter, as sqlx expects.
     """
-    params = {k: str(v) for k, v in conninfo_to_dict(conninfo).items() if v is not None}
+    params = {k: str(v) for k, v in parse_conninfo(conninfo).items() if v is not None}
     user = params.get("user", "")
     password = params.get("password")
     host = params.get("host", "")
@@ -86,6 +112,24 @@ def validate_call_timeout(value: object) -> float:
     ):
         raise ValidationError("call_timeout", value, "must be a number of seconds > 0")
     return float(value)
+
+
+def redact_dsn(dsn: str) -> str:
+    """`dsn` (a URL or a key=value conninfo) with any password shown as `***`, for messages."""
+    if "://" not in dsn:
+        return _KV_PASSWORD_RE.sub(r"\1***", dsn)
+    try:
+        parts = urlsplit(dsn)
+    except ValueError:  # e.g. an unclosed [ of an IPv6 host
+        return _QUERY_PASSWORD_RE.sub(r"\1***", _URL_PASSWORD_RE.sub(r"\1***@", dsn))
+    netloc = parts.netloc
+    if "@" in netloc:
+        auth, _, hosts = netloc.rpartition("@")
+        if ":" in auth:
+            auth = auth.split(":", 1)[0] + ":***"
+        netloc = f"{auth}@{hosts}"
+    query = _QUERY_PASSWORD_RE.sub(r"\1***", parts.query)
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def pool_conninfo(pool: object) -> str:

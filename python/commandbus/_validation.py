@@ -7,8 +7,11 @@ naming the offending field and value.
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import re
 from collections.abc import Callable
+from datetime import date, datetime, time
 from typing import Any
 from uuid import UUID
 
@@ -25,10 +28,14 @@ __all__ = [
     "COMMAND_TYPE_MAX_LEN",
     "DEFAULT_MAX_PAYLOAD_BYTES",
     "DOMAIN_RE",
+    "INT32_MAX",
+    "JSON_MAX_DEPTH",
     "PGMQ_MAX_QUEUE_NAME_LEN",
     "QUEUE_NAME_RE",
+    "check_json",
     "decode_json",
     "encode_json",
+    "text_problem",
     "validate_command_type",
     "validate_data",
     "validate_domain",
@@ -36,6 +43,7 @@ __all__ = [
     "validate_max_attempts",
     "validate_page",
     "validate_queue_name",
+    "validate_text",
     "validate_uuid",
 ]
 
@@ -44,7 +52,15 @@ QUEUE_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 # PGMQ rejects queue names of 48 characters or more.
 PGMQ_MAX_QUEUE_NAME_LEN = 47
 COMMAND_TYPE_MAX_LEN = 255
+#: The largest value of a PostgreSQL INT column (attempts, seconds).
+INT32_MAX = 2**31 - 1
 DEFAULT_MAX_PAYLOAD_BYTES = 1_048_576
+
+#: Deepest nesting of JSON accepted (orjson's own limit is 254 levels of containers).
+JSON_MAX_DEPTH = 254
+# orjson encodes integers of this range only; PostgreSQL would take more, the encoder not.
+_JSON_INT_MIN = -(2**63)
+_JSON_INT_MAX = 2**64 - 1
 
 _COMMANDS_SUFFIX = "__commands"
 
@@ -121,7 +137,45 @@ def validate_command_type(ct: str) -> str:
         )
     if _CONTROL_CHARS_RE.search(ct):
         raise InvalidNameError("command_type", ct, "must not contain control characters")
+    problem = text_problem(ct)
+    if problem is not None:
+        raise InvalidNameError("command_type", ct, problem)
     return ct
+
+
+def text_problem(text: str) -> str | None:
+    """Why PostgreSQL cannot store ``text`` as TEXT (a NUL character, or a lone surrogate,
+    which is no UTF-8), or None when it can."""
+    if "\x00" in text:
+        return f"contains a NUL character at index {text.index(chr(0))}: PostgreSQL cannot store it"
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return (
+                f"contains a lone surrogate {text[exc.start]!r} at index {exc.start}: "
+                "not valid UTF-8"
+            )
+    return None
+
+
+def validate_text(field: str, value: object, *, optional: bool = False) -> str | None:
+    """Return ``value`` if it is a str PostgreSQL can store as TEXT (None too when
+    ``optional``).
+
+    Raises:
+        ValidationError: A wrong type, a NUL character or a lone surrogate.
+    """
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        raise ValidationError(
+            field, value, "must be a str or None" if optional else "must be a str"
+        )
+    problem = text_problem(value)
+    if problem is not None:
+        raise ValidationError(field, value, problem)
+    return value
 
 
 def validate_uuid(value: object, field: str) -> UUID:
@@ -141,26 +195,36 @@ def validate_uuid(value: object, field: str) -> UUID:
 
 
 def validate_max_attempts(value: int | None) -> int | None:
-    """Return ``value`` if it is None or an int >= 1 (bools are rejected).
+    """Return ``value`` if it is None or an int from 1 to 2**31 - 1 (the INT column; bools
+    are rejected).
 
     Raises:
         ValidationError: Otherwise.
     """
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValidationError("max_attempts", value, "must be None or an integer >= 1")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= INT32_MAX:
+        raise ValidationError(
+            "max_attempts", value, f"must be None or an integer from 1 to {INT32_MAX}"
+        )
     return value
 
 
-def validate_int(field: str, value: object, minimum: int) -> int:
-    """Return ``value`` if it is an int (not a bool) of at least ``minimum``.
+def validate_int(field: str, value: object, minimum: int, maximum: int | None = None) -> int:
+    """Return ``value`` if it is an int (not a bool) of at least ``minimum`` (and at most
+    ``maximum`` when given).
 
     Raises:
         ValidationError: Otherwise.
     """
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValidationError(field, value, f"must be an integer >= {minimum}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < minimum
+        or (maximum is not None and value > maximum)
+    ):
+        bound = f"from {minimum} to {maximum}" if maximum is not None else f">= {minimum}"
+        raise ValidationError(field, value, f"must be an integer {bound}")
     return value
 
 
@@ -181,20 +245,123 @@ def validate_data(data: object) -> dict[str, Any]:
     return data
 
 
-def encode_json(value: object, field: str, max_bytes: int) -> str:
-    """Encode ``value`` as JSON text with orjson.
+class _Step:
+    """One step of the path from the top value to a nested one: a linked list, so that a
+    deep walk does not copy paths."""
 
-    Dict keys must be str. orjson also encodes UUID, datetime, dataclass and
-    enum values; note that it writes NaN and infinities as ``null``.
+    __slots__ = ("key", "parent")
+
+    def __init__(self, parent: _Step | None, key: object) -> None:
+        self.parent = parent
+        self.key = key
+
+
+def _render_path(field: str, step: _Step | None) -> str:
+    keys: list[object] = []
+    while step is not None:
+        keys.append(step.key)
+        step = step.parent
+    return field + "".join(f"[{k!r}]" for k in reversed(keys))
+
+
+_SCALARS = (bool, type(None), UUID, datetime, date, time)
+
+
+def _json_problem(value: object, field: str) -> tuple[str, object, str] | None:
+    """The first value under ``value`` that cannot be stored faithfully as PostgreSQL
+    JSONB, as (path, value, reason): a NaN or an infinity (orjson writes them as null, so
+    the handler would see other data than was sent), a NUL character or a lone surrogate in
+    a string or a key, a key that is not a str, an integer outside 64 bits, nesting deeper
+    than JSON_MAX_DEPTH, or a type orjson does not encode. Iterative: any depth is safe."""
+    stack: list[tuple[object, _Step | None, int]] = [(value, None, 0)]
+    while stack:
+        v, step, depth = stack.pop()
+        if isinstance(v, str):
+            problem = text_problem(v)
+            if problem is not None:
+                return _render_path(field, step), v, problem
+        elif isinstance(v, _SCALARS):
+            continue
+        elif isinstance(v, int):
+            if not _JSON_INT_MIN <= v <= _JSON_INT_MAX:
+                return (
+                    _render_path(field, step),
+                    v,
+                    "integer outside the 64-bit range JSON is encoded in",
+                )
+        elif isinstance(v, float):
+            if v != v or v in (float("inf"), float("-inf")):
+                return (
+                    _render_path(field, step),
+                    v,
+                    "NaN and infinities are not JSON (they would be stored as null)",
+                )
+        elif isinstance(v, enum.Enum):
+            stack.append((v.value, step, depth))
+        elif depth >= JSON_MAX_DEPTH and isinstance(v, dict | list | tuple):
+            return _render_path(field, step), v, f"nested deeper than {JSON_MAX_DEPTH} levels"
+        elif isinstance(v, dict):
+            for k, item in reversed(list(v.items())):
+                if not isinstance(k, str):
+                    return _render_path(field, step), k, "a key must be a str"
+                problem = text_problem(k)
+                if problem is not None:
+                    return _render_path(field, step), k, f"key {problem}"
+                stack.append((item, _Step(step, k), depth + 1))
+        elif isinstance(v, list | tuple):
+            for i in range(len(v) - 1, -1, -1):
+                stack.append((v[i], _Step(step, i), depth + 1))
+        elif dataclasses.is_dataclass(v) and not isinstance(v, type):
+            if depth >= JSON_MAX_DEPTH:
+                return _render_path(field, step), v, f"nested deeper than {JSON_MAX_DEPTH} levels"
+            for f in reversed(dataclasses.fields(v)):
+                stack.append((getattr(v, f.name), _Step(step, f.name), depth + 1))
+        else:
+            return _render_path(field, step), v, f"{type(v).__name__} is not JSON serializable"
+    return None
+
+
+# Encoded JSON that holds one of these may hide a value PostgreSQL cannot keep as sent: orjson
+# writes NaN and infinities as `null`, and a NUL as `\u0000`, which JSONB rejects. Only then is
+# the value walked, so the common payload costs two substring searches.
+_SUSPECT = (b"null", b"\\u0000")
+
+
+def check_json(value: object, field: str) -> bytes:
+    """Encode ``value`` with orjson and return the bytes, once it is sure PostgreSQL stores
+    exactly that value as JSONB.
 
     Raises:
-        SerializationError: If the value cannot be encoded.
-        PayloadTooLargeError: If the UTF-8 encoding exceeds ``max_bytes``.
+        SerializationError: naming the path of the offending value inside ``field`` (e.g.
+            ``data['items'][2]['price']``): a NaN or an infinity, a NUL character or a lone
+            surrogate in a string or a key, a key that is not a str, an integer outside 64
+            bits, nesting too deep, or a value of a type that is not JSON.
     """
     try:
         encoded = orjson.dumps(value)
     except orjson.JSONEncodeError as exc:
+        found = _json_problem(value, field)
+        if found is not None:
+            raise SerializationError(*found) from exc
         raise SerializationError(field, value, str(exc)) from exc
+    if any(s in encoded for s in _SUSPECT):
+        found = _json_problem(value, field)
+        if found is not None:
+            raise SerializationError(*found)
+    return encoded
+
+
+def encode_json(value: object, field: str, max_bytes: int) -> str:
+    """Encode ``value`` as JSON text with orjson (checked by :func:`check_json`).
+
+    Dict keys must be str. orjson also encodes UUID, datetime, dataclass and enum values.
+
+    Raises:
+        SerializationError: If the value cannot be encoded or stored as it is (see
+            :func:`check_json`; the error's field is the path of the offending value).
+        PayloadTooLargeError: If the UTF-8 encoding exceeds ``max_bytes``.
+    """
+    encoded = check_json(value, field)
     size = len(encoded)
     if size > max_bytes:
         raise PayloadTooLargeError(

@@ -29,6 +29,7 @@ from commandbus._validation import (
     validate_int,
     validate_max_attempts,
     validate_queue_name,
+    validate_text,
     validate_uuid,
 )
 from commandbus.batch import (
@@ -418,8 +419,7 @@ class CommandBus:
         if not commands:
             raise ValidationError("commands", commands, "a batch needs at least one command")
         bid = uuid4() if batch_id is None else validate_uuid(batch_id, "batch_id")
-        if name is not None and not isinstance(name, str):
-            raise ValidationError("name", name, "must be None or a str")
+        validate_text("name", name, optional=True)
         custom_json = (
             None
             if custom_data is None

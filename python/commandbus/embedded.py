@@ -41,7 +41,8 @@ from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
 import psycopg
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict
+
+from commandbus._dsn import parse_conninfo
 
 __all__ = [
     "EmbeddedServer",
@@ -643,7 +644,7 @@ def database_dsn(dsn: str, dbname: str) -> str:
         parts = urlsplit(dsn)
         if parts.hostname:
             return urlunsplit(parts._replace(path="/" + quote(dbname, safe="")))
-    params = {k: str(v) for k, v in conninfo_to_dict(dsn).items() if v is not None}
+    params = {k: str(v) for k, v in parse_conninfo(dsn).items() if v is not None}
     params.pop("dbname", None)
     host = params.get("host")
     netloc = ""

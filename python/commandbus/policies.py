@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from commandbus._validation import INT32_MAX
 from commandbus.exceptions import ValidationError
 
 __all__ = ["DEFAULT_RETRY_POLICY", "RetryPolicy"]
@@ -34,8 +35,14 @@ class RetryPolicy:
 
     def __post_init__(self) -> None:
         attempts: object = self.max_attempts
-        if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
-            raise ValidationError("max_attempts", attempts, "must be an integer >= 1")
+        if (
+            isinstance(attempts, bool)
+            or not isinstance(attempts, int)
+            or not 1 <= attempts <= INT32_MAX
+        ):
+            raise ValidationError(
+                "max_attempts", attempts, f"must be an integer from 1 to {INT32_MAX}"
+            )
         schedule: object = self.backoff_schedule
         if not isinstance(schedule, list | tuple):
             raise ValidationError("backoff_schedule", schedule, "must be a list of seconds")
@@ -66,7 +73,9 @@ class RetryPolicy:
         schedule = self.backoff_schedule
         if not schedule:
             return _FALLBACK_BACKOFF
-        return math.ceil(schedule[min(max(attempt, 1), len(schedule)) - 1])
+        # Capped to what the queue's visibility (an INT of seconds) can hold: a larger backoff
+        # would fail at the engine's boundary and lose the outcome.
+        return min(math.ceil(schedule[min(max(attempt, 1), len(schedule)) - 1]), INT32_MAX)
 
     def get_backoff(self, attempt: int) -> int:
         """Return the delay in seconds before retrying after ``attempt``.

@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 from psycopg_pool import AsyncConnectionPool
 
-from commandbus import _native
+from commandbus import _db, _native
 from commandbus._bridge import call
 from commandbus._dsn import (
     DEFAULT_CALL_TIMEOUT,
@@ -32,7 +32,14 @@ from commandbus._dsn import (
 from commandbus._native import Outcome
 from commandbus._observe import Observer, combine
 from commandbus._sql import command_queue
-from commandbus._validation import decode_json, encode_json, validate_domain
+from commandbus._validation import (
+    INT32_MAX,
+    decode_json,
+    encode_json,
+    text_problem,
+    validate_domain,
+    validate_int,
+)
 from commandbus.batch import run_callback_if_complete
 from commandbus.exceptions import (
     BusinessRuleException,
@@ -89,13 +96,23 @@ class _LeaseExtender:
             )
 
 
+def _storable(text: str) -> str:
+    """An error text as PostgreSQL can store it: a NUL character or a lone surrogate (which
+    a handler's message may hold) would fail the whole flush, so they are written escaped."""
+    if text_problem(text) is None:
+        return text
+    return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _details_json(details: dict[str, Any]) -> str | None:
     if not details:
         return None
     try:
-        return orjson.dumps(details, default=repr).decode()
+        encoded = orjson.dumps(details, default=repr)
     except (TypeError, orjson.JSONEncodeError):
-        return orjson.dumps({"repr": repr(details)}).decode()
+        encoded = orjson.dumps({"repr": repr(details)})
+    # JSONB rejects an escaped NUL: error details are diagnostics, a replacement will do.
+    return encoded.replace(b"\\u0000", b"\\ufffd").decode()
 
 
 class Worker:
@@ -140,14 +157,7 @@ class Worker:
         self._pool = pool
         self._domain = validate_domain(domain)
         self._registry = registry
-        if (
-            isinstance(visibility_timeout, bool)
-            or not isinstance(visibility_timeout, int)
-            or visibility_timeout < 1
-        ):
-            raise ValidationError(
-                "visibility_timeout", visibility_timeout, "must be an integer >= 1 (seconds)"
-            )
+        validate_int("visibility_timeout", visibility_timeout, 1, INT32_MAX)
         self._visibility_timeout = visibility_timeout
         self._retry_policy = retry_policy or DEFAULT_RETRY_POLICY
         self._auto_extend = auto_extend_leases
@@ -165,6 +175,7 @@ class Worker:
         self._in_flight: set[asyncio.Task[None]] = set()
         self._native: _native.NativeWorker | None = None
         self._step_native: _native.NativeWorker | None = None
+        self._step_queue_ready = False
         self._executor: ThreadPoolExecutor | None = None
         # Metrics, tracing and health attach here (commandbus.metrics / tracing / health); with
         # none attached the run loop is the plain one: nothing per command is added.
@@ -274,6 +285,7 @@ class Worker:
             code, message, details = error.code, error.error_message, _details_json(error.details)
         else:
             code, message, details = type(error).__name__, str(error), None
+        code, message = _storable(str(code)), _storable(str(message))
         if isinstance(error, BusinessRuleException):
             error_type = "BUSINESS_RULE"
         elif isinstance(error, PermanentCommandError):
@@ -594,6 +606,13 @@ class Worker:
         self, batch_size: int = 1, visibility_timeout: int | None = None
     ) -> list[ReceivedCommand]:
         """Claim up to `batch_size` commands now (no waiting)."""
+        validate_int("batch_size", batch_size, 1, INT32_MAX)
+        if visibility_timeout is not None:
+            validate_int("visibility_timeout", visibility_timeout, 1, INT32_MAX)
+        if not self._step_queue_ready:
+            # As run() does at start: a domain nothing was sent to yet has no queue.
+            await _db.fetch_value(self._pool, "ensure_queue", self._queue_name)
+            self._step_queue_ready = True
         native = self._step()
         vt = visibility_timeout or self._visibility_timeout
         items = await call(lambda c: native.receive(c, batch_size, vt))

@@ -63,3 +63,43 @@ def test_call_timeout_must_be_positive_seconds(value: object) -> None:
 def test_call_timeout_accepts_numbers() -> None:
     assert validate_call_timeout(3) == 3.0
     assert validate_call_timeout(0.5) == 0.5
+
+
+@pytest.mark.parametrize(
+    ("dsn", "shown"),
+    [
+        ("postgresql://u:p%40ss@h:5432/db", "postgresql://u:***@h:5432/db"),
+        ("postgresql://u@h/db", "postgresql://u@h/db"),
+        ("postgresql://h/db?user=u&password=secret&sslmode=require",
+         "postgresql://h/db?user=u&password=***&sslmode=require"),
+        ("host=h user=u password=secret dbname=d", "host=h user=u password=*** dbname=d"),
+        ("host=h password = 'se cr\\'et' dbname=d", "host=h password = *** dbname=d"),
+        ("postgresql://u:a:b@h1,h2/db", "postgresql://u:***@h1,h2/db"),
+    ],
+)  # fmt: skip
+def test_redact_dsn(dsn: str, shown: str) -> None:
+    from commandbus._dsn import redact_dsn
+
+    assert redact_dsn(dsn) == shown
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "postgresql://u:S3cr3t@[::1/db",
+        "host=h user=u password=S3cr3t port",
+        "host=h password='S3cr3t",
+    ],
+)
+def test_a_dsn_that_cannot_be_parsed_is_a_validation_error_without_the_password(dsn: str) -> None:
+    from commandbus._dsn import native_dsn
+    from commandbus.embedded import database_dsn
+
+    with pytest.raises(ValidationError) as info:
+        native_dsn(dsn)
+    assert info.value.field == "dsn"
+    assert "S3cr3t" not in str(info.value) and info.value.__cause__ is None
+    assert "***" in str(info.value)
+    with pytest.raises(ValueError) as err:  # a ValidationError, or urlsplit's own ValueError
+        database_dsn(dsn, "x")
+    assert "S3cr3t" not in str(err.value) and err.value.__cause__ is None

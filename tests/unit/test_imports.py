@@ -132,6 +132,8 @@ def test_the_metrics_and_tracing_modules_import_only_their_extra() -> None:
     assert "opentelemetry" in tracing and "prometheus_client" not in tracing
     health = _top_level(_modules_after("import commandbus.health"))
     assert not health & {"prometheus_client", "opentelemetry"}
+
+
 def test_the_monitor_and_the_e2e_model_need_no_console_extra() -> None:
     """`commandbus.ops.monitor` and `commandbus.e2e` are pure library (the CLI and workers
     import them); only `commandbus.console` pulls in the web stack, and only when it serves."""

@@ -72,6 +72,16 @@ def test_accepts_tuple_and_huge_int() -> None:
     assert policy.get_backoff(1) == 1
 
 
+def test_a_huge_backoff_is_capped_to_what_the_engine_takes() -> None:
+    policy = RetryPolicy(max_attempts=3, backoff_schedule=[10**400, 1e300])
+    assert policy.retry_after(1) == policy.retry_after(2) == 2**31 - 1
+
+
+def test_max_attempts_must_fit_the_int_column() -> None:
+    with pytest.raises(ValidationError, match="from 1 to 2147483647"):
+        RetryPolicy(max_attempts=2**31)
+
+
 @pytest.mark.parametrize("value", [0, -1, True, False, 2.0, "3", None])
 def test_rejects_bad_max_attempts(value: object) -> None:
     with pytest.raises(ValidationError) as info:

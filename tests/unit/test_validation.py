@@ -13,6 +13,7 @@ import pytest
 from commandbus._validation import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     DOMAIN_RE,
+    JSON_MAX_DEPTH,
     command_message,
     decode_json,
     encode_json,
@@ -21,6 +22,7 @@ from commandbus._validation import (
     validate_domain,
     validate_max_attempts,
     validate_queue_name,
+    validate_text,
     validate_uuid,
 )
 from commandbus.exceptions import (
@@ -212,24 +214,112 @@ def test_encode_json_returns_str() -> None:
 
 
 @pytest.mark.parametrize(
-    "value",
+    ("value", "field", "bad"),
     [
-        {1: "int key"},
-        {"nested": {(1, 2): "tuple key"}},
-        {"s": {1, 2}},
-        {"obj": object()},
-        {"big": 2**70},
-        {"surrogate": "\ud800"},
+        ({1: "int key"}, "data", 1),
+        ({"nested": {(1, 2): "tuple key"}}, "data['nested']", (1, 2)),
+        ({"s": {1, 2}}, "data['s']", {1, 2}),
+        ({"big": 2**70}, "data['big']", 2**70),
+        ({"small": [0, -(2**63) - 1]}, "data['small'][1]", -(2**63) - 1),
+        ({"surrogate": "\ud800"}, "data['surrogate']", "\ud800"),
+        ({"k\udfff": 1}, "data", "k\udfff"),
     ],
 )
-def test_encode_json_serialization_errors(value: object) -> None:
+def test_encode_json_serialization_errors_name_the_path(
+    value: object, field: str, bad: object
+) -> None:
     with pytest.raises(SerializationError) as info:
         encode_json(value, "data", DEFAULT_MAX_PAYLOAD_BYTES)
-    assert info.value.field == "data"
-    assert info.value.value is value
+    assert info.value.field == field
+    assert info.value.value == bad
     assert isinstance(info.value.__cause__, orjson.JSONEncodeError)
     assert info.value.reason
-    assert str(info.value).startswith("invalid data {")
+    assert str(info.value).startswith(f"invalid {field} ")
+
+
+def test_encode_json_unknown_type_names_its_path() -> None:
+    obj = object()
+    with pytest.raises(SerializationError) as info:
+        encode_json({"a": [1, {"obj": obj}]}, "data", DEFAULT_MAX_PAYLOAD_BYTES)
+    assert info.value.field == "data['a'][1]['obj']"
+    assert info.value.value is obj
+    assert "object is not JSON serializable" in info.value.reason
+
+
+@pytest.mark.parametrize(
+    ("value", "field", "reason"),
+    [
+        ({"x": float("nan")}, "data['x']", "NaN and infinities"),
+        ({"x": [1.5, float("inf")]}, "data['x'][1]", "NaN and infinities"),
+        ({"x": {"y": float("-inf")}}, "data['x']['y']", "NaN and infinities"),
+        ({"s": "a\x00b"}, "data['s']", "NUL character at index 1"),
+        ({"a\x00": 1}, "data", "key contains a NUL character"),
+        ({"l": ["ok", "\udc80x"]}, "data['l'][1]", "lone surrogate"),
+    ],
+)
+def test_encode_json_rejects_what_postgresql_would_not_keep(
+    value: object, field: str, reason: str
+) -> None:
+    """orjson writes NaN as null (the handler would see other data) and a NUL as \\u0000
+    (JSONB rejects it in the database): both are caught here, naming the path."""
+    with pytest.raises(SerializationError) as info:
+        encode_json(value, "data", DEFAULT_MAX_PAYLOAD_BYTES)
+    assert info.value.field == field
+    assert reason in info.value.reason
+
+
+def test_encode_json_keeps_null_and_the_text_null() -> None:
+    value = {"a": None, "b": "null", "c": [None], "d": "\\u0000 is six characters"}
+    assert orjson.loads(encode_json(value, "data", DEFAULT_MAX_PAYLOAD_BYTES)) == value
+
+
+def test_encode_json_nesting_limit() -> None:
+    def nest(n: int) -> object:
+        v: object = 1
+        for _ in range(n):
+            v = [v]
+        return v
+
+    encode_json(nest(JSON_MAX_DEPTH), "data", DEFAULT_MAX_PAYLOAD_BYTES)
+    with pytest.raises(SerializationError) as info:
+        encode_json({"deep": nest(10_000)}, "data", DEFAULT_MAX_PAYLOAD_BYTES)
+    assert info.value.field.startswith("data['deep'][0][0]")
+    assert f"nested deeper than {JSON_MAX_DEPTH} levels" in info.value.reason
+
+
+def test_encode_json_walks_dataclasses_and_enums() -> None:
+    import enum
+
+    @dataclasses.dataclass
+    class Price:
+        amount: float
+
+    class Kind(enum.Enum):
+        BAD = float("nan")
+
+    with pytest.raises(SerializationError) as info:
+        encode_json({"p": Price(float("nan"))}, "data", DEFAULT_MAX_PAYLOAD_BYTES)
+    assert info.value.field == "data['p']['amount']"
+    with pytest.raises(SerializationError) as info:
+        encode_json({"k": Kind.BAD}, "data", DEFAULT_MAX_PAYLOAD_BYTES)
+    assert info.value.field == "data['k']"
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [("a\x00", "NUL character"), ("\ud800", "lone surrogate"), (5, "must be a str")],
+)
+def test_validate_text(value: object, reason: str) -> None:
+    with pytest.raises(ValidationError, match=reason) as info:
+        validate_text("name", value)
+    assert info.value.field == "name"
+    assert validate_text("name", None, optional=True) is None
+    assert validate_text("name", "é ok") == "é ok"
+
+
+def test_command_type_rejects_lone_surrogates() -> None:
+    with pytest.raises(InvalidNameError, match="lone surrogate"):
+        validate_command_type("Create\ud800")
 
 
 def test_encode_json_size_limit_is_in_bytes() -> None:

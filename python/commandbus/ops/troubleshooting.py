@@ -23,6 +23,7 @@ from commandbus._validation import (
     validate_domain,
     validate_int,
     validate_page,
+    validate_text,
     validate_uuid,
 )
 from commandbus.exceptions import (
@@ -45,9 +46,7 @@ _MAX_RESULT_BYTES = 8 * 1_048_576
 
 
 def _check_optional_text(name: str, value: str | None) -> str | None:
-    if value is not None and not isinstance(value, str):
-        raise ValidationError(name, value, "must be a str or None")
-    return value
+    return validate_text(name, value, optional=True)
 
 
 def _row_to_item(row: Sequence[Any]) -> TroubleshootingItem:
@@ -194,8 +193,7 @@ class TroubleshootingQueue:
         """
         validate_domain(domain)
         cid = validate_uuid(command_id, "command_id")
-        if not isinstance(reason, str):
-            raise ValidationError("reason", reason, "must be a str")
+        validate_text("reason", reason)
         _check_optional_text("operator", operator)
         await _db.execute(self._pool, "tsq_cancel", domain, cid, reason, operator, domain=domain)
         logger.info("operator cancel of %s.%s by %s: %s", domain, cid, operator, reason)
@@ -296,8 +294,7 @@ class TroubleshootingQueue:
         transaction, with CANCELED replies as `operator_cancel` sends them. Returns how many
         were canceled; `on_progress(canceled_so_far)` runs after each chunk."""
         validate_domain(domain)
-        if not isinstance(reason, str):
-            raise ValidationError("reason", reason, "must be a str")
+        validate_text("reason", reason)
         _check_optional_text("command_type", command_type)
         _check_optional_text("operator", operator)
         validate_int("chunk_size", chunk_size, 1)

@@ -13,6 +13,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from commandbus import _db
+from commandbus._validation import check_json
 from commandbus.models import ReplyOutcome
 from commandbus.process.models import ProcessAuditEntry, ProcessMetadata, ProcessStatus
 
@@ -90,6 +91,14 @@ def _state_json(state: Any) -> Any:
     return to_dict() if callable(to_dict) else state
 
 
+def _state_jsonb(state: Any) -> Jsonb:
+    """The process state as a JSONB parameter, checked first (a NaN, a NUL or a lone
+    surrogate is a SerializationError naming its path under `state`, before any write)."""
+    obj = _state_json(state)
+    text = check_json(obj, "state").decode()
+    return Jsonb(obj, dumps=lambda _obj: text)
+
+
 def _text(value: Any) -> str | None:
     """A step (StrEnum) or status as the text stored."""
     if value is None:
@@ -150,7 +159,7 @@ class PostgresProcessRepository:
             "process_insert",
             process.domain, process.process_id, process.process_type,
             ProcessStatus(process.status).value, _text(process.current_step),
-            Jsonb(_state_json(process.state)), process.error_code, process.error_message,
+            _state_jsonb(process.state), process.error_code, process.error_message,
             process.created_at, process.updated_at, process.completed_at, process.batch_id,
             domain=process.domain,
         )  # fmt: skip
@@ -164,7 +173,7 @@ class PostgresProcessRepository:
             self._target(conn),
             "process_update",
             process.domain, process.process_id, ProcessStatus(process.status).value,
-            _text(process.current_step), Jsonb(_state_json(process.state)), process.error_code,
+            _text(process.current_step), _state_jsonb(process.state), process.error_code,
             process.error_message, process.completed_at,
             domain=process.domain,
         )  # fmt: skip

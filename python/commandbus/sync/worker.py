@@ -17,10 +17,10 @@ import time
 from typing import Any
 
 from psycopg import errors as pg_errors
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import make_conninfo
 from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
-from commandbus._dsn import DEFAULT_CALL_TIMEOUT
+from commandbus._dsn import DEFAULT_CALL_TIMEOUT, parse_conninfo
 from commandbus._observe import Observer
 from commandbus.exceptions import TransientCommandError, ValidationError
 from commandbus.handler import HandlerRegistry
@@ -44,7 +44,7 @@ DEFAULT_CONCURRENCY = 4
 
 def _with_statement_timeout(conninfo: str, statement_timeout_ms: int) -> str:
     """The conninfo with `-c statement_timeout=N` added to its `options`."""
-    params = conninfo_to_dict(conninfo)
+    params = parse_conninfo(conninfo)
     options = str(params.get("options") or "")
     params["options"] = f"{options} -c statement_timeout={int(statement_timeout_ms)}".strip()
     return make_conninfo("", **params)

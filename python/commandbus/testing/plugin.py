@@ -33,7 +33,6 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
@@ -42,6 +41,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool
 
+from commandbus._dsn import redact_dsn
 from commandbus.embedded import (
     EmbeddedServer,
     create_database,
@@ -85,14 +85,8 @@ def database_stats(config: pytest.Config) -> DatabaseStats:
 
 
 def redact(dsn: str) -> str:
-    """Hide a password in a URL for printing."""
-    if "://" not in dsn:
-        return dsn
-    parts = urlsplit(dsn)
-    if parts.password is None:
-        return dsn
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    """Hide a password in a DSN for printing."""
+    return redact_dsn(dsn)
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
