@@ -170,6 +170,7 @@ class Worker:
         self._running = False
         self._stop_requested = False
         self._stop_timeout: float | None = None
+        self._stop_cancel = False
         self._signal_stop_timeout = 30.0
         self._stopped = asyncio.Event()
         self._in_flight: set[asyncio.Task[None]] = set()
@@ -534,7 +535,13 @@ class Worker:
         until = None if timeout is None else time.monotonic() + max(0.0, timeout)
         try:
             if self._in_flight:
-                handlers_timeout = None if timeout is None else timeout - min(1.0, timeout / 10)
+                handlers_timeout = (
+                    0.0
+                    if self._stop_cancel
+                    else None
+                    if timeout is None
+                    else timeout - min(1.0, timeout / 10)
+                )
                 _done, pending = await asyncio.wait(set(self._in_flight), timeout=handlers_timeout)
                 for task in pending:
                     task.cancel()
@@ -583,15 +590,19 @@ class Worker:
             self._stopped.set()
             logger.info("worker for %s stopped", self._domain)
 
-    async def stop(self, timeout: float | None = None) -> None:
+    async def stop(self, timeout: float | None = None, *, cancel_handlers: bool = False) -> None:
         """Stop gracefully: claim nothing more, wait for running handlers, apply their outcomes
         and release what never started. Returns once the worker has stopped, within `timeout`
         seconds (None: no limit) even when the database does not answer: handlers get the
         timeout but its last tenth (at most 1 s); what cannot be flushed or released in time
-        is redelivered when its lease expires (never applied twice)."""
+        is redelivered when its lease expires (never applied twice).
+
+        `cancel_handlers=True` cancels running handlers at once (their attempt counts: retried
+        at once, `WORKER_STOPPED`) and leaves all of `timeout` to applying outcomes."""
         if not self._running:
             return
         self._stop_timeout = timeout
+        self._stop_cancel = cancel_handlers
         self._request_stop()
         await self._stopped.wait()
 

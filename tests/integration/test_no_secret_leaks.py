@@ -186,7 +186,7 @@ def test_the_cli_names_the_cause_without_the_password(
             capture_output=True, text=True, timeout=60, env={**os.environ, "RUST_LOG": "debug"},
         )  # fmt: skip
         # one line naming the cause, the DSN shown without its password, no traceback
-        assert proc.returncode == 2, (what, proc.stderr)
+        assert proc.returncode == 1, (what, proc.stderr)
         assert "error: cannot connect to postgresql://" in proc.stderr
         assert ":***@" in proc.stderr and "Traceback" not in proc.stderr
         _assert_clean(proc.stdout + proc.stderr, f"rcmd demo, {what}")

@@ -14,7 +14,7 @@ from typer.core import TyperGroup
 from commandbus.cli._common import CliError, first_line, stderr
 from commandbus.exceptions import CommandBusError
 
-logger = logging.getLogger("commandbus.cli")
+logger = logging.getLogger(__name__)
 
 
 def _fail(message: str, code: int) -> typer.Exit:

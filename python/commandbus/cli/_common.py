@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator, Coroutine, Iterable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 from uuid import UUID
 
 import psycopg
@@ -25,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from commandbus import _db
+from commandbus._dsn import redact_dsn
 
 T = TypeVar("T")
 
@@ -76,14 +76,8 @@ def require_dsn(dsn: str | None) -> str:
 
 
 def redact(dsn: str) -> str:
-    """The DSN with its password hidden, for messages."""
-    if "://" in dsn:
-        parts = urlsplit(dsn)
-        if parts.password is not None:
-            netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-            return urlunsplit(parts._replace(netloc=netloc))
-        return dsn
-    return re.sub(r"(password\s*=\s*)(\S+)", r"\1***", dsn)
+    """The DSN with its password hidden, for messages (the library's one redaction)."""
+    return redact_dsn(dsn)
 
 
 def first_line(exc: BaseException) -> str:

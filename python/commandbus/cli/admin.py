@@ -192,6 +192,8 @@ def demo(
     every command ended COMPLETED exactly once, 1 otherwise, 130 when interrupted."""
     from commandbus.cli.demo import DemoOptions, run_demo
 
+    if dsn:
+        run(probe(dsn))  # a DSN that does not answer: one line, not a pool's retries
     code = run_demo(
         dsn or None, DemoOptions(commands=commands, concurrency=concurrency, timeout=timeout)
     )

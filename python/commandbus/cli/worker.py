@@ -39,7 +39,7 @@ import typer
 from commandbus.cli._common import CliError, first_line, open_pool, redact, require_dsn, run
 from commandbus.handler import HandlerRegistry, get_handler_meta
 
-logger = logging.getLogger("commandbus.cli.worker")
+logger = logging.getLogger(__name__)
 
 #: Environment variables the options also read (granian / procrastinate style).
 ENV_PREFIX = "RCMD_WORKER_"

@@ -27,6 +27,9 @@ from commandbus.worker import Worker
 #: seconds between two idle checks while handlers run (a check with none running queries the
 #: queue; one with handlers running costs nothing)
 _CHECK_INTERVAL = 0.01
+#: At a timeout the handlers still running are cancelled; their outcomes (WORKER_STOPPED:
+#: retried at once) get up to this long to be applied (the stop returns as soon as they are).
+STOP_FLUSH_S = 10.0
 
 
 async def _pending(pool: AsyncConnectionPool[Any], queue: str, wait_for_retries: bool) -> int:
@@ -119,14 +122,17 @@ async def drain_queue(
         try:
             timed_out = await _until_idle(worker, run, pool, queue, wait_for_retries, deadline)
         except BaseException:  # the drain itself was cancelled: cut the handlers off
-            await worker.stop(timeout=0)
+            await worker.stop(timeout=STOP_FLUSH_S, cancel_handlers=True)
             with contextlib.suppress(BaseException):
                 await run
             raise
         # A claim answered after the idle check may still start handlers: stop() waits for
         # them, up to the deadline. Handlers still running then are cancelled (their attempt
         # counts: retried at once).
-        await worker.stop(timeout=0 if timed_out else max(0.0, deadline - loop.time()))
+        if timed_out:
+            await worker.stop(timeout=STOP_FLUSH_S, cancel_handlers=True)
+        else:
+            await worker.stop(timeout=max(0.0, deadline - loop.time()))
         await run  # raises what run() raised (SchemaNotInstalledError...)
         if timed_out or loop.time() >= deadline:
             left = await _pending(pool, queue, wait_for_retries)
