@@ -9,8 +9,7 @@ turns (rep 1 of each, then rep 2...). Prints one line per repetition, then the t
 README; `--out FILE` also writes every repetition as a JSON line. Exit code 1 when any
 repetition had an error or did not recover within `--recovery-limit`.
 
-Faults: sigkill, restart, terminate, slots, lock, freeze, latency (default: all but freeze,
-which the engine does not survive until every database call has a deadline: issue 15).
+Faults: sigkill, restart, terminate, slots, lock, freeze, latency (default: all).
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "faults"))
 from harness import FAULTS, FaultRig, RepResult, table
 
-DEFAULT_FAULTS = [f for f in FAULTS if f != "freeze"]
+DEFAULT_FAULTS = list(FAULTS)
 
 
 def main() -> int:
@@ -35,7 +34,7 @@ def main() -> int:
     parser.add_argument(
         "--faults",
         default=",".join(DEFAULT_FAULTS),
-        help=f"comma-separated, of {','.join(FAULTS)} (default: all but freeze)",
+        help=f"comma-separated, of {','.join(FAULTS)} (default: all)",
     )
     parser.add_argument("--rate", type=int, default=200, help="commands a second sent")
     parser.add_argument("--concurrency", type=int, default=32, help="of each worker")
