@@ -38,13 +38,18 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _client import PgCpu  # noqa: E402
+from _client import PgCpu
 
-from commandbus import Command, HandlerContext, HandlerRegistry, Worker  # noqa: E402
-from commandbus import _sql  # noqa: E402
-from commandbus.embedded import create_database, drop_database, install_pgmq  # noqa: E402
-from commandbus.retention import prune  # noqa: E402
-from commandbus.setup import setup_database  # noqa: E402
+from commandbus import (
+    Command,
+    HandlerContext,
+    HandlerRegistry,
+    Worker,
+    _sql,
+)
+from commandbus.embedded import create_database, drop_database, install_pgmq
+from commandbus.retention import prune
+from commandbus.setup import setup_database
 
 DOMAIN = "bench"
 QUEUE = f"{DOMAIN}__commands"

@@ -79,11 +79,7 @@ def _check_chunk_size(chunk_size: int) -> int:
 
 
 def _check_duty(max_duty: object) -> float:
-    if (
-        isinstance(max_duty, bool)
-        or not isinstance(max_duty, int | float)
-        or not 0 < max_duty <= 1
-    ):
+    if isinstance(max_duty, bool) or not isinstance(max_duty, int | float) or not 0 < max_duty <= 1:
         raise ValidationError("max_duty", max_duty, "must be a number in (0, 1]")
     return float(max_duty)
 
@@ -331,7 +327,7 @@ __all__ = [
     "PruneResult",
     "RetentionPolicy",
     "ensure_partitions",
-    "run_partition_upkeep",
     "prune",
+    "run_partition_upkeep",
     "run_retention",
 ]

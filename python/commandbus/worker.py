@@ -356,10 +356,11 @@ class Worker:
             events_task = asyncio.create_task(
                 self._log_events(native), name=f"rcmd-events-{self._domain}"
             )
-            upkeep_task = asyncio.create_task(
-                run_partition_upkeep(self._pool, retention_stop),
-                name=f"rcmd-partitions-{self._domain}",
-            )
+            if not self._pool.closed:  # (SyncWorker's internal pool opens for retention only)
+                upkeep_task = asyncio.create_task(
+                    run_partition_upkeep(self._pool, retention_stop),
+                    name=f"rcmd-partitions-{self._domain}",
+                )
             if self._retention is not None:
                 retention_task = asyncio.create_task(
                     run_retention(

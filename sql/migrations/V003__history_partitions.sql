@@ -157,7 +157,8 @@ END $$;
 
 -- Drops the oldest partition of commandbus.audit whose range ends at or before p_cutoff and that
 -- no existing command or batch uses (audit_partition_in_use_v1), the default partition never.
--- One partition per call (call until dropped is NULL): it detaches it under a short lock of
+-- One partition per call (call until dropped is NULL; NULL at once while another transaction
+-- creates or drops partitions): it detaches it under a short lock of
 -- commandbus.audit (lock_timeout 5 s: a call that cannot get it fails and the next one retries),
 -- checks again under that lock, and drops it. Returns the partition dropped (NULL: none), its
 -- estimated row count (pg_class.reltuples; -1 when never analysed), and how many partitions past
@@ -173,6 +174,11 @@ BEGIN
     IF p_cutoff IS NULL THEN
         RAISE EXCEPTION USING ERRCODE = 'CB003',
             MESSAGE = 'drop_audit_partition_v1: cutoff is NULL', DETAIL = 'cutoff';
+    END IF;
+    -- One creator or dropper at a time; a pruner that finds another at work leaves it to it.
+    IF NOT pg_try_advisory_xact_lock(hashtext('commandbus.audit partitions')) THEN
+        RETURN QUERY SELECT NULL::text, 0::bigint, 0;
+        RETURN;
     END IF;
     FOR r IN
         SELECT p.partition_name, p.range_to FROM commandbus.audit_partitions_v1() p

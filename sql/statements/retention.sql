@@ -22,9 +22,3 @@ SELECT dropped, est_rows, kept FROM commandbus.drop_audit_partition_v1($1::times
 -- $1 days_ahead INT
 SELECT commandbus.ensure_audit_partitions_v1(((now() AT TIME ZONE 'UTC') - interval '1 day')::date, ((now() AT TIME ZONE 'UTC') + make_interval(days => $1::int))::date) AS created
 
--- name: partitions_list
--- The partitions of commandbus.audit with their ranges and estimated row counts, oldest first.
--- No parameters.
-SELECT p.partition_name, p.range_from, p.range_to, p.is_default, c.reltuples::bigint AS est_rows
-FROM commandbus.audit_partitions_v1() p
-JOIN pg_class c ON c.oid = format('commandbus.%I', p.partition_name)::regclass

@@ -18,8 +18,7 @@ from itest_helpers import events, fetch, status_of
 from psycopg_pool import AsyncConnectionPool
 from test_setup import PREDECESSOR_SCHEMA
 
-from commandbus import CommandBus, ValidationError, setup_database
-from commandbus import _sql
+from commandbus import CommandBus, ValidationError, _sql, setup_database
 from commandbus.embedded import create_database, drop_database, install_pgmq
 from commandbus.retention import ensure_partitions, prune
 
@@ -43,7 +42,9 @@ async def partition_of(pool: AsyncConnectionPool[Any], command_id: UUID) -> set[
 
 
 async def test_audit_is_partitioned_by_day(pool: AsyncConnectionPool[Any]) -> None:
-    [(kind,)] = await fetch(pool, "SELECT relkind FROM pg_class WHERE oid = 'commandbus.audit'::regclass")
+    [(kind,)] = await fetch(
+        pool, "SELECT relkind FROM pg_class WHERE oid = 'commandbus.audit'::regclass"
+    )
     assert kind == "p"
     parts = await partitions(pool)
     today = _today()
@@ -111,10 +112,11 @@ async def test_rows_outside_every_day_wait_in_the_default_partition(
         " VALUES ('orders', %s, 'LATE', %s) RETURNING 1",
         cid, datetime(far.year, far.month, far.day, 12, tzinfo=UTC),
     )  # fmt: skip
-    assert f"commandbus.audit_default" in await partition_of(pool, cid)
+    assert "commandbus.audit_default" in await partition_of(pool, cid)
     await fetch(pool, "SELECT commandbus.ensure_audit_partitions_v1(%s, %s)", far, far)
     assert await partition_of(pool, cid) == {
-        f"commandbus.audit_{_today():%Y%m%d}", f"commandbus.audit_{far:%Y%m%d}"
+        f"commandbus.audit_{_today():%Y%m%d}",
+        f"commandbus.audit_{far:%Y%m%d}",
     }
     assert await events(pool, cid) == ["SENT", "LATE"]
     [(n,)] = await fetch(pool, "SELECT count(*) FROM commandbus.audit_default")
@@ -246,7 +248,7 @@ async def test_upgrade_attaches_the_old_audit_table(empty_db: str, source: str) 
         await bus.send("orders", "X", cid, {})
         trail = await bus.get_audit_trail(cid, "orders")
         assert [e.event_type for e in trail] == ["SENT"] and trail[0].audit_id > max_id
-        old = await bus.get_audit_trail(UUID(bytes=bytes.fromhex("c4ca4238a0b923820dcc509a6f75849b")))
+        old = await bus.get_audit_trail(UUID("c4ca4238-a0b9-2382-0dcc-509a6f75849b"))
         assert len(old) == 10  # md5('1')
         plan = await fetch(
             pool,
@@ -264,3 +266,35 @@ async def test_upgrade_attaches_the_old_audit_table(empty_db: str, source: str) 
     finally:
         await pool.close()
     print(f"upgrade of {AUDIT_ROWS} audit rows ({source}): {took:.2f} s")
+
+
+async def test_concurrent_pruners_drop_each_day_once(pool: AsyncConnectionPool[Any]) -> None:
+    first = _today() - timedelta(days=10)
+    await fetch(
+        pool, "SELECT commandbus.ensure_audit_partitions_v1(%s, %s)", first, first + timedelta(4)
+    )
+    bus = CommandBus(pool)
+    cid = uuid4()
+    await bus.send("orders", "X", cid, {})
+    await fetch(pool, "UPDATE commandbus.command SET status = 'COMPLETED' RETURNING 1")
+    await fetch(
+        pool,
+        "UPDATE commandbus.command SET created_at = %s, updated_at = %s RETURNING 1",
+        datetime(first.year, first.month, first.day, 1, tzinfo=UTC),
+        datetime(first.year, first.month, first.day, 2, tzinfo=UTC),
+    )
+    await fetch(pool, "UPDATE commandbus.audit SET ts = %s RETURNING 1",
+                datetime(first.year, first.month, first.day, 1, tzinfo=UTC))  # fmt: skip
+    results = await asyncio.gather(*(prune(pool, timedelta(days=1)) for _ in range(3)))
+    assert sum(r.commands for r in results) == 1
+    # A pruner that finds another one dropping leaves it to it: run once more to finish.
+    results.append(await prune(pool, timedelta(days=1)))
+    assert sum(r.partitions for r in results) == 5
+    assert await events(pool, cid) == []
+    names = await partitions(pool)
+    assert not [
+        n
+        for n, (lo, _, _) in names.items()
+        if lo is not None and lo.date() < _today() - timedelta(days=1)
+    ]
+    await bus.close()
