@@ -124,6 +124,32 @@ def _history_day(conn: psycopg.Connection[Any], day: datetime, n: int, tag: str)
         )
 
 
+def _dsn_of(admin: str, name: str) -> str:
+    """The DSN of database `name` on the server of `admin`."""
+    params = psycopg.conninfo.conninfo_to_dict(admin)
+    params["dbname"] = name
+    return psycopg.conninfo.make_conninfo(**params)  # type: ignore[arg-type]
+
+
+def _top_up(dsn: str, days: int, per_day: int) -> float:
+    """Generate what is missing of `per_day` commands on each of the first `days` days."""
+    t0 = time.monotonic()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for k in range(days):
+            day = DAY0 + timedelta(days=k)
+            row = conn.execute(
+                "SELECT count(*) FROM commandbus.command WHERE created_at >= %s"
+                " AND created_at < %s", (day, day + timedelta(days=1)),
+            ).fetchone()  # fmt: skip
+            missing = per_day - (row[0] if row else 0)
+            if missing > 0:
+                _log(f"history day {day.date()}: {missing} commands")
+                _history_day(conn, day, missing, f"r{k}-")
+        conn.execute("VACUUM ANALYZE commandbus.command")
+        conn.execute("ANALYZE commandbus.audit")
+    return time.monotonic() - t0
+
+
 def _sizes(dsn: str) -> dict[str, dict[str, int]]:
     """Heap and index bytes of the command, audit (all partitions), payload_archive and queue
     tables."""
@@ -271,20 +297,28 @@ def _generate(dsn: str, first_day: int, days: int, per_day: int, tag: str) -> fl
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     admin = args.dsn
     run_id = uuid4().hex[:6]
-    ours, today = f"rcmd_hist_ours_{run_id}", f"rcmd_hist_today_{run_id}"
+    ours = args.reuse or f"rcmd_hist_ours_{run_id}"
+    today, fresh = f"rcmd_hist_today_{run_id}", f"rcmd_hist_fresh_{run_id}"
     per_day = args.history // args.history_days
     out: dict[str, Any] = {
-        "args": vars(args),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+
+    def save() -> None:
+        """The figures so far (a run cut short keeps what it measured)."""
+        if args.out:
+            args.out.write_text(json.dumps(out, indent=2, default=str) + "\n")
+
     with psycopg.connect(admin, autocommit=True) as conn:
         out["server"] = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
         cpu = PgCpu(_postmaster_of(conn))
-    ours_dsn = create_database(admin, ours)
+    ours_dsn = create_database(admin, ours) if not args.reuse else _dsn_of(admin, args.reuse)
     today_dsn = create_database(admin, today)
     try:
         async with AsyncConnectionPool(ours_dsn, min_size=1, max_size=4, open=False) as pool:
-            await setup_database(pool)
+            # With --reuse: every migration again (the functions as this checkout has them).
+            await setup_database(pool, skip_if_exists=not args.reuse)
             async with pool.connection() as conn:
                 await conn.execute(f"SELECT pgmq.create('{QUEUE}')")  # type: ignore[arg-type]
                 # Day partitions of the generated history (and of the simulated week).
@@ -292,19 +326,37 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                     "SELECT commandbus.ensure_audit_partitions_v1(%s::date, %s::date)",
                     (DAY0.date(), (DAY0 + timedelta(days=args.history_days + args.week)).date()),
                 )
-        _log("ours: throughput without history")
-        base = [await _throughput(ours_dsn, args.commands, args.concurrency)
-                for _ in range(args.repeat)]  # fmt: skip
+        if args.reuse:
+            # No history: a fresh database of the same server, in this run.
+            fresh_dsn = create_database(admin, fresh)
+            async with AsyncConnectionPool(fresh_dsn, min_size=1, max_size=2, open=False) as p:
+                await setup_database(p)
+                async with p.connection() as conn:
+                    await conn.execute(f"SELECT pgmq.create('{QUEUE}')")  # type: ignore[arg-type]
+            _log("fresh database: throughput without history")
+            base = [await _throughput(fresh_dsn, args.commands, args.concurrency)
+                    for _ in range(args.repeat)]  # fmt: skip
+            out["sizes_empty"] = _sizes(fresh_dsn)
+            drop_database(admin, fresh)
+        else:
+            _log("ours: throughput without history")
+            base = [await _throughput(ours_dsn, args.commands, args.concurrency)
+                    for _ in range(args.repeat)]  # fmt: skip
+            out["sizes_empty"] = _sizes(ours_dsn)
         out["throughput_no_history"] = round(max(base))
-        out["sizes_empty"] = _sizes(ours_dsn)
-        _log(f"ours: generating {args.history} commands of history")
-        out["generate_s"] = round(_generate(ours_dsn, 0, args.history_days, per_day, "h"), 1)
+        out["throughput_no_history_runs"] = [round(b) for b in base]
+        save()
+        _log(f"ours: generating {args.history} commands of history (days missing)")
+        out["generate_s"] = round(_top_up(ours_dsn, args.history_days, per_day), 1)
         out["sizes_history"] = _sizes(ours_dsn)
+        save()
         _log("ours: throughput with history")
         hist = [await _throughput(ours_dsn, args.commands, args.concurrency)
                 for _ in range(args.repeat)]  # fmt: skip
         out["throughput_history"] = round(max(hist))
+        out["throughput_history_runs"] = [round(h) for h in hist]
         out["throughput_ratio"] = round(max(hist) / max(base), 3)
+        save()
 
         async def ours_retention(cutoff: datetime, duty: float = 1.0) -> Any:
             async with AsyncConnectionPool(ours_dsn, min_size=1, max_size=1, open=False) as p:
@@ -325,12 +377,14 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             args.warm,
         )  # fmt: skip
         out["sizes_after_retention"] = _sizes(ours_dsn)
+        save()
         _log(f"ours: paced retention (max_duty {args.duty}) of the next day under load")
         cutoff2 = DAY0 + timedelta(days=2, hours=1)
         out["retention_ours_paced"] = await _retention_under_load(
             ours_dsn, args.backlog, args.concurrency, cpu,
             lambda: ours_retention(cutoff2, args.duty), args.warm,
         )  # fmt: skip
+        save()
 
         # today: the schema of V001 only, one day of the same history
         install_pgmq(today_dsn)
@@ -369,6 +423,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             args.warm,
         )  # fmt: skip
         out["sizes_today_after"] = _sizes(today_dsn)
+        save()
         drop_database(admin, today)
 
         # A week of simulated days: a new day of history, then retention of the oldest one.
@@ -376,7 +431,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         for k in range(args.week):
             _log(f"ours: simulated day {k + 1}/{args.week}")
             t0 = time.monotonic()
-            _generate(ours_dsn, args.history_days + k, 1, per_day, "w")
+            _generate(ours_dsn, args.history_days + k, 1, per_day, f"w{run_id}")
             gen = time.monotonic() - t0
             cut = DAY0 + timedelta(days=k + 3, hours=1)
             cpu0, t1 = cpu.sample(), time.monotonic()
@@ -386,6 +441,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                          "retention_s": round(time.monotonic() - t1, 2),
                          "db_cpu_s": None if cpu0 is None or cpu1 is None
                          else round(cpu1 - cpu0, 2), **detail})  # fmt: skip
+            out["week"] = week
+            out["sizes_week_day"] = {"day": k + 1, **_sizes(ours_dsn)}
+            save()
         out["week"] = week
         with psycopg.connect(ours_dsn, autocommit=True) as conn:
             conn.execute("VACUUM commandbus.command")
@@ -394,7 +452,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         if not args.keep:
             drop_database(admin, ours)
             drop_database(admin, today)
+            drop_database(admin, fresh)
     out["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
+    save()
     return out
 
 
@@ -419,6 +479,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--week", type=int, default=7, help="simulated days")
     p.add_argument("--out", type=Path, help="write the JSON summary here too")
     p.add_argument("--keep", action="store_true", help="keep the databases")
+    p.add_argument("--reuse", help="an `ours` database of an earlier run (kept or cut short):"
+                   " its history is topped up instead of made; no-history figures from a fresh"
+                   " database")  # fmt: skip
     return p
 
 

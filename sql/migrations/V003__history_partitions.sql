@@ -98,11 +98,12 @@ BEGIN
     END IF;
     -- Without the lock first: usually every day exists already.
     IF NOT EXISTS (
+        WITH p AS MATERIALIZED (
+            SELECT * FROM commandbus.audit_partitions_v1() x WHERE NOT x.is_default)
         SELECT 1 FROM generate_series(p_from, p_to, interval '1 day') AS g(day)
         WHERE NOT EXISTS (
-            SELECT 1 FROM commandbus.audit_partitions_v1() p
-            WHERE NOT p.is_default
-              AND coalesce(p.range_from, '-infinity') <= (g.day::timestamp AT TIME ZONE 'UTC')
+            SELECT 1 FROM p
+            WHERE coalesce(p.range_from, '-infinity') <= (g.day::timestamp AT TIME ZONE 'UTC')
               AND coalesce(p.range_to, 'infinity') > (g.day::timestamp AT TIME ZONE 'UTC'))
     ) THEN
         RETURN 0;
