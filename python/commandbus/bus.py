@@ -183,13 +183,18 @@ class CommandBus:
         *,
         chunk_size: int = DEFAULT_PRUNE_CHUNK_SIZE,
         on_progress: Callable[[PruneResult], None] | None = None,
+        max_duty: float = 1.0,
     ) -> PruneResult:
         """Delete terminal commands (COMPLETED, FAILED, CANCELED) last updated before the
-        cutoff, with their audit rows and archived messages, in chunks of `chunk_size` (one
-        transaction each). Nothing in flight or in the TSQ is touched."""
+        cutoff, with their archived messages, in chunks of `chunk_size` (one transaction
+        each), then drop the audit trail's day partitions that end before the cutoff and that
+        no remaining command or batch uses. Nothing pending, in flight, in the TSQ, or in a
+        batch or process that has not ended is touched. `max_duty` paces it (see
+        `commandbus.retention.prune`)."""
         return await retention.prune(
-            self._pool, older_than, domain, chunk_size=chunk_size, on_progress=on_progress
-        )
+            self._pool, older_than, domain, chunk_size=chunk_size, on_progress=on_progress,
+            max_duty=max_duty,
+        )  # fmt: skip
 
     # -- sending -------------------------------------------------------------------------
 

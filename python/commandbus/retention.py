@@ -1,11 +1,17 @@
-"""Retention: prune old terminal commands, their audit trail, archived payloads and queue
-messages, and the completed batches left empty, in bounded chunks.
+"""Retention: prune old terminal commands, archived payloads and queue messages, and the
+completed batches left empty, in bounded chunks; drop the audit trail by whole day partitions.
 
 `prune()` deletes COMPLETED, FAILED and CANCELED commands whose `updated_at` is older than the
-cutoff, one transaction per chunk (`commandbus.prune_v1`), until nothing is left. PENDING,
-IN_PROGRESS and IN_TROUBLESHOOTING_QUEUE commands are never touched. A batch is pruned once it
-is complete since before the cutoff and none of its commands (or processes) is left.
-Concurrent pruners are safe: rows locked by another one are skipped.
+cutoff, one transaction per chunk (`commandbus.prune_v2`), until nothing is left. PENDING,
+IN_PROGRESS and IN_TROUBLESHOOTING_QUEUE commands are never touched, nor the finished commands of
+a batch or a process that has not ended. A batch is pruned once it is complete since before the
+cutoff and none of its commands (or processes) is left. Then the audit trail's day partitions
+that end before the cutoff are detached and dropped (`commandbus.drop_audit_partition_v1`), each
+once no command or batch that still exists has a row in it. Concurrent pruners are safe: rows
+locked by another one are skipped.
+
+`ensure_partitions()` creates the audit trail's day partitions ahead of time (setup_database()
+and workers call it).
 
 `run_retention()` repeats it on a schedule (`RetentionPolicy`), e.g. inside a worker.
 """
@@ -16,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -42,7 +49,11 @@ class PruneResult:
         payloads: payload_archive rows.
         messages: PGMQ messages (archived, and stale ones of the live queue).
         batches: batch rows.
-        chunks: calls of `commandbus.prune_v1` (one transaction each).
+        partitions: audit day partitions dropped (their rows are not in audit_events).
+        partition_rows: the dropped partitions' estimated row count (from the statistics).
+        partitions_kept: partitions past the cutoff kept because an existing command or batch
+            has rows in them.
+        chunks: calls of `commandbus.prune_v2` (one transaction each).
         cutoff: the cutoff used (rows last updated before it were eligible).
     """
 
@@ -51,6 +62,9 @@ class PruneResult:
     payloads: int = 0
     messages: int = 0
     batches: int = 0
+    partitions: int = 0
+    partition_rows: int = 0
+    partitions_kept: int = 0
     chunks: int = 0
     cutoff: datetime | None = field(default=None, compare=False)
 
@@ -62,6 +76,12 @@ def _check_chunk_size(chunk_size: int) -> int:
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValidationError("chunk_size", chunk_size, "must be an integer >= 1")
     return chunk_size
+
+
+def _check_duty(max_duty: object) -> float:
+    if isinstance(max_duty, bool) or not isinstance(max_duty, int | float) or not 0 < max_duty <= 1:
+        raise ValidationError("max_duty", max_duty, "must be a number in (0, 1]")
+    return float(max_duty)
 
 
 def _check_age(older_than: object) -> timedelta:
@@ -88,6 +108,7 @@ async def prune(
     *,
     chunk_size: int = DEFAULT_PRUNE_CHUNK_SIZE,
     on_progress: ProgressCallback | None = None,
+    max_duty: float = 1.0,
 ) -> PruneResult:
     """Delete terminal commands last updated before the cutoff, with their audit rows,
     payload_archive rows and queue messages, and the complete batches left empty.
@@ -99,12 +120,16 @@ async def prune(
         domain: prune one domain only (None: all domains).
         chunk_size: most commands (and batches) deleted per transaction.
         on_progress: called with the running totals after each chunk.
+        max_duty: the share of its run time the prune spends in the database (0 < x <= 1):
+            after a chunk that took t seconds it pauses t * (1 / max_duty - 1) seconds, so a
+            prune of a large backlog does not compete with the workers at full speed
+            (1.0: no pause).
 
     Raises:
         ValidationError: bad cutoff, domain or chunk size (nothing deleted).
         DatabaseError: the database failed; chunks already committed stay deleted.
     """
-    return await _prune(pool, older_than, domain, chunk_size, on_progress, None)
+    return await _prune(pool, older_than, domain, chunk_size, on_progress, None, max_duty)
 
 
 async def _prune(
@@ -114,39 +139,92 @@ async def _prune(
     chunk_size: int,
     on_progress: ProgressCallback | None,
     stop_event: asyncio.Event | None,
+    max_duty: float = 1.0,
 ) -> PruneResult:
     """`prune`, stopping between chunks once `stop_event` is set."""
     _check_chunk_size(chunk_size)
+    _check_duty(max_duty)
     if domain is not None:
         validate_domain(domain)
     cutoff = await _cutoff(pool, older_than)
     total = PruneResult(cutoff=cutoff)
     while True:
         # One chunk per call, each in its own transaction (committed on return).
+        started = time.monotonic()
         row = await _db.fetch_one(pool, "retention_prune", cutoff, domain, chunk_size, rows=dict)
+        elapsed = time.monotonic() - started
         assert row is not None  # prune_v1 always returns its one row of counts
-        total = PruneResult(
+        total = replace(
+            total,
             commands=total.commands + row["commands"],
             audit_events=total.audit_events + row["audit_events"],
             payloads=total.payloads + row["payloads"],
             messages=total.messages + row["messages"],
             batches=total.batches + row["batches"],
             chunks=total.chunks + 1,
-            cutoff=cutoff,
         )
         if on_progress is not None:
             on_progress(total)
-        if row["commands"] == 0 and row["batches"] == 0:
+        if row["commands"] == 0 and row["batches"] == 0 and row["messages"] == 0:
             break
         if stop_event is not None and stop_event.is_set():
             break
+        if max_duty < 1.0:
+            pause = elapsed * (1.0 / max_duty - 1.0)
+            if stop_event is None:
+                await asyncio.sleep(pause)
+            elif await _stopped_within(stop_event, pause):
+                break
+    while stop_event is None or not stop_event.is_set():
+        # One partition per call, each in its own transaction (a short lock of the audit table).
+        part = await _db.fetch_one(pool, "retention_drop_partition", cutoff, rows=dict)
+        assert part is not None
+        total = replace(total, partitions_kept=part["kept"])
+        if part["dropped"] is None:
+            break
+        total = replace(
+            total,
+            partitions=total.partitions + 1,
+            partition_rows=total.partition_rows + max(0, part["est_rows"]),
+        )
+        logger.info("dropped audit partition %s (~%d rows)", part["dropped"], part["est_rows"])
+        if on_progress is not None:
+            on_progress(total)
     logger.info(
-        "pruned %d commands, %d audit rows, %d payloads, %d messages, %d batches "
-        "(domain %s, before %s, %d chunks)",
+        "pruned %d commands, %d audit rows, %d payloads, %d messages, %d batches, "
+        "%d audit partitions (%d kept) (domain %s, before %s, %d chunks)",
         total.commands, total.audit_events, total.payloads, total.messages, total.batches,
-        domain or "*", cutoff.isoformat(), total.chunks,
+        total.partitions, total.partitions_kept, domain or "*", cutoff.isoformat(), total.chunks,
     )  # fmt: skip
     return total
+
+
+DEFAULT_PARTITION_DAYS_AHEAD = 7
+
+
+async def ensure_partitions(
+    pool: AsyncConnectionPool[Any], days_ahead: int = DEFAULT_PARTITION_DAYS_AHEAD
+) -> int:
+    """Create the audit trail's day partitions (UTC days) from yesterday to `days_ahead` days
+    ahead that do not exist yet; return how many were created.
+
+    Idempotent and safe from several processes at once. setup_database() and every worker
+    call it; a row no partition covers lands in the default partition meanwhile (and moves
+    into its day's partition when that is created).
+
+    Raises:
+        ValidationError: `days_ahead` is not an integer in 0..3650.
+    """
+    if (
+        isinstance(days_ahead, bool)
+        or not isinstance(days_ahead, int)
+        or not 0 <= days_ahead <= 3650
+    ):
+        raise ValidationError("days_ahead", days_ahead, "must be an integer in 0..3650")
+    created = await _db.fetch_value(pool, "partitions_ensure", days_ahead)
+    if created:
+        logger.info("created %d audit partitions", created)
+    return int(created or 0)
 
 
 @dataclass(frozen=True)
@@ -158,12 +236,15 @@ class RetentionPolicy:
         interval: seconds between prunes.
         chunk_size: most commands deleted per transaction.
         domain: prune this domain only (None: all domains).
+        max_duty: the share of its run time a prune spends in the database (see `prune`);
+            0.5 by default: a prune runs at most half the time, next to the workers.
     """
 
     older_than: timedelta
     interval: float = 3600.0
     chunk_size: int = DEFAULT_PRUNE_CHUNK_SIZE
     domain: str | None = None
+    max_duty: float = 0.5
 
     def __post_init__(self) -> None:
         _check_age(self.older_than)
@@ -176,6 +257,7 @@ class RetentionPolicy:
         _check_chunk_size(self.chunk_size)
         if self.domain is not None:
             validate_domain(self.domain)
+        _check_duty(self.max_duty)
 
     def for_domain(self, domain: str) -> RetentionPolicy:
         """This policy restricted to `domain` unless it names one already."""
@@ -201,12 +283,32 @@ async def run_retention(
     )
     while not await _stopped_within(stop_event, delay):
         try:
+            await ensure_partitions(pool)
             await _prune(
-                pool, policy.older_than, policy.domain, policy.chunk_size, None, stop_event
-            )
+                pool, policy.older_than, policy.domain, policy.chunk_size, None, stop_event,
+                policy.max_duty,
+            )  # fmt: skip
         except Exception:
             logger.exception("retention prune failed (domain %s)", policy.domain or "*")
         delay = policy.interval
+
+
+async def run_partition_upkeep(
+    pool: AsyncConnectionPool[Any],
+    stop_event: asyncio.Event,
+    *,
+    interval: float = 3600.0,
+    days_ahead: int = DEFAULT_PARTITION_DAYS_AHEAD,
+) -> None:
+    """`ensure_partitions` now and every `interval` seconds until `stop_event` is set (a failure
+    is logged and retried at the next interval). Workers run it."""
+    delay = 0.0
+    while not await _stopped_within(stop_event, delay):
+        try:
+            await ensure_partitions(pool, days_ahead)
+        except Exception:
+            logger.exception("creating audit partitions failed")
+        delay = interval
 
 
 async def _stopped_within(stop_event: asyncio.Event, seconds: float) -> bool:
@@ -219,10 +321,13 @@ async def _stopped_within(stop_event: asyncio.Event, seconds: float) -> bool:
 
 
 __all__ = [
+    "DEFAULT_PARTITION_DAYS_AHEAD",
     "DEFAULT_PRUNE_CHUNK_SIZE",
     "ProgressCallback",
     "PruneResult",
     "RetentionPolicy",
+    "ensure_partitions",
     "prune",
+    "run_partition_upkeep",
     "run_retention",
 ]

@@ -74,6 +74,8 @@ async def _setup(conn: AsyncConnection[Any], *, skip_if_exists: bool) -> bool:
             logger.info("applying commandbus migration V%03d__%s", version, name)
             await conn.execute(text)
             await _db.execute(conn, "setup_migration_record", version, name)
+        # The audit trail's day partitions, a week ahead (workers keep extending them).
+        await _db.fetch_value(conn, "partitions_ensure", 7)
         logger.info("commandbus schema ready (PGMQ: %s, created: %s)", pgmq_how, not existed)
     return not existed
 

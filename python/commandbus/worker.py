@@ -54,7 +54,7 @@ from commandbus.exceptions import (
 from commandbus.handler import HandlerRegistry
 from commandbus.models import Command, CommandMetadata, CommandStatus, HandlerContext
 from commandbus.policies import DEFAULT_RETRY_POLICY, RetryPolicy
-from commandbus.retention import RetentionPolicy, run_retention
+from commandbus.retention import RetentionPolicy, run_partition_upkeep, run_retention
 
 logger = logging.getLogger(__name__)
 
@@ -434,12 +434,18 @@ class Worker:
         logger.info("worker for %s starting (concurrency=%d)", self._domain, concurrency)
         retention_stop = asyncio.Event()
         retention_task: asyncio.Task[None] | None = None
+        upkeep_task: asyncio.Task[None] | None = None
         events_task: asyncio.Task[None] | None = None
         try:
             await call(native.start)
             events_task = asyncio.create_task(
                 self._log_events(native), name=f"rcmd-events-{self._domain}"
             )
+            if not self._pool.closed:  # (SyncWorker's internal pool opens for retention only)
+                upkeep_task = asyncio.create_task(
+                    run_partition_upkeep(self._pool, retention_stop),
+                    name=f"rcmd-partitions-{self._domain}",
+                )
             if self._retention is not None:
                 retention_task = asyncio.create_task(
                     run_retention(
@@ -484,9 +490,11 @@ class Worker:
             if handle_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(sig)
+            retention_stop.set()
             if retention_task is not None:
-                retention_stop.set()
                 await retention_task  # logs and swallows prune errors itself
+            if upkeep_task is not None:
+                await upkeep_task  # logs and swallows its errors itself
             await self._shutdown(native, events_task)
 
     async def _log_events(self, native: _native.NativeWorker) -> None:

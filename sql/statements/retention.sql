@@ -6,6 +6,19 @@
 SELECT now() - $1::interval AS cutoff
 
 -- name: retention_prune
--- One chunk of pruning (prune_v1): call until commands and batches are both 0.
+-- One chunk of pruning (prune_v2): call until commands, batches and messages are all 0.
 -- $1 cutoff TIMESTAMPTZ, $2 domain TEXT, $3 chunk INT
-SELECT commands, audit_events, payloads, messages, batches FROM commandbus.prune_v1($1::timestamptz, $2::text, $3::int)
+SELECT commands, audit_events, payloads, messages, batches FROM commandbus.prune_v2($1::timestamptz, $2::text, $3::int)
+
+-- name: retention_drop_partition
+-- Drops the oldest unused audit partition ending before the cutoff (drop_audit_partition_v1):
+-- call until dropped is NULL.
+-- $1 cutoff TIMESTAMPTZ
+SELECT dropped, est_rows, kept FROM commandbus.drop_audit_partition_v1($1::timestamptz)
+
+-- name: partitions_ensure
+-- Creates the audit day partitions (UTC) from yesterday to $1 days ahead that are missing; the
+-- number created.
+-- $1 days_ahead INT
+SELECT commandbus.ensure_audit_partitions_v1(((now() AT TIME ZONE 'UTC') - interval '1 day')::date, ((now() AT TIME ZONE 'UTC') + make_interval(days => $1::int))::date) AS created
+

@@ -337,11 +337,16 @@ class SyncCommandBus:
         *,
         chunk_size: int = DEFAULT_PRUNE_CHUNK_SIZE,
         on_progress: Callable[[PruneResult], None] | None = None,
+        max_duty: float = 1.0,
     ) -> PruneResult:
-        """Delete old terminal commands, as `CommandBus.prune`."""
+        """Delete old terminal commands and drop old audit partitions, as `CommandBus.prune`."""
         return self._call(
             lambda: self._bus.prune(
-                older_than, domain, chunk_size=chunk_size, on_progress=on_progress
+                older_than,
+                domain,
+                chunk_size=chunk_size,
+                on_progress=on_progress,
+                max_duty=max_duty,
             )
         )
 

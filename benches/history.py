@@ -1,0 +1,494 @@
+"""History benchmark: worker throughput and retention with a large history (issue 16).
+
+One run, one server (default: the machine's PostgreSQL at 127.0.0.1:5432; `--dsn` for another):
+
+1. `ours` database (this checkout's schema, audit partitioned by day). Worker throughput with no
+   history: a backlog of `--commands` PENDING commands (made set-based through
+   send_commands_v2) drained by one in-process `Worker` (no-op handler, `--concurrency`).
+2. History, generated set-based (generate_series, not through the bus): `--history` finished
+   commands spread over `--history-days` past days, three audit rows each (SENT, STARTED,
+   COMPLETED), in each day's partition. Sizes of tables and indexes.
+3. Worker throughput again, with that history (same backlog size): the ratio to 1.
+4. Retention of the oldest day while the worker drains a backlog: the worker's rate during
+   retention against its rate just before (same drain), retention's time and database CPU.
+5. `today` database: the schema of V001 alone (audit not partitioned) with one day of the same
+   history (`--history / --history-days` commands), and the same measure with today's retention
+   (prune_v1, chunked DELETE of command, audit rows and messages).
+6. A week of simulated days on `ours`: each day adds a day of history and prunes the oldest
+   one. Sizes after it.
+
+Databases are dropped at the end (`--keep` keeps them). Prints a JSON summary, and `--out FILE`
+writes it. Development scale: `--history 200000 --history-days 4 --commands 20000 --week 2`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _client import PgCpu
+
+from commandbus import (
+    Command,
+    HandlerContext,
+    HandlerRegistry,
+    Worker,
+    _sql,
+)
+from commandbus.embedded import create_database, drop_database, install_pgmq
+from commandbus.retention import prune
+from commandbus.setup import setup_database
+
+DOMAIN = "bench"
+QUEUE = f"{DOMAIN}__commands"
+DAY0 = datetime(2026, 1, 1, tzinfo=UTC)  # the first day of generated history
+
+
+def _log(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def _postmaster_of(conn: psycopg.Connection[Any]) -> int | None:
+    row = conn.execute("SELECT pg_backend_pid()").fetchone()
+    fields = PgCpu.stat_fields(row[0]) if row else None
+    return int(fields[1]) if fields else None
+
+
+def _backend_cpu(pid: int) -> float | None:
+    """CPU seconds of one server process (a backend), when it runs on this machine."""
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _backlog(dsn: str, n: int) -> None:
+    """n PENDING commands with their queue messages and SENT rows, 10,000 per call."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        done = 0
+        while done < n:
+            k = min(10_000, n - done)
+            conn.execute(
+                "WITH a AS (SELECT array_agg(id) AS ids, array_agg(jsonb_build_object("
+                "  'domain', %(d)s::text, 'command_type', 'Noop', 'command_id', id,"
+                "  'correlation_id', id, 'data', jsonb_build_object('n', 1))) AS msgs"
+                "  FROM (SELECT gen_random_uuid() AS id FROM generate_series(1, %(k)s)) g)"
+                " SELECT count(*) FROM a, commandbus.send_commands_v2(%(d)s, a.ids,"
+                " array_fill('Noop'::text, ARRAY[%(k)s]), a.msgs,"
+                " array_fill(NULL::uuid, ARRAY[%(k)s]), array_fill(NULL::text, ARRAY[%(k)s]),"
+                " array_fill(NULL::int, ARRAY[%(k)s]), array_fill(NULL::uuid, ARRAY[%(k)s]))",
+                {"d": DOMAIN, "k": k},
+            )
+            done += k
+
+
+def _history_day(conn: psycopg.Connection[Any], day: datetime, n: int, tag: str) -> None:
+    """n COMPLETED commands created over `day`, each with SENT, STARTED and COMPLETED rows."""
+    step = 86_400.0 / n
+    chunk = 500_000
+    for lo in range(0, n, chunk):
+        hi = min(n, lo + chunk)
+        conn.execute(
+            """
+            WITH c AS (
+                INSERT INTO commandbus.command (domain, queue_name, msg_id, command_id,
+                    command_type, status, attempts, created_at, updated_at, reply_queue, result)
+                SELECT %(d)s, %(q)s, NULL, md5(%(tag)s || g)::uuid, 'Noop', 'COMPLETED', 1,
+                       %(day)s + g * %(step)s * interval '1 second',
+                       %(day)s + (g * %(step)s + 0.05) * interval '1 second', '', NULL
+                FROM generate_series(%(lo)s, %(hi)s - 1) AS g
+                RETURNING command_id, created_at
+            )
+            INSERT INTO commandbus.audit (domain, command_id, event_type, ts, details_json)
+            SELECT %(d)s, c.command_id, e.event_type, c.created_at + e.offs,
+                   CASE e.event_type WHEN 'SENT' THEN jsonb_build_object('command_type', 'Noop',
+                       'correlation_id', NULL, 'reply_to', NULL, 'msg_id', 1, 'batch_id', NULL)
+                   WHEN 'STARTED' THEN jsonb_build_object('attempt', 1, 'msg_id', 1)
+                   ELSE jsonb_build_object('msg_id', 1, 'reply_to', NULL) END
+            FROM c CROSS JOIN (VALUES ('SENT', interval '0'), ('STARTED', interval '10 ms'),
+                                      ('COMPLETED', interval '50 ms')) AS e(event_type, offs)
+            """,
+            {"d": DOMAIN, "q": QUEUE, "tag": tag, "day": day, "step": step, "lo": lo, "hi": hi},
+        )
+
+
+def _dsn_of(admin: str, name: str) -> str:
+    """The DSN of database `name` on the server of `admin`."""
+    params = psycopg.conninfo.conninfo_to_dict(admin)
+    params["dbname"] = name
+    return psycopg.conninfo.make_conninfo(**params)  # type: ignore[arg-type]
+
+
+def _top_up(dsn: str, days: int, per_day: int) -> float:
+    """Generate what is missing of `per_day` commands on each of the first `days` days."""
+    t0 = time.monotonic()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for k in range(days):
+            day = DAY0 + timedelta(days=k)
+            row = conn.execute(
+                "SELECT count(*) FROM commandbus.command WHERE created_at >= %s"
+                " AND created_at < %s", (day, day + timedelta(days=1)),
+            ).fetchone()  # fmt: skip
+            missing = per_day - (row[0] if row else 0)
+            if missing > 0:
+                _log(f"history day {day.date()}: {missing} commands")
+                _history_day(conn, day, missing, f"r{k}-")
+        conn.execute("VACUUM ANALYZE commandbus.command")
+        conn.execute("ANALYZE commandbus.audit")
+    return time.monotonic() - t0
+
+
+def _sizes(dsn: str) -> dict[str, dict[str, int]]:
+    """Heap and index bytes of the command, audit (all partitions), payload_archive and queue
+    tables."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            """
+            SELECT CASE WHEN n.nspname = 'pgmq' THEN 'pgmq'
+                        WHEN c.relname LIKE 'audit%%' THEN 'audit' ELSE c.relname END AS t,
+                   sum(pg_table_size(c.oid))::bigint, sum(pg_indexes_size(c.oid))::bigint,
+                   sum(greatest(c.reltuples, 0))::bigint
+            FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE c.relkind = 'r' AND (n.nspname = 'pgmq' OR (n.nspname = 'commandbus'
+                  AND c.relname IN ('command', 'payload_archive', 'batch')
+                  OR n.nspname = 'commandbus' AND c.relname LIKE 'audit%%'))
+            GROUP BY 1 ORDER BY 1
+            """
+        ).fetchall()
+    return {r[0]: {"table": r[1], "indexes": r[2], "est_rows": r[3]} for r in rows}
+
+
+class _Counter:
+    handled = 0
+
+
+async def _noop(command: Command, context: HandlerContext) -> None:
+    _Counter.handled += 1
+
+
+class Drain:
+    """A worker draining the backlog; `rate(a, b)`: handled per second between two marks."""
+
+    def __init__(self, dsn: str, concurrency: int, feed: int = 0) -> None:
+        self.dsn = dsn
+        self.concurrency = concurrency
+        self.feed = feed  # keep at least this many commands pending (0: no feeding)
+        self.sent = 0
+        self.samples: list[tuple[float, int]] = []
+
+    async def __aenter__(self) -> Drain:
+        self.pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+            self.dsn, min_size=2, max_size=10, open=False
+        )
+        await self.pool.open()
+        registry = HandlerRegistry()
+        registry.register(DOMAIN, "Noop", _noop)
+        self.worker = Worker(self.pool, DOMAIN, registry)
+        _Counter.handled = 0
+        self.task = asyncio.create_task(
+            self.worker.run(concurrency=self.concurrency, poll_interval=0.2)
+        )
+        self.sampler = asyncio.create_task(self._sample())
+        self.feeder = asyncio.create_task(self._feed()) if self.feed else None
+        return self
+
+    async def _feed(self) -> None:
+        while True:
+            if self.sent - _Counter.handled < self.feed:
+                await asyncio.to_thread(_backlog, self.dsn, 10_000)
+                self.sent += 10_000
+            else:
+                await asyncio.sleep(0.1)
+
+    async def _sample(self) -> None:
+        while True:
+            self.samples.append((time.monotonic(), _Counter.handled))
+            await asyncio.sleep(0.25)
+
+    def mark(self) -> tuple[float, int]:
+        return time.monotonic(), _Counter.handled
+
+    async def wait_handled(self, n: int, stall: float = 120) -> None:
+        last, since = _Counter.handled, time.monotonic()
+        while _Counter.handled < n:
+            await asyncio.sleep(0.05)
+            if _Counter.handled != last:
+                last, since = _Counter.handled, time.monotonic()
+            elif time.monotonic() - since > stall:
+                raise RuntimeError(f"worker stalled at {last} of {n} handled")
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.sampler.cancel()
+        if self.feeder is not None:
+            self.feeder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.feeder
+        await self.worker.stop(timeout=30)
+        await self.task
+        await self.pool.close()
+
+
+def _rate(a: tuple[float, int], b: tuple[float, int]) -> float:
+    return (b[1] - a[1]) / max(1e-9, b[0] - a[0])
+
+
+async def _throughput(dsn: str, n: int, concurrency: int) -> float:
+    """Commands per second draining a fresh backlog of n (first 10% left out: warm-up)."""
+    _backlog(dsn, n)
+    async with Drain(dsn, concurrency) as drain:
+        await drain.wait_handled(n // 10)
+        a = drain.mark()
+        await drain.wait_handled(n)
+        b = drain.mark()
+    return _rate(a, b)
+
+
+async def _retention_under_load(
+    dsn: str, backlog: int, concurrency: int, cpu: PgCpu, run: Any, warm: float
+) -> dict[str, Any]:
+    """Worker rate for `warm` seconds, then during `run()` (a coroutine factory), with at
+    least `backlog` commands kept pending by a feeder (sending is part of the load)."""
+    async with Drain(dsn, concurrency, feed=backlog) as drain:
+        await drain.wait_handled(20_000)
+        a = drain.mark()
+        await asyncio.sleep(warm)
+        b = drain.mark()
+        cpu0, t0 = cpu.sample(), time.monotonic()
+        detail = await run()
+        seconds = time.monotonic() - t0
+        cpu1 = cpu.sample()
+        c = drain.mark()
+        left = drain.sent - c[1]
+    return {
+        "rate_before": round(_rate(a, b)),
+        "rate_during": round(_rate(b, c)),
+        "ratio": round(_rate(b, c) / max(1e-9, _rate(a, b)), 3),
+        "retention_s": round(seconds, 2),
+        "db_cpu_s": None if cpu0 is None or cpu1 is None else round(cpu1 - cpu0, 2),
+        "pending_at_end": left,
+        "detail": detail,
+    }
+
+
+def _generate(dsn: str, first_day: int, days: int, per_day: int, tag: str) -> float:
+    t0 = time.monotonic()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for k in range(first_day, first_day + days):
+            day = DAY0 + timedelta(days=k)
+            _log(f"history day {day.date()}: {per_day} commands")
+            _history_day(conn, day, per_day, f"{tag}-{k}-")
+        conn.execute("VACUUM ANALYZE commandbus.command")
+        conn.execute("ANALYZE commandbus.audit")
+    return time.monotonic() - t0
+
+
+async def main(args: argparse.Namespace) -> dict[str, Any]:
+    admin = args.dsn
+    run_id = uuid4().hex[:6]
+    ours = args.reuse or f"rcmd_hist_ours_{run_id}"
+    today, fresh = f"rcmd_hist_today_{run_id}", f"rcmd_hist_fresh_{run_id}"
+    per_day = args.history // args.history_days
+    out: dict[str, Any] = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+    def save() -> None:
+        """The figures so far (a run cut short keeps what it measured)."""
+        if args.out:
+            args.out.write_text(json.dumps(out, indent=2, default=str) + "\n")
+
+    with psycopg.connect(admin, autocommit=True) as conn:
+        out["server"] = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
+        cpu = PgCpu(_postmaster_of(conn))
+    ours_dsn = create_database(admin, ours) if not args.reuse else _dsn_of(admin, args.reuse)
+    today_dsn = create_database(admin, today)
+    try:
+        async with AsyncConnectionPool(ours_dsn, min_size=1, max_size=4, open=False) as pool:
+            # With --reuse: every migration again (the functions as this checkout has them).
+            await setup_database(pool, skip_if_exists=not args.reuse)
+            async with pool.connection() as conn:
+                await conn.execute(f"SELECT pgmq.create('{QUEUE}')")  # type: ignore[arg-type]
+                # Day partitions of the generated history (and of the simulated week).
+                await conn.execute(
+                    "SELECT commandbus.ensure_audit_partitions_v1(%s::date, %s::date)",
+                    (DAY0.date(), (DAY0 + timedelta(days=args.history_days + args.week)).date()),
+                )
+        if args.reuse:
+            # No history: a fresh database of the same server, in this run.
+            fresh_dsn = create_database(admin, fresh)
+            async with AsyncConnectionPool(fresh_dsn, min_size=1, max_size=2, open=False) as p:
+                await setup_database(p)
+                async with p.connection() as conn:
+                    await conn.execute(f"SELECT pgmq.create('{QUEUE}')")  # type: ignore[arg-type]
+            _log("fresh database: throughput without history")
+            base = [await _throughput(fresh_dsn, args.commands, args.concurrency)
+                    for _ in range(args.repeat)]  # fmt: skip
+            out["sizes_empty"] = _sizes(fresh_dsn)
+            drop_database(admin, fresh)
+        else:
+            _log("ours: throughput without history")
+            base = [await _throughput(ours_dsn, args.commands, args.concurrency)
+                    for _ in range(args.repeat)]  # fmt: skip
+            out["sizes_empty"] = _sizes(ours_dsn)
+        out["throughput_no_history"] = round(max(base))
+        out["throughput_no_history_runs"] = [round(b) for b in base]
+        save()
+        _log(f"ours: generating {args.history} commands of history (days missing)")
+        out["generate_s"] = round(_top_up(ours_dsn, args.history_days, per_day), 1)
+        out["sizes_history"] = _sizes(ours_dsn)
+        save()
+        _log("ours: throughput with history")
+        hist = [await _throughput(ours_dsn, args.commands, args.concurrency)
+                for _ in range(args.repeat)]  # fmt: skip
+        out["throughput_history"] = round(max(hist))
+        out["throughput_history_runs"] = [round(h) for h in hist]
+        out["throughput_ratio"] = round(max(hist) / max(base), 3)
+        save()
+
+        async def ours_retention(cutoff: datetime, duty: float = 1.0) -> Any:
+            async with AsyncConnectionPool(ours_dsn, min_size=1, max_size=1, open=False) as p:
+                async with p.connection() as c:
+                    pid = (await (await c.execute("SELECT pg_backend_pid()")).fetchone())[0]  # type: ignore[index]
+                cpu0 = _backend_cpu(pid)
+                r = await prune(p, cutoff, chunk_size=args.chunk, max_duty=duty)
+                cpu1 = _backend_cpu(pid)
+            return {"backend_cpu_s": None if cpu0 is None or cpu1 is None
+                    else round(cpu1 - cpu0, 2),"commands": r.commands, "partitions": r.partitions,
+                    "partition_rows": r.partition_rows, "messages": r.messages,
+                    "kept": r.partitions_kept}  # fmt: skip
+
+        _log("ours: retention of the oldest day under load")
+        cutoff = DAY0 + timedelta(days=1, hours=1)
+        out["retention_ours"] = await _retention_under_load(
+            ours_dsn, args.backlog, args.concurrency, cpu, lambda: ours_retention(cutoff),
+            args.warm,
+        )  # fmt: skip
+        out["sizes_after_retention"] = _sizes(ours_dsn)
+        save()
+        _log(f"ours: paced retention (max_duty {args.duty}) of the next day under load")
+        cutoff2 = DAY0 + timedelta(days=2, hours=1)
+        out["retention_ours_paced"] = await _retention_under_load(
+            ours_dsn, args.backlog, args.concurrency, cpu,
+            lambda: ours_retention(cutoff2, args.duty), args.warm,
+        )  # fmt: skip
+        save()
+
+        # today: the schema of V001 only, one day of the same history
+        install_pgmq(today_dsn)
+        with psycopg.connect(today_dsn, autocommit=True) as conn:
+            v1 = next(text for version, _, text in _sql.migrations() if version == 1)
+            conn.execute(v1.encode())
+            conn.execute(f"SELECT pgmq.create('{QUEUE}')".encode())
+        _log(f"today: generating {per_day} commands of history")
+        _generate(today_dsn, 0, 1, per_day, "t")
+        out["sizes_today_history"] = _sizes(today_dsn)
+
+        async def today_retention(cutoff: datetime) -> Any:
+            totals = {"commands": 0, "audit_events": 0, "messages": 0, "chunks": 0}
+            async with await psycopg.AsyncConnection.connect(today_dsn, autocommit=True) as c:
+                pid = (await (await c.execute("SELECT pg_backend_pid()")).fetchone())[0]  # type: ignore[index]
+                cpu0 = _backend_cpu(pid)
+                while True:
+                    cur = await c.execute(
+                        "SELECT commands, audit_events, messages, batches"
+                        " FROM commandbus.prune_v1(%s, NULL, %s)", (cutoff, args.chunk),
+                    )  # fmt: skip
+                    row = await cur.fetchone()
+                    assert row is not None
+                    totals["commands"] += row[0]
+                    totals["audit_events"] += row[1]
+                    totals["messages"] += row[2]
+                    totals["chunks"] += 1
+                    if row[0] == 0 and row[3] == 0:
+                        cpu1 = _backend_cpu(pid)
+                        return {"backend_cpu_s": None if cpu0 is None or cpu1 is None
+                                else round(cpu1 - cpu0, 2), **totals}  # fmt: skip
+
+        _log("today: chunked DELETE under load")
+        out["retention_today"] = await _retention_under_load(
+            today_dsn, args.backlog, args.concurrency, cpu, lambda: today_retention(cutoff),
+            args.warm,
+        )  # fmt: skip
+        out["sizes_today_after"] = _sizes(today_dsn)
+        save()
+        drop_database(admin, today)
+
+        # A week of simulated days: a new day of history, then retention of the oldest one.
+        week = []
+        for k in range(args.week):
+            _log(f"ours: simulated day {k + 1}/{args.week}")
+            t0 = time.monotonic()
+            _generate(ours_dsn, args.history_days + k, 1, per_day, f"w{run_id}")
+            gen = time.monotonic() - t0
+            cut = DAY0 + timedelta(days=k + 3, hours=1)
+            cpu0, t1 = cpu.sample(), time.monotonic()
+            detail = await ours_retention(cut)
+            cpu1 = cpu.sample()
+            week.append({"generate_s": round(gen, 1),
+                         "retention_s": round(time.monotonic() - t1, 2),
+                         "db_cpu_s": None if cpu0 is None or cpu1 is None
+                         else round(cpu1 - cpu0, 2), **detail})  # fmt: skip
+            out["week"] = week
+            out["sizes_week_day"] = {"day": k + 1, **_sizes(ours_dsn)}
+            save()
+        out["week"] = week
+        with psycopg.connect(ours_dsn, autocommit=True) as conn:
+            conn.execute("VACUUM commandbus.command")
+        out["sizes_after_week"] = _sizes(ours_dsn)
+    finally:
+        if not args.keep:
+            drop_database(admin, ours)
+            drop_database(admin, today)
+            drop_database(admin, fresh)
+    out["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
+    save()
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--dsn", default="postgresql://postgres@127.0.0.1:5432/postgres",
+                   help="admin DSN of the server")  # fmt: skip
+    p.add_argument("--history", type=int, default=20_000_000, help="finished commands")
+    p.add_argument("--history-days", type=int, default=10, help="days they are spread over")
+    p.add_argument("--commands", "-n", type=int, default=100_000, help="backlog per rate run")
+    p.add_argument("--backlog", type=int, default=100_000,
+                   help="commands kept pending during the retention runs")  # fmt: skip
+    p.add_argument("--duty", type=float, default=0.3,
+                   help="max_duty of the paced retention run")  # fmt: skip
+    p.add_argument("--warm", type=float, default=15.0, help="seconds measured before retention")
+    p.add_argument("--concurrency", type=int, default=256)
+    p.add_argument("--repeat", type=int, default=2, help="throughput runs (best taken)")
+    p.add_argument("--chunk", type=int, default=1_000, help="retention chunk size")
+    p.add_argument("--week", type=int, default=7, help="simulated days")
+    p.add_argument("--out", type=Path, help="write the JSON summary here too")
+    p.add_argument("--keep", action="store_true", help="keep the databases")
+    p.add_argument("--reuse", help="an `ours` database of an earlier run (kept or cut short):"
+                   " its history is topped up instead of made; no-history figures from a fresh"
+                   " database")  # fmt: skip
+    return p
+
+
+if __name__ == "__main__":
+    arguments = _parser().parse_args()
+    summary = asyncio.run(main(arguments))
+    text = json.dumps(summary, indent=2, default=str)
+    print(text)
+    if arguments.out:
+        arguments.out.write_text(text + "\n")
