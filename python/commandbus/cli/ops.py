@@ -438,9 +438,10 @@ def prune(
         print_json(result)
         return
     stdout.print(
-        f"pruned {result.commands} commands, {result.audit_events} audit rows, "
-        f"{result.payloads} archived payloads, {result.messages} messages, {result.batches} "
-        f"batches (updated before {result.cutoff:%Y-%m-%d %H:%M:%S %Z})",
+        f"pruned {result.commands} commands, {result.payloads} archived payloads, "
+        f"{result.messages} messages, {result.batches} batches (updated before "
+        f"{result.cutoff:%Y-%m-%d %H:%M:%S %Z}); audit trail: {result.partitions} day "
+        f"partitions dropped (~{result.partition_rows} rows), {result.audit_events} rows deleted",
         markup=False,
     )
 
