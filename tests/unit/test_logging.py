@@ -6,7 +6,10 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[2] / "python" / "commandbus"
+import commandbus
+
+# the package as imported: the source tree, or the installed wheel (scripts/test-wheel)
+PACKAGE = Path(commandbus.__file__).resolve().parent
 # command-line output is the point of these: `python -m commandbus` (the `rcmd` CLI),
 # `python -m commandbus.console` and `python -m commandbus.e2e` (the demo worker's command line)
 CLI = {"__main__.py", "console/__main__.py", "e2e.py"}
