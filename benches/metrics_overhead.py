@@ -20,10 +20,10 @@ run interleaved, `--repeat` rounds, the order reversed every other round (drift 
 machine hits every configuration alike); the median of each counts.
 
 First, in-process and without a database, the Python cost per command of the worker's
-observed path against its plain one: `Worker._execute` and `Worker._execute_observed` (with
-`metrics.instrument`'s observer) awaited in turn over 50,000 claimed rows with a no-op handler
-and an engine stand-in whose `report` does nothing; best of 7 interleaved rounds. This figure
-does not move with the machine's load as much as end-to-end throughput does.
+handler path with no per-command observer (what runs with metrics on or off: metrics count in
+the Rust engine) against the path with one (`commandbus.health.WorkerHealth`, which counts
+successes and failures in a row): `Worker._execute` awaited over 50,000 claimed rows with a
+no-op handler and an engine stand-in whose `report` does nothing; best of 7 interleaved rounds.
 
 Prints the tables (commands/s, worker CPU per command, ratio to `off`) and, last, one JSON
 line. Exit status 0 when every verification passed.
@@ -91,14 +91,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def micro(rounds: int = 7, n: int = 50_000) -> dict[str, float]:
-    """Best per-command microseconds of the plain and the observed (metrics) handler path."""
+    """Best per-command microseconds of the handler path without and with a per-command observer."""
     import asyncio
 
-    from prometheus_client import CollectorRegistry
     from psycopg_pool import AsyncConnectionPool
 
     from commandbus import Command, HandlerContext, HandlerRegistry, Worker
-    from commandbus.metrics import WorkerMetrics, instrument
+    from commandbus.health import WorkerHealth
 
     class _Engine:  # NativeWorker.report, doing nothing
         def report(self, msg_id: int, attempt: int, outcome: Any) -> bool:
@@ -112,8 +111,7 @@ def micro(rounds: int = 7, n: int = 50_000) -> dict[str, float]:
         registry.register(tp.DOMAIN, "Noop", noop)
         pool: AsyncConnectionPool[Any] = AsyncConnectionPool("host=127.0.0.1", open=False)
         worker = Worker(pool, tp.DOMAIN, registry)
-        instrument(worker, WorkerMetrics(CollectorRegistry()))
-        (observer,) = worker._observers
+        observer = WorkerHealth(worker)
         engine: Any = _Engine()
         now = int(time.time() * 1e6)
         items: list[Any] = [(i, 1, 3, None, "Noop", "{}", None, None, None, now) for i in range(n)]
@@ -124,7 +122,7 @@ def micro(rounds: int = 7, n: int = 50_000) -> dict[str, float]:
 
         async def observed() -> None:
             for item in items:
-                await worker._execute_observed(engine, item, observer)
+                await worker._execute(engine, item, observer)
 
         best = {"plain": float("inf"), "observed": float("inf")}
         for _ in range(rounds):
@@ -143,10 +141,10 @@ def _median(values: list[float | None]) -> float | None:
 
 
 def _measure(bench: tp.Bench, args: argparse.Namespace) -> int:
-    tp._log("in-process: the plain and the observed handler path")
+    tp._log("in-process: the handler path without and with a per-command observer (health)")
     path_us = micro()
     print(
-        f"\nPython per command (best of 7): plain {path_us['plain']:.2f} us, observed "
+        f"\nPython per command (best of 7): plain {path_us['plain']:.2f} us, with health "
         f"{path_us['observed']:.2f} us (+{path_us['observed'] - path_us['plain']:.2f} us)"
     )
     tp._log("creating template databases")

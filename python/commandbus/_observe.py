@@ -1,9 +1,9 @@
 """The observer interface of a `Worker`: how metrics, tracing and health see handler runs.
 
-A worker with no observer runs its plain loop (nothing is added per command); with observers it
-calls them around each handler run. `commandbus.metrics`, `commandbus.tracing` and
-`commandbus.health` implement it; attach one with `Worker.add_observer` (their `instrument`
-functions do).
+A worker calls its observers around each handler run (none attached: a None check per
+command); metrics count in the Rust engine instead and are not called per command.
+`commandbus.metrics`, `commandbus.tracing` and `commandbus.health` implement it; attach one
+with `Worker.add_observer` (their `instrument` functions do).
 """
 
 from __future__ import annotations
@@ -22,7 +22,11 @@ logger = logging.getLogger(__name__)
 
 class Observer(Protocol):
     """Hooks of one worker's runs. `started` and `finished` run on the worker's event loop for
-    every command and must be cheap; their failures are logged, never change an outcome."""
+    every command and must be cheap; their failures are logged, never change an outcome. An
+    observer whose `per_command` is False gets only `attach` and `detach` (metrics: the engine
+    counts per command)."""
+
+    per_command: bool
 
     def attach(self, worker: Worker, native: _native.NativeWorker) -> None:
         """A run starts (on the worker's event loop); `native` is its engine."""
@@ -44,6 +48,8 @@ class Observer(Protocol):
 
 class BaseObserver:
     """An observer that does nothing: subclass it and override what you need."""
+
+    per_command = True
 
     def attach(self, worker: Worker, native: _native.NativeWorker) -> None:
         return None

@@ -7,12 +7,15 @@
     ...
     server.close()
 
-Per domain and command type, counted as the worker reports each outcome (in plain numbers on
-its event loop, published into the metrics about once a second and when it stops):
-`rcmd_commands_completed_total`, `rcmd_commands_failed_total` (business-rule failures),
-`rcmd_commands_retried_total`, `rcmd_commands_tsq_total` (sent to the troubleshooting queue:
-permanent errors and exhausted retries); `rcmd_handler_duration_seconds` (histogram) and
-`rcmd_command_queue_wait_seconds` (histogram: from the send to the start of the first attempt).
+Per domain and command type, counted by the worker's Rust engine as each outcome is reported
+(nothing is added to the Python path of a command) and published into the metrics about once a
+second and when the worker stops: `rcmd_commands_completed_total`, `rcmd_commands_failed_total`
+(business-rule failures), `rcmd_commands_retried_total`, `rcmd_commands_tsq_total` (sent to
+the troubleshooting queue: permanent errors and exhausted retries);
+`rcmd_handler_duration_seconds` (histogram: from the command's hand-off to the worker's event
+loop until its outcome is reported, so a saturated event loop shows here too) and
+`rcmd_command_queue_wait_seconds` (histogram: from the send to the hand-off of the first
+attempt).
 Per domain, read at each publish (never per command): `rcmd_handlers_in_flight` (the
 worker's handler tasks), and from the Rust engine's counters `rcmd_claims_total`,
 `rcmd_claim_seconds_total`, `rcmd_claimed_commands_total`, `rcmd_flushes_total`,
@@ -40,8 +43,6 @@ import contextlib
 import logging
 import os
 import threading
-import time
-from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
 from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any
@@ -76,7 +77,6 @@ if TYPE_CHECKING:
 
     from commandbus import _native
     from commandbus.health import WorkerHealth
-    from commandbus.models import Command, HandlerContext
     from commandbus.sync.worker import SyncWorker
     from commandbus.worker import Worker
 
@@ -185,46 +185,27 @@ def default_metrics() -> WorkerMetrics:
         return _default
 
 
-_KINDS = ("SUCCESS", "BUSINESS_RULE", "RETRY", "EXHAUSTED", "PERMANENT")
-
-
-class _LocalHistogram:
-    """Observations kept in plain numbers on the worker's event loop and added to a
-    prometheus-client histogram child about once a second: an observation costs a `bisect`
-    and two additions instead of prometheus-client's locked updates (~1.4 us each)."""
-
-    __slots__ = ("bounds", "buckets", "child", "sum")
-
-    def __init__(self, child: Any) -> None:
-        self.child = child
-        self.bounds: list[float] = list(child._upper_bounds)
-        self.buckets = [0] * len(self.bounds)
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        self.buckets[bisect_left(self.bounds, value)] += 1
-        self.sum += value
-
-    def publish(self) -> None:
-        # prometheus-client keeps one (non-cumulative) count per bucket and the sum, each a
-        # value that works in multiprocess mode too; `observe` adds 1 to the same ones.
-        buckets, child = self.buckets, self.child
-        for i, n in enumerate(buckets):
-            if n:
-                child._buckets[i].inc(n)
-                buckets[i] = 0
-        if self.sum:
-            child._sum.inc(self.sum)
-            self.sum = 0.0
+def _add_histogram(child: Any, buckets: Sequence[int], total: float) -> None:
+    """Adds observations counted elsewhere (per bucket, not cumulative, one per upper bound of
+    `child` with +Inf last) to a prometheus-client histogram child. prometheus-client keeps one
+    (non-cumulative) value per bucket and the sum, each of which works in multiprocess mode
+    too; its own `observe` adds 1 to the same ones."""
+    for value, n in zip(child._buckets, buckets, strict=True):
+        if n:
+            value.inc(n)
+    if total:
+        child._sum.inc(total)
 
 
 class _TypeMetrics:
-    """One (domain, command type): its counts since the last publish, and its children."""
+    """The metric children of one (domain, command type)."""
 
-    __slots__ = ("counters", "duration", "kinds", "wait")
+    __slots__ = ("counters", "duration", "wait")
 
     def __init__(self, m: WorkerMetrics, domain: str, command_type: str) -> None:
         tsq = m.tsq.labels(domain, command_type)
+        # In the order of the engine's outcome kinds (SUCCESS, BUSINESS_RULE, RETRY,
+        # EXHAUSTED, PERMANENT).
         self.counters = (
             m.completed.labels(domain, command_type),
             m.failed.labels(domain, command_type),
@@ -232,24 +213,18 @@ class _TypeMetrics:
             tsq,
             tsq,
         )
-        self.kinds = dict.fromkeys(_KINDS, 0)
-        self.duration = _LocalHistogram(m.handler_duration.labels(domain, command_type))
-        self.wait = _LocalHistogram(m.queue_wait.labels(domain, command_type))
-
-    def publish(self) -> None:
-        kinds = self.kinds
-        for kind, counter in zip(_KINDS, self.counters, strict=True):
-            if n := kinds[kind]:
-                counter.inc(n)
-                kinds[kind] = 0
-        self.duration.publish()
-        self.wait.publish()
+        self.duration = m.handler_duration.labels(domain, command_type)
+        self.wait = m.queue_wait.labels(domain, command_type)
 
 
 class _MetricsObserver(BaseObserver):
-    """Counts a worker's outcomes and times its handlers (in plain numbers, per command), and
-    publishes them with its engine's counters about once a second while it runs, and at its
-    end."""
+    """Publishes a worker's metrics about once a second while it runs, and at its end. The
+    engine counts the outcomes, handler times and queue waits (per command type, in Rust:
+    nothing is added to the Python path of a command), and its claim and flush figures; this
+    adds what is new to the prometheus-client metrics."""
+
+    # Counting happens in the engine: the worker runs its plain per-command path.
+    per_command = False
 
     def __init__(self, metrics: WorkerMetrics, domain: str) -> None:
         self._m = metrics
@@ -265,25 +240,16 @@ class _MetricsObserver(BaseObserver):
             tm = self._types[command_type] = _TypeMetrics(self._m, self._domain, command_type)
         return tm
 
-    def started(self, command: Command, context: HandlerContext, item: Any) -> Any:
-        tm = self._types.get(command.command_type) or self._type(command.command_type)
-        if context.attempt == 1:
-            tm.wait.observe(max(0.0, time.time() - item[9] / 1_000_000))
-        return tm, time.perf_counter()
-
-    def finished(self, token: Any, outcome_kind: str) -> None:
-        if token is None:
-            return
-        tm, t0 = token
-        tm.duration.observe(time.perf_counter() - t0)
-        tm.kinds[outcome_kind] += 1
-
     def attach(self, worker: Worker, native: _native.NativeWorker) -> None:
         self._last = {}
         m, domain = self._m, self._domain
         for _key, attr, _scale in _ENGINE_COUNTERS:  # the series exist (at 0) from the start
             getattr(m, attr).labels(domain)
         m.in_flight.labels(domain)
+        # The engine counts into buckets with the histograms' own bounds (+Inf last).
+        native.enable_outcome_metrics(
+            list(m.handler_duration._upper_bounds), list(m.queue_wait._upper_bounds)
+        )
         self._sync_task = asyncio.get_running_loop().create_task(
             self._sync_loop(worker, native), name=f"rcmd-metrics-{self._domain}"
         )
@@ -302,14 +268,27 @@ class _MetricsObserver(BaseObserver):
             self.publish(native, worker.in_flight_count)
 
     def publish(self, native: _native.NativeWorker, in_flight: int) -> None:
-        """Adds what was counted since the last call (here and in the engine) to the metrics;
-        sets the in-flight gauge."""
-        for tm in self._types.values():
-            tm.publish()
+        """Adds what the engine counted since the last call to the metrics; sets the in-flight
+        gauge."""
+        for (
+            command_type,
+            kinds,
+            d_buckets,
+            d_sum,
+            w_buckets,
+            w_sum,
+        ) in native.take_outcome_metrics():
+            tm = self._type(command_type)
+            for counter, n in zip(tm.counters, kinds, strict=True):
+                if n:
+                    counter.inc(n)
+            _add_histogram(tm.duration, d_buckets, d_sum)
+            _add_histogram(tm.wait, w_buckets, w_sum)
         self.sync_engine(native, in_flight)
 
     def sync_engine(self, native: _native.NativeWorker, in_flight: int) -> None:
-        """Adds what the engine counted since the last call; sets the in-flight gauge."""
+        """Adds what the engine's claim and flush counters counted since the last call; sets
+        the in-flight gauge."""
         stats = native.stats()
         m, domain, last = self._m, self._domain, self._last
         for key, attr, scale in _ENGINE_COUNTERS:

@@ -115,6 +115,23 @@ def _details_json(details: dict[str, Any]) -> str | None:
     return encoded.replace(b"\\u0000", b"\\ufffd").decode()
 
 
+def _observe_started(
+    observer: Observer, command: Command, context: HandlerContext, item: Any
+) -> Any:
+    try:
+        return observer.started(command, context, item)
+    except Exception:
+        logger.exception("observer %r failed", observer)
+        return None
+
+
+def _observe_finished(observer: Observer, token: Any, kind: str) -> None:
+    try:
+        observer.finished(token, kind)
+    except Exception:
+        logger.exception("observer %r failed", observer)
+
+
 class Worker:
     """Receives and processes the commands of one domain.
 
@@ -333,44 +350,20 @@ class Worker:
             result = await result
         return result
 
-    async def _execute(self, native: _native.NativeWorker, item: ClaimedTuple) -> None:
-        msg_id, attempt, max_attempts = item[0], item[1], item[2]
-        try:
-            result = await self._call_handler(*self._decode(native, item))
-            if result is None:
-                native.report(msg_id, attempt, _SUCCESS)
-                return
-            try:
-                result_json = encode_json(result, "result", _MAX_RESULT_BYTES)
-            except (SerializationError, ValidationError) as exc:
-                raise PermanentCommandError("RESULT_NOT_SERIALIZABLE", str(exc)) from exc
-            native.report(msg_id, attempt, Outcome.success(result_json))
-        except asyncio.CancelledError:
-            native.report(msg_id, attempt, self._stopped_outcome(attempt, max_attempts))
-            raise
-        except (TransientCommandError, PermanentCommandError, BusinessRuleException) as exc:
-            logger.info("command msg_id=%s attempt=%s failed: %s", msg_id, attempt, exc)
-            native.report(msg_id, attempt, self._failure(exc, attempt, max_attempts))
-        except Exception as exc:
-            logger.exception("handler of msg_id=%s attempt=%s raised", msg_id, attempt)
-            native.report(msg_id, attempt, self._failure(exc, attempt, max_attempts))
-
-    async def _execute_observed(
-        self, native: _native.NativeWorker, item: ClaimedTuple, observer: Observer
+    async def _execute(
+        self, native: _native.NativeWorker, item: ClaimedTuple, observer: Observer | None = None
     ) -> None:
-        """`_execute` with `observer` (several are combined into one, `_observe.combine`) told
-        of the handler's start and of its outcome kind (SUCCESS, RETRY, EXHAUSTED, PERMANENT or
-        BUSINESS_RULE). The outcome decisions are the same calls as `_execute`'s; an observer's
+        """Runs one claimed command's handler and reports its outcome. `observer` (several are
+        combined into one, `_observe.combine`), when given, is told of the handler's start and
+        of its outcome kind (SUCCESS, RETRY, EXHAUSTED, PERMANENT or BUSINESS_RULE); its
         failure is logged and never changes the outcome."""
         msg_id, attempt, max_attempts = item[0], item[1], item[2]
         token: Any = None
         outcome = _SUCCESS
         try:
             command, context = self._decode(native, item)
-            try:
-                token = observer.started(command, context, item)
-            except Exception:
-                logger.exception("observer %r failed", observer)
+            if observer is not None:
+                token = _observe_started(observer, command, context, item)
             result = await self._call_handler(command, context)
             if result is not None:
                 try:
@@ -389,10 +382,8 @@ class Worker:
             outcome = self._failure(exc, attempt, max_attempts)
         finally:
             native.report(msg_id, attempt, outcome)
-            try:
-                observer.finished(token, outcome.kind)
-            except Exception:
-                logger.exception("observer %r failed", observer)
+            if observer is not None:
+                _observe_finished(observer, token, outcome.kind)
 
     async def run(
         self,
@@ -459,7 +450,9 @@ class Worker:
             observers = tuple(self._observers)
             for obs in observers:
                 obs.attach(self, native)
-            observer = combine(observers)
+            # Metrics count in the engine; only observers with per-command hooks (tracing,
+            # health) are called around each handler run.
+            observer = combine([o for o in observers if getattr(o, "per_command", True)])
             while not self._stop_requested:
                 try:
                     batch: list[ClaimedTuple] = await call(native.next_batch)
@@ -477,13 +470,8 @@ class Worker:
                         await observer.claimed(batch)
                     except Exception:
                         logger.exception("observer %r failed", observer)
-                    for item in batch:
-                        task = asyncio.create_task(self._execute_observed(native, item, observer))
-                        in_flight.add(task)
-                        task.add_done_callback(in_flight.discard)
-                    continue
                 for item in batch:
-                    task = asyncio.create_task(self._execute(native, item))
+                    task = asyncio.create_task(self._execute(native, item, observer))
                     in_flight.add(task)
                     task.add_done_callback(in_flight.discard)
         finally:

@@ -1,11 +1,16 @@
-"""The worker's local histogram publishes what prometheus-client's own `observe` records
-(it writes prometheus-client's per-bucket values directly: this guards that private use)."""
+"""What the engine counts per bucket is added to prometheus-client's histograms as its own
+`observe` would record it (`_add_histogram` writes prometheus-client's per-bucket values
+directly: this guards that private use). The engine's bucket rule (a value on a bound falls in
+that bound's bucket, `le`) is tested in Rust (`outcome_metrics.rs`); here the buckets are
+counted by the same rule."""
 
 from __future__ import annotations
 
+from bisect import bisect_left
+
 from prometheus_client import CollectorRegistry, Histogram
 
-from commandbus.metrics import _LocalHistogram
+from commandbus.metrics import _add_histogram
 
 
 def _samples(registry: CollectorRegistry) -> dict[tuple[str, str], float]:
@@ -17,21 +22,25 @@ def _samples(registry: CollectorRegistry) -> dict[tuple[str, str], float]:
     }
 
 
-def test_published_observations_equal_observed_ones() -> None:
+def _counted(bounds: list[float], values: list[float]) -> tuple[list[int], float]:
+    buckets = [0] * len(bounds)
+    for v in values:
+        buckets[bisect_left(bounds, v)] += 1
+    return buckets, sum(values)
+
+
+def test_added_observations_equal_observed_ones() -> None:
     values = [0.0, 0.004, 0.005, 0.0051, 0.3, 2.5, 7.0, 11.0, 1e6]
-    direct, local = CollectorRegistry(), CollectorRegistry()
+    direct, added = CollectorRegistry(), CollectorRegistry()
     h_direct = Histogram("h", "h", ["t"], registry=direct).labels("x")
-    h_local = Histogram("h", "h", ["t"], registry=local).labels("x")
-    acc = _LocalHistogram(h_local)
+    h_added = Histogram("h", "h", ["t"], registry=added).labels("x")
     for v in values:
         h_direct.observe(v)
-        acc.observe(v)
-    acc.publish()
-    assert _samples(local) == _samples(direct)
-    assert _samples(local)[("h_count", "")] == len(values)
-    acc.publish()  # nothing new: nothing added
-    assert _samples(local) == _samples(direct)
-    acc.observe(0.02)
+    _add_histogram(h_added, *_counted(list(h_added._upper_bounds), values))
+    assert _samples(added) == _samples(direct)
+    assert _samples(added)[("h_count", "")] == len(values)
+    _add_histogram(h_added, [0] * len(h_added._upper_bounds), 0.0)  # nothing new
+    assert _samples(added) == _samples(direct)
     h_direct.observe(0.02)
-    acc.publish()
-    assert _samples(local) == _samples(direct)
+    _add_histogram(h_added, *_counted(list(h_added._upper_bounds), [0.02]))
+    assert _samples(added) == _samples(direct)

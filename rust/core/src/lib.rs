@@ -13,4 +13,4 @@ pub use engine::{Claimed, Engine, EngineConfig, SendBatch, SendFailure, SendUnit
 pub use error::{CoreError, CoreResult};
 pub use events::{EventKind, WorkerEvent};
 pub use outcome::{Failure, Lease, Outcome, Report};
-pub use worker::{WorkerConfig, WorkerCore, WorkerStats};
+pub use worker::{Histogram, TypeOutcomes, WorkerConfig, WorkerCore, WorkerStats, OUTCOME_KINDS};

@@ -20,6 +20,10 @@ use crate::outcome::{Lease, Outcome, Report};
 use crate::sql;
 
 mod claim_loop;
+mod outcome_metrics;
+
+pub use outcome_metrics::{kind_index, Histogram, TypeOutcomes, OUTCOME_KINDS};
+use outcome_metrics::{OutcomeMetrics, NO_TYPE};
 
 /// Outcomes allowed to wait for their flush before claims pause, at least: a small worker
 /// keeps claiming while one flush runs.
@@ -110,6 +114,15 @@ pub struct WorkerStats {
     pub last_error: Option<String>,
 }
 
+/// A lease this worker holds: its command, and for outcome metrics (when on) the index of its
+/// command type and when it was handed to the handlers.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    command_id: Uuid,
+    type_index: u32,
+    since: Option<Instant>,
+}
+
 enum FlushMsg {
     Report(Report),
     Barrier(oneshot::Sender<()>),
@@ -120,7 +133,7 @@ pub struct WorkerCore {
     cfg: WorkerConfig,
     queue: String,
     /// Leases claimed and not yet reported, keyed by (msg_id, attempt): the slots in use.
-    in_flight: Mutex<HashMap<(i64, i32), Uuid>>,
+    in_flight: Mutex<HashMap<(i64, i32), Held>>,
     /// Slots reserved by the claims in flight.
     reserved: AtomicUsize,
     /// Claimed batches (or claim failures) not yet taken by `next_batch`.
@@ -139,6 +152,10 @@ pub struct WorkerCore {
     started: AtomicBool,
     events: Events,
     counters: Counters,
+    /// Outcome metrics, when enabled (`metrics_on`): one short lock per handed-out batch and
+    /// per report.
+    metrics_on: AtomicBool,
+    outcome_metrics: Mutex<Option<OutcomeMetrics>>,
     last_error: Mutex<Option<String>>,
     claim_loop: Mutex<Option<JoinHandle<()>>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
@@ -182,6 +199,8 @@ impl WorkerCore {
             started: AtomicBool::new(false),
             events: Events::default(),
             counters: Counters::default(),
+            metrics_on: AtomicBool::new(false),
+            outcome_metrics: Mutex::new(None),
             last_error: Mutex::new(None),
             claim_loop: Mutex::new(None),
             tasks: Mutex::new(Vec::new()),
@@ -226,7 +245,12 @@ impl WorkerCore {
     fn register(&self, claimed: &[Claimed]) {
         let mut map = lock(&self.in_flight);
         for c in claimed {
-            map.insert((c.lease.msg_id, c.lease.attempt), c.lease.command_id);
+            let held = Held {
+                command_id: c.lease.command_id,
+                type_index: NO_TYPE,
+                since: None,
+            };
+            map.insert((c.lease.msg_id, c.lease.attempt), held);
         }
         self.counters.claimed.fetch_add(claimed.len() as u64, Ordering::Relaxed);
     }
@@ -261,19 +285,86 @@ impl WorkerCore {
     }
 
     /// Removes a held lease; also returns how many are held after it.
-    fn take_lease(&self, msg_id: i64, attempt: i32) -> (Option<Lease>, usize) {
+    /// With outcome metrics on, the lease's outcome counts as `kind` (None: not an outcome,
+    /// e.g. a release).
+    fn take_lease(&self, msg_id: i64, attempt: i32, kind: Option<usize>) -> (Option<Lease>, usize) {
         let mut map = lock(&self.in_flight);
-        let lease = map.remove(&(msg_id, attempt)).map(|command_id| Lease {
-            command_id,
-            msg_id,
-            attempt,
+        let held = map.remove(&(msg_id, attempt));
+        let n = map.len();
+        drop(map);
+        let lease = held.map(|h| {
+            if let (true, Some(since)) = (h.type_index != NO_TYPE, h.since) {
+                self.count_outcome(h.type_index, kind, since.elapsed());
+            }
+            Lease {
+                command_id: h.command_id,
+                msg_id,
+                attempt,
+            }
         });
-        (lease, map.len())
+        (lease, n)
+    }
+
+    fn count_outcome(&self, type_index: u32, kind: Option<usize>, took: Duration) {
+        if let Some(kind) = kind {
+            if let Some(m) = lock(&self.outcome_metrics).as_mut() {
+                m.observe_outcome(type_index, kind, took);
+            }
+        }
+    }
+
+    /// Starts counting outcome metrics (per command type: outcomes by kind, handler time and
+    /// queue wait, into histograms with these upper bounds, in seconds) from the next batch
+    /// handed out; `take_outcome_metrics` reads them.
+    pub fn enable_outcome_metrics(&self, duration_bounds: Vec<f64>, wait_bounds: Vec<f64>) -> CoreResult<()> {
+        let m = OutcomeMetrics::new(duration_bounds, wait_bounds)?;
+        *lock(&self.outcome_metrics) = Some(m);
+        self.metrics_on.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// What the outcome metrics counted since the last call (empty when they are off).
+    pub fn take_outcome_metrics(&self) -> Vec<TypeOutcomes> {
+        lock(&self.outcome_metrics)
+            .as_mut()
+            .map(OutcomeMetrics::take)
+            .unwrap_or_default()
+    }
+
+    /// A claimed batch leaves for the handlers: with outcome metrics on, its leases learn their
+    /// command type and the time (first attempts also count their queue wait).
+    fn handing_out(&self, batch: &[Claimed]) {
+        if !self.metrics_on.load(Ordering::Acquire) || batch.is_empty() {
+            return;
+        }
+        let indexes: Vec<u32> = {
+            let mut guard = lock(&self.outcome_metrics);
+            let Some(m) = guard.as_mut() else { return };
+            let now = std::time::SystemTime::now();
+            batch
+                .iter()
+                .map(|c| {
+                    let i = m.type_index(&c.command_type);
+                    if c.lease.attempt == 1 {
+                        m.observe_wait(i, c.created_at_us, now);
+                    }
+                    i
+                })
+                .collect()
+        };
+        let now = Instant::now();
+        let mut map = lock(&self.in_flight);
+        for (c, i) in batch.iter().zip(indexes) {
+            if let Some(h) = map.get_mut(&(c.lease.msg_id, c.lease.attempt)) {
+                h.type_index = i;
+                h.since = Some(now);
+            }
+        }
     }
 
     pub fn lease(&self, msg_id: i64, attempt: i32) -> Option<Lease> {
-        lock(&self.in_flight).get(&(msg_id, attempt)).map(|&command_id| Lease {
-            command_id,
+        lock(&self.in_flight).get(&(msg_id, attempt)).map(|h| Lease {
+            command_id: h.command_id,
             msg_id,
             attempt,
         })
@@ -283,7 +374,7 @@ impl WorkerCore {
     /// this worker holds no such lease (already reported, or released).
     pub fn report(&self, msg_id: i64, attempt: i32, outcome: Outcome) -> CoreResult<bool> {
         let sender = lock(&self.outcomes).clone().ok_or(CoreError::Closed("worker"))?;
-        let (Some(lease), held) = self.take_lease(msg_id, attempt) else {
+        let (Some(lease), held) = self.take_lease(msg_id, attempt, Some(kind_index(&outcome))) else {
             return Ok(false);
         };
         self.unflushed.fetch_add(1, Ordering::AcqRel);
@@ -299,7 +390,7 @@ impl WorkerCore {
 
     /// Applies one outcome now and returns whether the fence let it through (the step API).
     pub async fn finish_now(&self, msg_id: i64, attempt: i32, outcome: Outcome) -> CoreResult<bool> {
-        let (Some(lease), _) = self.take_lease(msg_id, attempt) else {
+        let (Some(lease), _) = self.take_lease(msg_id, attempt, Some(kind_index(&outcome))) else {
             return Ok(false);
         };
         let applied = self
@@ -370,8 +461,8 @@ impl WorkerCore {
         lock(&self.ready).clear();
         let leases: Vec<Lease> = lock(&self.in_flight)
             .drain()
-            .map(|((msg_id, attempt), command_id)| Lease {
-                command_id,
+            .map(|((msg_id, attempt), h)| Lease {
+                command_id: h.command_id,
                 msg_id,
                 attempt,
             })
@@ -531,8 +622,8 @@ impl WorkerCore {
             }
             let leases: Vec<Lease> = lock(&self.in_flight)
                 .iter()
-                .map(|(&(msg_id, attempt), &command_id)| Lease {
-                    command_id,
+                .map(|(&(msg_id, attempt), h)| Lease {
+                    command_id: h.command_id,
                     msg_id,
                     attempt,
                 })

@@ -165,6 +165,37 @@ impl NativeWorker {
         completions.spawn(async move { ready(core.shutdown(budget).await, &core.config().domain, Ready::Int) })
     }
 
+    /// Counts outcome metrics in the engine from the next batch handed out: per command type,
+    /// outcomes by kind, handler time (hand-off to report) and queue wait (send to hand-off of
+    /// the first attempt), in histograms with these upper bounds (seconds; +Inf added).
+    fn enable_outcome_metrics(&self, duration_bounds: Vec<f64>, wait_bounds: Vec<f64>) -> PyResult<()> {
+        self.core
+            .enable_outcome_metrics(duration_bounds, wait_bounds)
+            .map_err(|e| to_pyerr(e, None))
+    }
+
+    /// What the outcome metrics counted since the last call: one tuple per command type with
+    /// news, `(command_type, kinds, duration_buckets, duration_sum, wait_buckets, wait_sum)`;
+    /// `kinds` counts SUCCESS, BUSINESS_RULE, RETRY, EXHAUSTED, PERMANENT in that order and a
+    /// histogram's buckets are per bucket (not cumulative), one per bound and +Inf.
+    #[allow(clippy::type_complexity)]
+    fn take_outcome_metrics(&self) -> Vec<(String, [u64; 5], Vec<u64>, f64, Vec<u64>, f64)> {
+        self.core
+            .take_outcome_metrics()
+            .into_iter()
+            .map(|t| {
+                (
+                    t.command_type,
+                    t.kinds,
+                    t.duration.buckets,
+                    t.duration.sum,
+                    t.wait.buckets,
+                    t.wait.sum,
+                )
+            })
+            .collect()
+    }
+
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = self.core.stats();
         let d = PyDict::new(py);

@@ -162,7 +162,11 @@ impl WorkerCore {
                 return Ok(Vec::new());
             }
             let ready = self.batch_ready.notified();
-            if let Some(item) = lock(&self.ready).pop_front() {
+            let item = lock(&self.ready).pop_front();
+            if let Some(item) = item {
+                if let Ok(batch) = &item {
+                    self.handing_out(batch);
+                }
                 return item;
             }
             tokio::select! {
