@@ -175,12 +175,23 @@ def _measure(bench: tp.Bench, args: argparse.Namespace) -> int:
         f"\nN = {args.commands}, 1 worker process x{args.concurrency}, "
         f"median of {args.repeat} interleaved rounds"
     )
-    print(f"{'config':>8}  {'commands/s':>10}  {'vs off':>7}  {'worker us/cmd':>13}  {'vs off':>7}")
+    # Each round's ratio to `off` in the same round (drift between rounds cancels out), and
+    # their median: the second estimator beside the ratio of the medians.
+    per_round: dict[str, list[float]] = {}
+    for k in impls:
+        pairs = zip(rates[k], rates.get("off", []), strict=False)
+        per_round[k] = [a / b for a, b in pairs if a and b]
+    print(
+        f"{'config':>8}  {'commands/s':>10}  {'vs off':>7}  {'per round':>9}  "
+        f"{'worker us/cmd':>13}  {'vs off':>7}"
+    )
     for k in impls:
         rate_ratio = tp._ratio(med_rate[k], base_rate)
         cpu_ratio = tp._ratio(med_cpu[k], base_cpu)
+        round_ratio = statistics.median(per_round[k]) if per_round[k] else None
         print(
             f"{k:>8}  {tp._fmt(med_rate[k]):>10}  {tp._fmt(rate_ratio, 3):>7}  "
+            f"{tp._fmt(round_ratio, 3):>9}  "
             f"{tp._fmt(med_cpu[k], 1):>13}  {tp._fmt(cpu_ratio, 3):>7}"
         )
     if bench.failures:
@@ -198,6 +209,7 @@ def _measure(bench: tp.Bench, args: argparse.Namespace) -> int:
                 "python_path_us_per_command": path_us,
                 "median_rates": med_rate,
                 "median_worker_cpu_us_per_command": med_cpu,
+                "per_round_ratios": per_round,
                 "rates": rates,
                 "runs": runs,
                 "failures": bench.failures,

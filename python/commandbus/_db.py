@@ -6,13 +6,24 @@ connection is taken for this one statement and committed when it returns), the s
 name and its parameters (`$1`, `$2`... in order). Every `psycopg.Error` becomes our exception
 (`commandbus._errors`) with the driver error as its `__cause__`.
 
+A call on a pool has a client-side deadline (`pool_deadline`: by default 3 x the engine's
+`call_timeout`, 30 s; `CommandBus` and `Worker` set it from theirs): a call with no answer by
+then (a connection that went silent behind a proxy, a lock held for ever) is abandoned and
+raises `DatabaseError`. psycopg asks the server to cancel the statement and waits up to 5 s for
+that; a connection that does not answer is then closed, so the pool never gets it back. Calls
+on the caller's own connection have no deadline: that connection and its transaction are the
+caller's.
+
 Always pass the statement name as a string literal, second positional argument: a test reads
 these calls to check that every name used exists.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+import asyncio
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from typing import Any, TypeVar, overload
 
 import psycopg
@@ -21,7 +32,9 @@ from psycopg.rows import AsyncRowFactory, dict_row, tuple_row
 from psycopg_pool import AsyncConnectionPool
 
 from commandbus import _sql
+from commandbus._dsn import DEFAULT_CALL_TIMEOUT
 from commandbus._errors import map_psycopg_error, map_queue_error
+from commandbus.exceptions import DatabaseError
 
 #: Where a statement runs: the caller's connection (and transaction), or a pool.
 Target = AsyncConnection[Any] | AsyncConnectionPool[Any]
@@ -30,6 +43,35 @@ DictRow = dict[str, Any]
 
 R = TypeVar("R")
 T = TypeVar("T")
+
+#: Deadline of a library call on a pool that no `CommandBus` or `Worker` configured (seconds).
+DEFAULT_POOL_DEADLINE = 3 * DEFAULT_CALL_TIMEOUT
+_deadlines: weakref.WeakKeyDictionary[AsyncConnectionPool[Any], float] = weakref.WeakKeyDictionary()
+
+
+def set_pool_deadline(pool: AsyncConnectionPool[Any], seconds: float) -> None:
+    """The deadline of the library's calls on `pool` from now on (the last one set wins)."""
+    _deadlines[pool] = seconds
+
+
+def pool_deadline(pool: AsyncConnectionPool[Any]) -> float:
+    """The deadline, in seconds, of one library call (or transaction) on `pool`."""
+    return _deadlines.get(pool, DEFAULT_POOL_DEADLINE)
+
+
+@asynccontextmanager
+async def bounded(pool: AsyncConnectionPool[Any]) -> AsyncIterator[None]:
+    """Runs the block within `pool_deadline(pool)`: a block still waiting then (for a
+    connection, or for an answer on one) is cancelled and `DatabaseError` raised, with the
+    `TimeoutError` as its cause. For the library's own transactions on a pool connection."""
+    seconds = pool_deadline(pool)
+    try:
+        async with asyncio.timeout(seconds):
+            yield
+    except TimeoutError as exc:
+        raise DatabaseError(
+            f"no answer from the database within {seconds:.1f} s; call abandoned"
+        ) from exc
 
 
 async def _run(
@@ -47,6 +89,7 @@ async def _run(
         if isinstance(target, AsyncConnectionPool):
             # The commit at the end of the block is inside the try: its error is mapped too.
             async with (
+                bounded(target),
                 target.connection() as conn,
                 AsyncRawCursor(conn, row_factory=row_factory) as cur,
             ):
@@ -184,12 +227,16 @@ async def fetch_all_text(conn: Target, query: str, *params: Any) -> list[TupleRo
 
 
 __all__ = [
+    "DEFAULT_POOL_DEADLINE",
     "DictRow",
     "Target",
     "TupleRow",
+    "bounded",
     "execute",
     "fetch_all",
     "fetch_all_text",
     "fetch_one",
     "fetch_value",
+    "pool_deadline",
+    "set_pool_deadline",
 ]

@@ -152,7 +152,9 @@ class CommandBus:
         call_timeout: deadline in seconds of one send of the Rust engine (plus 1 ms per
             command it carries): with no answer by then its connection is abandoned and the
             send raises `DatabaseError` (its outcome unknown: a resend of the same command_id
-            names it as a duplicate if it was written after all).
+            names it as a duplicate if it was written after all). The library's own calls on
+            `pool` (queries, TSQ and batch bookkeeping) get three times this as their
+            deadline (`DatabaseError` when it passes; the connection is cancelled or closed).
         """
         self._pool = pool
         self._default_max_attempts = validate_max_attempts(default_max_attempts)
@@ -163,6 +165,8 @@ class CommandBus:
             call_timeout=validate_call_timeout(call_timeout),
             application_name="rcmd bus",
         )
+        if isinstance(pool, AsyncConnectionPool):
+            _db.set_pool_deadline(pool, 3 * call_timeout)
         self._commands = PostgresCommandRepository(pool)
         self._audit = PostgresAuditLogger(pool)
 

@@ -5,7 +5,6 @@ and decides what each outcome is (the RetryPolicy chooses between retry and exha
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import inspect
 import logging
@@ -169,7 +168,9 @@ class Worker:
             lease extension, release; plus 1 ms per row it carries). A call with no answer
             by then abandons its connection and is retried on a fresh one, with the backoff
             of any connection error. The server cancels an engine statement after three times
-            this (`statement_timeout`).
+            this (`statement_timeout`). The library's own calls on `pool` (retention,
+            partition upkeep, the step API's queue check) get three times this as their
+            deadline.
         """
         self._pool = pool
         self._domain = validate_domain(domain)
@@ -182,6 +183,8 @@ class Worker:
         self._sync_threads = sync_handler_threads
         self._retention = retention
         self._call_timeout = validate_call_timeout(call_timeout)
+        if isinstance(pool, AsyncConnectionPool):  # (a SyncWorker's twin pool included)
+            _db.set_pool_deadline(pool, 3 * self._call_timeout)
         self._queue_name = command_queue(domain)
         self._dsn = native_dsn(pool_conninfo(pool))
         self._running = False
@@ -673,12 +676,26 @@ class Worker:
         """Mark the command FAILED (FAILED reply where `reply_to` is set)."""
         await self._finish(received, self._step_failure(received, error))
 
-    async def close(self) -> None:
-        """Release the step API's unfinished leases and close its connections."""
-        if self._step_native is not None:
-            with contextlib.suppress(Exception):
-                await call(self._step_native.shutdown)
-            self._step_native = None
+    async def close(self, timeout: float | None = 30.0) -> None:
+        """Release the step API's unfinished leases and close its connections, within
+        `timeout` seconds (None: no limit) even when the database does not answer: leases not
+        released in time come back when they expire."""
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0
+        ):
+            raise ValidationError("timeout", timeout, "must be a number of seconds >= 0 or None")
+        native, self._step_native = self._step_native, None
+        if native is None:
+            return
+        shutdown = call(lambda completions: native.shutdown(completions, timeout))
+        try:
+            # The engine keeps to the budget itself; the wait_for only guards against a bug.
+            await asyncio.wait_for(shutdown, None if timeout is None else timeout + 1)
+        except (DatabaseError, TimeoutError) as exc:
+            logger.warning(
+                "worker for %s: step API leases not released at close (%s); they come back "
+                "when they expire", self._domain, exc or "no answer",
+            )  # fmt: skip
 
 
 __all__ = ["ReceivedCommand", "Worker"]

@@ -34,6 +34,7 @@ from uuid import UUID, uuid4
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
+from commandbus import _db
 from commandbus.models import Reply, ReplyOutcome
 from commandbus.process.models import (
     TERMINAL_STATUSES,
@@ -226,7 +227,7 @@ class BaseProcessManager(ABC, Generic[TState, TStep]):
         if conn is not None:
             await run(conn)
         else:
-            async with self.pool.connection() as own, own.transaction():
+            async with _db.bounded(self.pool), self.pool.connection() as own, own.transaction():
                 await run(own)
         logger.info("started process %s.%s (%s)", self.domain, process.process_id,
                     self.process_type)  # fmt: skip
@@ -251,7 +252,7 @@ class BaseProcessManager(ABC, Generic[TState, TStep]):
         if conn is not None:
             await run(conn)
         else:
-            async with self.pool.connection() as own, own.transaction():
+            async with _db.bounded(self.pool), self.pool.connection() as own, own.transaction():
                 await run(own)
 
     def handle_reply_sync(

@@ -211,7 +211,7 @@ class ProcessReplyRouter:
             logger.warning("malformed reply %s on %s archived", msg.msg_id, self._reply_queue)
             await self._pgmq.archive(self._reply_queue, msg.msg_id)
             return
-        async with self._pool.connection() as conn, conn.transaction():
+        async with _db.bounded(self._pool), self._pool.connection() as conn, conn.transaction():
             process = None
             if reply.correlation_id is not None and await _db.fetch_one(
                 conn, "process_lock", self._domain, reply.correlation_id, domain=self._domain

@@ -166,7 +166,7 @@ class PostgresBatchRepository:
         if conn is not None:
             await _db.execute(conn, "batch_refresh_stats", domain, batch_id, domain=domain)
             return await self.get(domain, batch_id, conn)
-        async with self._pool.connection() as own:
+        async with _db.bounded(self._pool), self._pool.connection() as own:
             await _db.execute(own, "batch_refresh_stats", domain, batch_id, domain=domain)
             return await self.get(domain, batch_id, own)
 

@@ -141,7 +141,11 @@ class PostgresCommandRepository:
         if conn is not None:
             await self._insert(conn, metadata_list, cols)
             return
-        async with self._pool.connection() as acquired, acquired.transaction():
+        async with (
+            _db.bounded(self._pool),
+            self._pool.connection() as acquired,
+            acquired.transaction(),
+        ):
             await self._insert(acquired, metadata_list, cols)
 
     async def _insert(
