@@ -67,7 +67,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
         "commandbus.metrics needs prometheus-client: pip install 'reliable-commands[metrics]'"
     ) from exc
 
-from commandbus import _db_sync
+from commandbus import _db
 from commandbus._observe import BaseObserver
 from commandbus._sql import command_queue
 from commandbus._validation import validate_domain
@@ -316,30 +316,36 @@ def instrument(worker: Worker | SyncWorker, metrics: WorkerMetrics | None = None
 
 class QueueCollector(Collector):
     """Queue depth, oldest message age and TSQ size of `domains`, read from the database with
-    one statement when scraped (on one connection kept open; a scrape that cannot reach the
-    database reports `rcmd_queue_scrape_ok 0` and nothing else)."""
+    one statement when scraped, on a connection of its own for that scrape, all within
+    `timeout` seconds (a database that does not answer, a connection gone silent behind a
+    proxy: the scrape reports `rcmd_queue_scrape_ok 0` and nothing else, and the next scrape
+    starts afresh)."""
 
     def __init__(self, dsn: str, domains: Sequence[str], *, timeout: float = 5.0) -> None:
         self._dsn = dsn
         self._domains = [validate_domain(d) for d in domains]
         self._timeout = timeout
-        self._conn: psycopg.Connection[Any] | None = None
         self._lock = threading.Lock()
 
     def describe(self) -> Iterable[Metric]:
         return []
 
-    def _rows(self) -> list[tuple[Any, ...]]:
-        if self._conn is None or self._conn.closed:
-            self._conn = psycopg.connect(
+    async def _read(self) -> list[tuple[Any, ...]]:
+        queues = [command_queue(d) for d in self._domains]
+        async with asyncio.timeout(self._timeout):
+            conn = await psycopg.AsyncConnection.connect(
                 self._dsn,
                 autocommit=True,
                 connect_timeout=max(1, int(self._timeout)),
                 application_name="rcmd metrics",
                 options=f"-c statement_timeout={int(self._timeout * 1000)}",
             )
-        queues = [command_queue(d) for d in self._domains]
-        return _db_sync.fetch_all(self._conn, "queue_metrics", queues)
+            async with conn:
+                return await _db.fetch_all(conn, "queue_metrics", queues)
+
+    def _rows(self) -> list[tuple[Any, ...]]:
+        # The scrape's thread has no event loop: one for this read.
+        return asyncio.run(self._read())
 
     def collect(self) -> Iterable[Metric]:
         ok = GaugeMetricFamily(
@@ -349,11 +355,7 @@ class QueueCollector(Collector):
             try:
                 rows = self._rows()
             except Exception as exc:
-                logger.warning("queue metrics: cannot read the database: %s", exc)
-                if self._conn is not None:
-                    with contextlib.suppress(Exception):
-                        self._conn.close()
-                    self._conn = None
+                logger.warning("queue metrics: cannot read the database: %s", exc or "no answer")
                 ok.add_metric([], 0)
                 return [ok]
         ok.add_metric([], 1)
@@ -377,10 +379,7 @@ class QueueCollector(Collector):
         return [ok, depth, age, tsq]
 
     def close(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+        """Nothing stays open between scrapes (kept for the servers that call it)."""
 
 
 class _Forward(Collector):

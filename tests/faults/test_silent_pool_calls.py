@@ -117,3 +117,28 @@ async def test_step_api_close_keeps_to_its_budget_on_a_silent_connection(
     metadata = await bus.get_command("silentstep", received.command.command_id)
     assert metadata is not None and metadata.status.value == "IN_PROGRESS"
     await bus.close()
+
+
+def test_a_scrape_of_the_queue_metrics_keeps_to_its_timeout(
+    proxied: tuple[FaultProxy, str],
+) -> None:
+    """The metrics endpoint's queue gauges, read at scrape time, behind a proxy whose every
+    packet now waits a minute: the scrape reports `rcmd_queue_scrape_ok 0` within its timeout
+    (before, a connection gone silent hung that scrape and every later one), and the next
+    scrape after the fault reads the database again."""
+    from commandbus.metrics import QueueCollector
+
+    proxy, dsn = proxied
+
+    def scrape_ok(collector: QueueCollector) -> float:
+        (ok, *_rest) = list(collector.collect())
+        return float(ok.samples[0].value)
+
+    collector = QueueCollector(dsn, ["silentscrape"], timeout=1.0)
+    assert scrape_ok(collector) == 1
+    proxy.add_latency(60_000)
+    t0 = time.monotonic()
+    assert scrape_ok(collector) == 0
+    assert time.monotonic() - t0 < 1.0 + 5 + 2  # timeout, psycopg's cancel wait at most
+    proxy.add_latency(0)
+    assert scrape_ok(collector) == 1
