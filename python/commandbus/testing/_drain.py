@@ -127,12 +127,19 @@ async def drain_queue(
                 await run
             raise
         # A claim answered after the idle check may still start handlers: stop() waits for
-        # them, up to the deadline. Handlers still running then are cancelled (their attempt
-        # counts: retried at once).
+        # them, up to the deadline, where those still running are cancelled (their attempt
+        # counts: retried at once). The engine's part of the stop (claims in flight, outcomes,
+        # releases) gets STOP_FLUSH_S after that: a budget cut to what is left of the deadline
+        # (nothing, at worst) aborted a claim in flight whose transaction still committed, and
+        # left its command IN_PROGRESS until its lease expired.
         if timed_out:
             await worker.stop(timeout=STOP_FLUSH_S, cancel_handlers=True)
         else:
-            await worker.stop(timeout=max(0.0, deadline - loop.time()))
+            cutoff = loop.call_at(deadline, _cancel_handlers, worker)
+            try:
+                await worker.stop(timeout=max(0.0, deadline - loop.time()) + STOP_FLUSH_S)
+            finally:
+                cutoff.cancel()
         await run  # raises what run() raised (SchemaNotInstalledError...)
         if timed_out or loop.time() >= deadline:
             left = await _pending(pool, queue, wait_for_retries)
@@ -150,6 +157,12 @@ async def drain_queue(
         if meta is not None:  # None only when something else deleted it meanwhile
             outcomes.append(meta)
     return outcomes
+
+
+def _cancel_handlers(worker: Worker) -> None:
+    """The drain's deadline came during a graceful stop: cut off the handlers still running."""
+    for task in list(worker._in_flight):
+        task.cancel()
 
 
 async def _until_idle(
