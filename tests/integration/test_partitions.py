@@ -152,7 +152,9 @@ async def test_retention_drops_a_day_only_when_nothing_uses_it(
         " command_type, sent_at) VALUES ('orders', %s, 's', %s, 'X', now()) RETURNING 1",
         process, in_process,
     )  # fmt: skip
-    old = "now() - interval '3 days'"
+    # Noon of that day: "now() - 3 days" plus the hour below crossed into the next day when
+    # the test ran after 23:00 UTC.
+    old = f"TIMESTAMPTZ '{day.isoformat()} 12:00:00+00'"
     await fetch(
         pool,
         "UPDATE commandbus.command SET status = CASE command_id WHEN %s THEN 'PENDING'"
