@@ -258,8 +258,12 @@ impl Engine {
         Ok(self.pool.acquire().await?)
     }
 
+    /// Closes the pool: nothing more is handed out, idle connections are closed, and the wait
+    /// for connections in use to come back lasts at most the call timeout (one stuck on a
+    /// silent network, e.g. in sqlx's ping of a returned connection, is dropped when it gives
+    /// up; before, `CommandBus.close()` waited for it without end).
     pub async fn close(&self) {
-        self.pool.close().await;
+        let _ = tokio::time::timeout(self.call_timeout, self.pool.close()).await;
     }
 
     pub async fn ensure_queue(&self, queue: &str) -> CoreResult<bool> {
