@@ -60,6 +60,12 @@ SELECT w.at, w.start,
        coalesce((SELECT max(a.audit_id) FROM commandbus.audit a), 0) AS last_id
 FROM w
 
+-- name: monitor_throughput_head
+-- The database's clock and the newest audit row's id (a backward step of each partition's
+-- primary key): where an incremental throughput read ends.
+-- No parameters.
+SELECT now() AS at, coalesce((SELECT max(a.audit_id) FROM commandbus.audit a), 0) AS last_id
+
 -- name: monitor_throughput
 -- Commands completed and failed (moved to the TSQ, or failed by a business rule) per domain
 -- and bucket of $2 seconds, from the audit rows with audit_id in ($1, $4] at or after `start`.

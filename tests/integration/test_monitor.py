@@ -118,6 +118,40 @@ async def test_throughput_keeps_settled_buckets(pool: Pool) -> None:
     assert sum(p.completed for p in await monitor.throughput(minutes=20)) == 0
 
 
+async def test_throughput_reads_only_what_was_written_since(
+    pool: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the first read a refresh reads the audit rows newer than what it has settled (a
+    few seconds' worth under load, not the whole window): rows it settled are counted from
+    memory, new ones are added, none twice."""
+    monkeypatch.setattr(monitor_mod, "_SETTLE", timedelta(seconds=0))
+    monitor = Monitor(pool)
+    assert sum(p.completed for p in await monitor.throughput(minutes=10)) == 0
+    await _send(pool, 10)
+    await drain_queue(pool, "mon", _registry())
+    # Read once (the rows are fresh), then again: the first read's mark is old enough now, and
+    # everything up to it is settled.
+    assert sum(p.completed for p in await monitor.throughput(minutes=10)) == 7
+    assert sum(p.completed for p in await monitor.throughput(minutes=10)) == 7
+    async with pool.connection() as conn:
+        await conn.execute("DELETE FROM commandbus.audit WHERE event_type = 'COMPLETED'")
+    # Settled rows are never read again: still 7, from memory.
+    assert sum(p.completed for p in await monitor.throughput(minutes=10)) == 7
+    await _send(pool, 10)
+    await drain_queue(pool, "mon", _registry())
+    points = await monitor.throughput(minutes=10)
+    assert sum(p.completed for p in points) == 14
+    assert sum(p.failed for p in points) == 2 * 3
+    assert sum(p.completed for p in await monitor.throughput(minutes=10)) == 14
+    # A Monitor that reuses a read for a while (the console's) answers from it meanwhile.
+    cached = Monitor(pool, reuse_seconds=60.0)
+    first = sum(p.completed for p in await cached.throughput(minutes=10))
+    await _send(pool, 10)
+    await drain_queue(pool, "mon", _registry())
+    assert sum(p.completed for p in await cached.throughput(minutes=10)) == first
+    assert sum(p.completed for p in await Monitor(pool).throughput(minutes=10)) == first + 7
+
+
 async def test_list_commands_keyset_pages(pool: Pool, monkeypatch: pytest.MonkeyPatch) -> None:
     ids = await _send(pool, 23)
     others = await _send(pool, 4, "Other")

@@ -167,7 +167,9 @@ def create_app(
             pool=p,
             guard=Guard(settings),
             templates=make_templates(),
-            monitor=Monitor(p),
+            # One throughput read serves the dashboard's two fragments and every viewer for
+            # 2 s (its buckets are 10 s wide).
+            monitor=Monitor(p, reuse_seconds=2.0),
             tsq=TroubleshootingQueue(p),
             bus=CommandBus(p),
             processes=PostgresProcessRepository(p),

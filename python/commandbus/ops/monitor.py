@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import time
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, TypeVar
@@ -45,8 +47,11 @@ QUEUE_COUNT_CAP = 10_000
 SCAN_LIMIT = 10_000
 #: Width of a throughput bucket, in seconds.
 BUCKET_SECONDS = 10
-#: A bucket ending this long ago no longer changes (its transactions have committed).
-_SETTLE = timedelta(seconds=15)
+#: Audit rows up to the newest id a read saw this long ago are taken as committed (a worker's
+#: flush inserts its audit rows and commits within milliseconds): they are counted once and kept;
+#: newer ones are read again at each refresh.
+_SETTLE = timedelta(seconds=3)
+
 #: The throughput kept in memory, and the longest window `throughput()` accepts.
 MAX_MINUTES = 60
 #: How long a worker that disconnected stays listed.
@@ -168,22 +173,32 @@ def _worker_from_row(row: dict[str, Any]) -> WorkerSeen:
 
 @dataclass
 class _Throughput:
-    """Settled buckets: bucket start -> domain -> (completed, failed)."""
+    """What the throughput reads remember: the counts of the audit rows with `audit_id <=
+    settled_id` and `ts >= covered_from`, by bucket start -> domain -> (completed, failed)."""
 
     settled: dict[datetime, dict[str, tuple[int, int]]] = field(default_factory=dict)
-    settled_until: datetime | None = None
-    # Buckets from here to settled_until are all in `settled`; `last_now` is the database's
-    # clock at the last read.
+    settled_id: int | None = None
     covered_from: datetime | None = None
+    # The database's clock at the last read.
     last_now: datetime | None = None
+    # (database clock, newest audit_id) of recent reads: `settled_id` advances to the newest id
+    # a read saw at least _SETTLE ago.
+    marks: deque[tuple[datetime, int]] = field(default_factory=deque)
+    # The last result, its window and when it was read (time.monotonic()).
+    last: tuple[datetime, dict[datetime, dict[str, tuple[int, int]]]] | None = None
+    last_window: int = 0
+    last_at: float = 0.0
 
 
 class Monitor:
     """Reads for an operator console (dashboard, lists, workers). Keep one per process: it
     remembers settled throughput buckets and the workers seen recently."""
 
-    def __init__(self, pool: AsyncConnectionPool[Any]) -> None:
+    def __init__(self, pool: AsyncConnectionPool[Any], *, reuse_seconds: float = 0.0) -> None:
+        """`reuse_seconds`: a throughput read younger than this is reused (the console: its
+        dashboard's two fragments and several viewers share one read a refresh)."""
         self._pool = pool
+        self._reuse_seconds = reuse_seconds
         self._tp = _Throughput()
         self._workers: dict[tuple[str, str], WorkerSeen] = {}
 
@@ -256,69 +271,93 @@ class Monitor:
 
     # -- throughput --------------------------------------------------------------------
 
-    async def _refresh_throughput(
-        self, window_seconds: int
-    ) -> tuple[datetime, dict[datetime, dict[str, tuple[int, int]]]]:
-        """Read the unsettled tail of the window; return (database now, all buckets of the
-        window by start, settled ones from memory)."""
-        tp = self._tp
-        window = max(window_seconds, int(RATE_WINDOW.total_seconds()))
-        wanted = None if tp.last_now is None else tp.last_now - timedelta(seconds=window)
-        if wanted is None or tp.covered_from is None or tp.covered_from > _bucket_floor(wanted):
-            # The memory does not reach back far enough: read the whole window once.
-            tp.settled.clear()
-            tp.settled_until = None
-            tp.covered_from = None
-        start_row = await _db.fetch_one(
-            self._pool,
-            "monitor_throughput_start",
-            window,
-            BUCKET_SECONDS,
-            tp.settled_until,
-            rows=dict,
-        )
-        assert start_row is not None  # one row always
-        now: datetime = start_row["at"]
-        start: datetime = start_row["start"]
-        tp.last_now = now
+    async def _throughput_rows(
+        self, after_id: int, start: datetime, last_id: int
+    ) -> dict[datetime, dict[str, tuple[int, int]]]:
+        """Completed and failed per bucket and domain, of the audit rows with audit_id in
+        (after_id, last_id] and ts >= start (buckets cut by `start` left out)."""
+        counts: dict[datetime, dict[str, tuple[int, int]]] = {}
+        if last_id <= after_id:
+            return counts
         rows = await _db.fetch_all(
-            self._pool,
-            "monitor_throughput",
-            start_row["after_id"],
-            BUCKET_SECONDS,
-            start,
-            start_row["last_id"],
-            rows=dict,
+            self._pool, "monitor_throughput", after_id, BUCKET_SECONDS, start, last_id, rows=dict
         )
-        fresh: dict[datetime, dict[str, tuple[int, int]]] = {}
         for r in rows:
             bucket: datetime = r["bucket"]
             if bucket < start:  # a bucket cut by the start: only its tail was read
                 continue
-            fresh.setdefault(bucket, {})[str(r["domain"])] = (int(r["completed"]), int(r["failed"]))
-        # Buckets ending before now - settle can no longer change: keep them and never read them
-        # again. A bucket is kept only when all of it was read (it starts at or after `start`).
-        settle_end = now - _SETTLE
+            counts.setdefault(bucket, {})[str(r["domain"])] = (
+                int(r["completed"]),
+                int(r["failed"]),
+            )
+        return counts
+
+    async def _refresh_throughput(
+        self, window_seconds: int
+    ) -> tuple[datetime, dict[datetime, dict[str, tuple[int, int]]]]:
+        """Return (database now, all buckets of the window by start). The first read counts the
+        whole window; later ones read only the audit rows newer than `settled_id` (the last
+        few seconds: a refresh costs what the workers wrote since, not the window), and a
+        result younger than `reuse_seconds` is reused."""
+        tp = self._tp
+        window = max(window_seconds, int(RATE_WINDOW.total_seconds()))
+        if (
+            tp.last is not None
+            and tp.last_window >= window
+            and time.monotonic() - tp.last_at < self._reuse_seconds
+        ):
+            return tp.last
+        wanted = None if tp.last_now is None else tp.last_now - timedelta(seconds=window)
+        if (
+            wanted is None
+            or tp.settled_id is None
+            or tp.covered_from is None
+            or tp.covered_from > _bucket_floor(wanted)
+        ):
+            # The memory does not reach back far enough: count the whole window once, rows
+            # older than the settle time as settled.
+            head = await _db.fetch_one(
+                self._pool, "monitor_throughput_start", window, BUCKET_SECONDS, None, rows=dict
+            )
+            settle = await _db.fetch_one(
+                self._pool,
+                "monitor_throughput_start",
+                int(_SETTLE.total_seconds()),
+                1,
+                None,
+                rows=dict,
+            )
+            assert head is not None and settle is not None  # one row always
+            now: datetime = head["at"]
+            last_id = int(head["last_id"])
+            start: datetime = head["start"]
+            settled_id = max(int(settle["after_id"]), int(head["after_id"]))
+            tp.settled = await self._throughput_rows(int(head["after_id"]), start, settled_id)
+            tp.settled_id, tp.covered_from = settled_id, start
+            tp.marks.clear()
+        else:
+            row = await _db.fetch_one(self._pool, "monitor_throughput_head", rows=dict)
+            assert row is not None
+            now, last_id = row["at"], int(row["last_id"])
+            target = None
+            while tp.marks and tp.marks[0][0] <= now - _SETTLE:
+                target = tp.marks.popleft()[1]
+            if target is not None and target > tp.settled_id:
+                more = await self._throughput_rows(tp.settled_id, tp.covered_from, target)
+                _add_counts(tp.settled, more)
+                tp.settled_id = target
+        fresh = await self._throughput_rows(tp.settled_id, tp.covered_from, last_id)
+        tp.marks.append((now, last_id))
+        tp.last_now = now
         step = timedelta(seconds=BUCKET_SECONDS)
-        first_full = start  # the statement aligns start on a bucket
-        b = first_full
-        while b + step <= settle_end:
-            if tp.settled_until is None or b >= tp.settled_until:
-                tp.settled[b] = fresh.get(b, {})
-            b += step
-        if b > first_full:
-            if tp.covered_from is None:
-                tp.covered_from = first_full
-            tp.settled_until = b if tp.settled_until is None else max(tp.settled_until, b)
         horizon = now - timedelta(minutes=MAX_MINUTES)
         for old in [k for k in tp.settled if k + step < horizon]:
             del tp.settled[old]
-        if tp.covered_from is not None and tp.covered_from < horizon:
+        if tp.covered_from < horizon:
             tp.covered_from = _bucket_floor(horizon) + step
-        merged = dict(tp.settled)
-        for k, v in fresh.items():
-            if tp.settled_until is None or k >= tp.settled_until:
-                merged[k] = v
+        merged = {k: dict(v) for k, v in tp.settled.items()}
+        _add_counts(merged, fresh)
+        tp.last, tp.last_window, tp.last_at = (now, merged), window, time.monotonic()
         return now, merged
 
     async def throughput(
@@ -511,6 +550,17 @@ class Monitor:
             else None
         )
         return Page(items=items, next_cursor=next_cursor, scanned=len(rows))
+
+
+def _add_counts(
+    into: dict[datetime, dict[str, tuple[int, int]]],
+    more: dict[datetime, dict[str, tuple[int, int]]],
+) -> None:
+    for bucket, per_domain in more.items():
+        target = into.setdefault(bucket, {})
+        for domain, (c, f) in per_domain.items():
+            old = target.get(domain, (0, 0))
+            target[domain] = (old[0] + c, old[1] + f)
 
 
 def _bucket_floor(ts: datetime) -> datetime:
