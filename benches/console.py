@@ -59,6 +59,9 @@ def _log(text: str) -> None:
 
 
 async def _query(pool: AsyncConnectionPool[Any], name: str, *params: Any) -> list[Any]:
+    # The fill writes millions of rows in one statement: more than the library's deadline for
+    # its own calls on a pool (3 x call_timeout).
+    _db.set_pool_deadline(pool, 3600.0)
     return await _db.fetch_all_text(pool, _STATEMENTS[name], *params)
 
 
