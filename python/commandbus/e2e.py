@@ -285,21 +285,34 @@ async def generate(
         if on_progress is not None:
             on_progress(count, count)
         return GenerationResult(count, time.perf_counter() - started, result.batch_id)
+
+    def build(n: int) -> asyncio.Future[list[SendRequest]]:
+        # Built in a thread: the event loop (a console serving pages) stays responsive, and
+        # the next step is built while this one's chunks are in the database (the engine
+        # releases the GIL while it waits).
+        return asyncio.ensure_future(asyncio.to_thread(_requests, domain, n, data, max_attempts))
+
     sent = 0
-    while sent < count:
-        n = min(GENERATION_STEP, count - sent)
-        # Built in a thread: the event loop (a console serving pages) stays responsive.
-        requests = await asyncio.to_thread(_requests, domain, n, data, max_attempts)
-        base = sent
+    upcoming = build(min(GENERATION_STEP, count))
+    try:
+        while sent < count:
+            requests = await upcoming
+            after = sent + len(requests)
+            if after < count:
+                upcoming = build(min(GENERATION_STEP, count - after))
+            base = sent
 
-        def progress(done: int, _total: int, base: int = base) -> None:
+            def progress(done: int, _total: int, base: int = base) -> None:
+                if on_progress is not None:
+                    on_progress(base + done, count)
+
+            await bus.send_batch(requests, on_progress=progress)
+            sent = after
             if on_progress is not None:
-                on_progress(base + done, count)
-
-        await bus.send_batch(requests, on_progress=progress)
-        sent += n
-        if on_progress is not None:
-            on_progress(sent, count)
+                on_progress(sent, count)
+    finally:
+        if not upcoming.done():  # a send failed or the job was cancelled
+            upcoming.cancel()
     return GenerationResult(count, time.perf_counter() - started, None)
 
 
