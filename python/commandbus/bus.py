@@ -202,11 +202,24 @@ class CommandBus:
 
     # -- sending -------------------------------------------------------------------------
 
-    def _add(self, cols: _Columns, req: SendRequest) -> None:
-        """Validate one request (its domain already validated) and append it to `cols`."""
+    def _add(
+        self, cols: _Columns, req: SendRequest, encoded: dict[int, tuple[object, str]] | None = None
+    ) -> None:
+        """Validate one request (its domain already validated) and append it to `cols`.
+
+        `encoded` (the payloads encoded so far in this call, by ``id()``, each with its object,
+        which keeps the object alive so that its id is not reused) spares encoding a payload
+        object that many requests share (bulk sends) again; nothing runs between two requests
+        of a call that could change it."""
         command_id = validate_uuid(req.command_id, "command_id")
         command_type = validate_command_type(req.command_type)
-        data = encode_json(validate_data(req.data), "data", self._max_payload_bytes)
+        known = None if encoded is None else encoded.get(id(req.data))
+        if known is not None:
+            data = known[1]
+        else:
+            data = encode_json(validate_data(req.data), "data", self._max_payload_bytes)
+            if encoded is not None:
+                encoded[id(req.data)] = (req.data, data)
         correlation_id = (
             uuid4()
             if req.correlation_id is None
@@ -280,6 +293,7 @@ class CommandBus:
         domain's columns). A command_id repeated within `requests` is a DuplicateCommandError."""
         chunks: list[_Chunk] = []
         seen: set[tuple[str, UUID]] = set()
+        encoded: dict[int, tuple[object, str]] = {}
         for start in range(0, len(requests), chunk_size):
             places: list[tuple[str, int]] = []
             by_domain: dict[str, _Columns] = {}
@@ -288,7 +302,7 @@ class CommandBus:
                 if cols is None:
                     validate_domain(req.domain)
                     cols = by_domain[req.domain] = _Columns()
-                self._add(cols, req)
+                self._add(cols, req, encoded)
                 key = (req.domain, cols.command_ids[-1])
                 if key in seen:
                     raise DuplicateCommandError(req.domain, str(req.command_id))
@@ -440,12 +454,13 @@ class CommandBus:
             raise ValidationError("on_complete", on_complete, "must be callable")
         cols = _Columns()
         seen: set[UUID] = set()
+        encoded: dict[int, tuple[object, str]] = {}
         for cmd in commands:
             if not isinstance(cmd, BatchCommand):
                 raise ValidationError("commands", cmd, "items must be BatchCommand")
             req = SendRequest(domain, cmd.command_type, cmd.command_id, cmd.data,
                               cmd.correlation_id, cmd.reply_to, cmd.max_attempts)  # fmt: skip
-            self._add(cols, req)
+            self._add(cols, req, encoded)
             if cols.command_ids[-1] in seen:
                 raise DuplicateCommandError(domain, str(cols.command_ids[-1]))
             seen.add(cols.command_ids[-1])

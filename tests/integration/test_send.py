@@ -15,6 +15,7 @@ from psycopg_pool import AsyncConnectionPool
 
 import commandbus.bus
 from commandbus import (
+    BatchCommand,
     BatchNotFoundError,
     CommandBus,
     CommandStatus,
@@ -311,6 +312,50 @@ async def test_send_batch_writes_nothing_when_a_later_chunk_is_bad(
     assert await fetch(pool, "SELECT count(*) FROM commandbus.command") == [(0,)]
     # Not even the queue was created: the first chunk never went out.
     assert await fetch(pool, "SELECT count(*) FROM pgmq.meta") == [(0,)]
+
+
+async def test_bulk_payloads_shared_or_fresh_are_sent_as_they_are(
+    pool: AsyncConnectionPool[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A payload object shared by many requests is encoded once per call; payloads made afresh
+    for each command each keep their own content; a shared payload over the limit is refused."""
+    bus = CommandBus(pool)
+    encodes = 0
+    real = commandbus.bus.encode_json
+
+    def counting(value: object, field: str, max_bytes: int) -> str:
+        nonlocal encodes
+        encodes += 1
+        return real(value, field, max_bytes)
+
+    monkeypatch.setattr(commandbus.bus, "encode_json", counting)
+    shared = {"behavior": {"fail_permanent_pct": 1.0}}
+    await bus.send_batch([SendRequest("orders", "T", uuid4(), shared) for _ in range(300)], 100)
+    assert encodes == 1
+
+    ids = [uuid4() for _ in range(200)]
+    await bus.create_batch(
+        "orders", [BatchCommand("T", cid, {"i": i}) for i, cid in enumerate(ids)], name="fresh"
+    )
+    assert encodes == 1 + 200  # each fresh payload encoded, none taken for another
+    by_id = dict(
+        await fetch(
+            pool,
+            "SELECT (message->>'command_id')::uuid, (message->'data'->>'i')::int"
+            " FROM pgmq.q_orders__commands WHERE message->'data' ? 'i'",
+        )
+    )
+    assert [by_id[cid] for cid in ids] == list(range(200))
+    assert await fetch(
+        pool,
+        "SELECT count(*) FROM pgmq.q_orders__commands"
+        " WHERE message->'data' = '{\"behavior\": {\"fail_permanent_pct\": 1.0}}'::jsonb",
+    ) == [(300,)]
+
+    big = {"blob": "x" * 300}
+    small = CommandBus(pool, max_payload_bytes=200)
+    with pytest.raises(PayloadTooLargeError):
+        await small.send_batch([SendRequest("orders", "T", uuid4(), big) for _ in range(3)])
 
 
 async def test_send_batch_messages_take_queue_ids_in_request_order(
