@@ -260,11 +260,16 @@ BEGIN
                   AND p.status NOT IN ('COMPLETED', 'COMPENSATED', 'FAILED', 'CANCELED'))
         ORDER BY c.created_at
         LIMIT p_chunk
-        FOR UPDATE OF c SKIP LOCKED
     ), del AS (
+        -- No row lock before the DELETE (FOR UPDATE would write each row once more, WAL
+        -- included): the DELETE locks the row itself and, when another transaction changed it
+        -- meanwhile, checks these conditions again on its new version. A terminal command
+        -- never becomes live again, and a complete batch never reopens, so they are the ones
+        -- that can change; a second pruner waits for the first one's rows and skips them.
         DELETE FROM commandbus.command c
         USING victims v
         WHERE c.domain = v.domain AND c.command_id = v.command_id
+          AND c.status IN ('COMPLETED', 'FAILED', 'CANCELED') AND c.updated_at < p_cutoff
         RETURNING c.domain, c.command_id, c.queue_name, c.msg_id
     )
     SELECT count(*), array_agg(d.domain), array_agg(d.command_id), array_agg(d.queue_name),
