@@ -148,12 +148,16 @@ async def _prune(
         validate_domain(domain)
     cutoff = await _cutoff(pool, older_than)
     total = PruneResult(cutoff=cutoff)
+    after: datetime | None = None  # where the previous chunk stopped (prune_v2 goes on there)
     while True:
         # One chunk per call, each in its own transaction (committed on return).
         started = time.monotonic()
-        row = await _db.fetch_one(pool, "retention_prune", cutoff, domain, chunk_size, rows=dict)
+        row = await _db.fetch_one(
+            pool, "retention_prune", cutoff, domain, chunk_size, after, rows=dict
+        )
         elapsed = time.monotonic() - started
-        assert row is not None  # prune_v1 always returns its one row of counts
+        assert row is not None  # prune_v2 always returns its one row of counts
+        after = row["last_created_at"]
         total = replace(
             total,
             commands=total.commands + row["commands"],

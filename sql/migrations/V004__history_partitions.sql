@@ -217,10 +217,17 @@ END $$;
 --     and archived messages older than the cutoff are swept per queue (pgmq.a_<domain>__commands,
 --     by its archived_at index) unless their command is still pending, in progress or in the TSQ;
 --   * a terminal command of a batch that is not complete yet, or that a process not finished yet
---     has sent, is kept (with its rows) until the batch or the process ends.
--- Returns the counts deleted: call it until commands, batches and messages are all 0.
-CREATE OR REPLACE FUNCTION commandbus.prune_v2(p_cutoff TIMESTAMPTZ, p_domain TEXT, p_chunk INT)
-RETURNS TABLE (commands INT, audit_events INT, payloads INT, messages INT, batches INT)
+--     has sent, is kept (with its rows) until the batch or the process ends;
+--   * it goes on from p_after (the last_created_at the previous call returned; NULL: from the
+--     start): each chunk walks ix_command_created from where the one before stopped, instead of
+--     walking again, from the oldest, over the index entries of every row deleted so far (dead
+--     until vacuum: a prune of n commands walked O(n^2 / chunk) of them).
+-- Returns the counts deleted and where to go on from: call it until commands, batches and
+-- messages are all 0.
+CREATE OR REPLACE FUNCTION commandbus.prune_v2(
+    p_cutoff TIMESTAMPTZ, p_domain TEXT, p_chunk INT, p_after TIMESTAMPTZ DEFAULT NULL)
+RETURNS TABLE (commands INT, audit_events INT, payloads INT, messages INT, batches INT,
+               last_created_at TIMESTAMPTZ)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
@@ -233,6 +240,7 @@ DECLARE
     v_payloads INT := 0;
     v_messages INT := 0;
     v_batches INT := 0;
+    v_last TIMESTAMPTZ;
     v_n INT;
     r RECORD;
 BEGIN
@@ -242,10 +250,11 @@ BEGIN
             DETAIL = coalesce(p_chunk::text, 'NULL');
     END IF;
 
-    WITH victims AS (
-        SELECT c.domain, c.command_id
+    WITH victims AS MATERIALIZED (
+        SELECT c.domain, c.command_id, c.created_at
         FROM commandbus.command c
         WHERE c.created_at < p_cutoff
+          AND c.created_at >= coalesce(p_after, '-infinity')
           AND c.updated_at < p_cutoff
           AND c.status IN ('COMPLETED', 'FAILED', 'CANCELED')
           AND (p_domain IS NULL OR c.domain = p_domain)
@@ -273,8 +282,8 @@ BEGIN
         RETURNING c.domain, c.command_id, c.queue_name, c.msg_id
     )
     SELECT count(*), array_agg(d.domain), array_agg(d.command_id), array_agg(d.queue_name),
-           array_agg(d.msg_id)
-    INTO v_commands, v_domains, v_ids, v_queues, v_msg_ids
+           array_agg(d.msg_id), (SELECT max(v.created_at) FROM victims v)
+    INTO v_commands, v_domains, v_ids, v_queues, v_msg_ids, v_last
     FROM del d;
 
     IF v_commands > 0 THEN
@@ -364,7 +373,8 @@ BEGIN
         v_audit := v_audit + v_n;
     END IF;
 
-    RETURN QUERY SELECT v_commands, v_audit, v_payloads, v_messages, v_batches;
+    RETURN QUERY SELECT v_commands, v_audit, v_payloads, v_messages, v_batches,
+                        coalesce(v_last, p_after);
 END $$;
 
 -- Day partitions for yesterday (UTC) to a week ahead; setup_database() and workers keep them ahead.

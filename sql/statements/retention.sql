@@ -6,9 +6,10 @@
 SELECT now() - $1::interval AS cutoff
 
 -- name: retention_prune
--- One chunk of pruning (prune_v2): call until commands, batches and messages are all 0.
--- $1 cutoff TIMESTAMPTZ, $2 domain TEXT, $3 chunk INT
-SELECT commands, audit_events, payloads, messages, batches FROM commandbus.prune_v2($1::timestamptz, $2::text, $3::int)
+-- One chunk of pruning (prune_v2): call until commands, batches and messages are all 0, each
+-- call with the last_created_at of the call before (NULL the first time).
+-- $1 cutoff TIMESTAMPTZ, $2 domain TEXT, $3 chunk INT, $4 after TIMESTAMPTZ
+SELECT commands, audit_events, payloads, messages, batches, last_created_at FROM commandbus.prune_v2($1::timestamptz, $2::text, $3::int, $4::timestamptz)
 
 -- name: retention_drop_partition
 -- Drops the oldest unused audit partition ending before the cutoff (drop_audit_partition_v1):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import psycopg
@@ -62,54 +63,49 @@ def _proxy_client_port(proxy: FaultProxy, server_side_port: int) -> int:
 
 
 async def test_replaced_listener_leaves_no_connection_behind(
-    pool: AsyncConnectionPool[Any], database_url: str
+    pool: AsyncConnectionPool[Any],
+    database_url: str,
+    proxied: tuple[FaultProxy, str],
+    proxied_pool: Callable[..., Awaitable[AsyncConnectionPool[Any]]],
 ) -> None:
+    proxy, _ = proxied
+    behind = await proxied_pool(max_size=2)
+    registry = HandlerRegistry()
+    done: list[uuid.UUID] = []
+
+    @registry.handler(DOMAIN, "Ok")
+    async def ok(cmd: Command, ctx: HandlerContext) -> None:
+        done.append(cmd.command_id)
+
+    worker = Worker(behind, DOMAIN, registry, call_timeout=1.0)
+    task = asyncio.create_task(worker.run(concurrency=2, poll_interval=0.5))
     try:
-        proxy = FaultProxy.for_dsn(database_url)
-    except ValueError as exc:
-        pytest.skip(f"needs a TCP database URL: {exc}")
-    with proxy:
-        behind: AsyncConnectionPool[psycopg.AsyncConnection[Any]] = AsyncConnectionPool(
-            proxy.dsn(database_url), min_size=1, max_size=2, open=False
+        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as c:
+            t0 = time.monotonic()
+            server_port = None
+            while server_port is None and time.monotonic() - t0 < 20:
+                server_port = await _listener_client_port(c)
+                await asyncio.sleep(0.1)
+            assert server_port is not None, "the worker never listened"
+        ours = _proxy_client_port(proxy, server_port)
+        assert ours in _established_local_ports(proxy.port)
+        proxy.freeze()
+        # Listener check (5 s) + call deadline (1 s) + the UNLISTEN's 5 s, with room.
+        t0 = time.monotonic()
+        while ours in _established_local_ports(proxy.port) and time.monotonic() - t0 < 30:  # noqa: ASYNC110
+            await asyncio.sleep(0.25)
+        assert ours not in _established_local_ports(proxy.port), (
+            "the replaced listener's connection is still open"
         )
-        await behind.open(wait=True)
-        registry = HandlerRegistry()
-        done: list[uuid.UUID] = []
-
-        @registry.handler(DOMAIN, "Ok")
-        async def ok(cmd: Command, ctx: HandlerContext) -> None:
-            done.append(cmd.command_id)
-
-        worker = Worker(behind, DOMAIN, registry, call_timeout=1.0)
-        task = asyncio.create_task(worker.run(concurrency=2, poll_interval=0.5))
-        try:
-            async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as c:
-                t0 = time.monotonic()
-                server_port = None
-                while server_port is None and time.monotonic() - t0 < 20:
-                    server_port = await _listener_client_port(c)
-                    await asyncio.sleep(0.1)
-                assert server_port is not None, "the worker never listened"
-            ours = _proxy_client_port(proxy, server_port)
-            assert ours in _established_local_ports(proxy.port)
-            proxy.freeze()
-            # Listener check (5 s) + call deadline (1 s) + the UNLISTEN's 5 s, with room.
-            t0 = time.monotonic()
-            while ours in _established_local_ports(proxy.port) and time.monotonic() - t0 < 30:  # noqa: ASYNC110
-                await asyncio.sleep(0.25)
-            assert ours not in _established_local_ports(proxy.port), (
-                "the replaced listener's connection is still open"
-            )
-            # And the new listener hears: a command sent now is handled at once.
-            bus = CommandBus(pool)
-            command_id = uuid.uuid4()
-            await bus.send(DOMAIN, "Ok", command_id, {})
-            t0 = time.monotonic()
-            while command_id not in done and time.monotonic() - t0 < 20:  # noqa: ASYNC110
-                await asyncio.sleep(0.05)
-            assert command_id in done
-            await bus.close()
-        finally:
-            await worker.stop(timeout=5)
-            await task
-            await behind.close()
+        # And the new listener hears: a command sent now is handled at once.
+        bus = CommandBus(pool)
+        command_id = uuid.uuid4()
+        await bus.send(DOMAIN, "Ok", command_id, {})
+        t0 = time.monotonic()
+        while command_id not in done and time.monotonic() - t0 < 20:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        assert command_id in done
+        await bus.close()
+    finally:
+        await worker.stop(timeout=5)
+        await task

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import psycopg
@@ -24,16 +23,6 @@ CALL_TIMEOUT = 1.0  # the pool's deadline: 3 s
 # Deadline, then psycopg's cancel request and its 5 s wait for the answer, with room for a
 # loaded machine.
 GIVE_UP_WITHIN = 3 * CALL_TIMEOUT + 5 + 4
-
-
-@pytest.fixture
-async def proxied(database_url: str) -> AsyncIterator[tuple[FaultProxy, str]]:
-    try:
-        proxy = FaultProxy.for_dsn(database_url)
-    except ValueError as exc:
-        pytest.skip(f"needs a TCP database URL: {exc}")
-    with proxy:
-        yield proxy, proxy.dsn(database_url)
 
 
 async def test_a_call_on_a_silent_connection_is_abandoned_and_the_next_one_works(

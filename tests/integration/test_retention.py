@@ -181,6 +181,48 @@ async def test_prune_in_chunks_with_domain_filter(pool: AsyncConnectionPool[Any]
     await bus.close()
 
 
+async def test_prune_goes_on_where_the_chunk_before_stopped(pool: AsyncConnectionPool[Any]) -> None:
+    """Each chunk starts at the previous chunk's last created_at (prune_v2's p_after): rows
+    before it are not walked again, live rows between terminal ones are passed over and kept."""
+    bus = CommandBus(pool)
+    ids = [uuid4() for _ in range(12)]
+    for cid in ids:
+        await bus.send("orders", "Done", cid, {})
+    # created_at one minute apart, two days ago; every third command still PENDING.
+    await fetch(
+        pool,
+        "UPDATE commandbus.command c SET created_at = now() - interval '2 days'"
+        " + i.n * interval '1 minute', updated_at = now() - interval '2 days'"
+        " + i.n * interval '1 minute',"
+        " status = CASE WHEN i.n %% 3 = 2 THEN 'PENDING' ELSE 'COMPLETED' END"
+        " FROM unnest(%s::uuid[]) WITH ORDINALITY AS i(id, n) WHERE c.command_id = i.id"
+        " RETURNING 1",
+        ids,
+    )
+    cutoff = (await fetch(pool, "SELECT now() - interval '1 hour'"))[0][0]
+    [(t4,)] = await fetch(
+        pool, "SELECT created_at FROM commandbus.command WHERE command_id = %s", ids[3]
+    )
+    # From the 4th command on (its created_at), chunks of 2: the first three are not walked.
+    [row] = await fetch(
+        pool,
+        "SELECT commands, last_created_at FROM commandbus.prune_v2(%s, NULL, 2, %s)",
+        cutoff,
+        t4,
+    )
+    assert row == (2, t4 + timedelta(minutes=2))  # the 4th and the 6th (the 5th is PENDING)
+    left = {r[0] for r in await fetch(pool, "SELECT command_id FROM commandbus.command")}
+    assert left == set(ids) - {ids[3], ids[5]}
+
+    progress: list[PruneResult] = []
+    result = await prune(pool, cutoff, chunk_size=3, on_progress=progress.append)
+    assert result.commands == 8 - 2
+    assert [p.commands for p in progress[:3]] == [3, 6, 6]
+    pending = {r[0] for r in await fetch(pool, "SELECT command_id FROM commandbus.command")}
+    assert pending == {ids[i] for i in range(12) if (i + 1) % 3 == 2}
+    await bus.close()
+
+
 async def test_prune_batches_left_empty(pool: AsyncConnectionPool[Any]) -> None:
     bus = CommandBus(pool)
     done_batch, open_batch, empty_old, empty_new = (uuid4() for _ in range(4))

@@ -212,6 +212,7 @@ use crate::type_info::PgTypeKind;
 use crate::{PgTypeInfo, Postgres};
 
 #[cfg(feature = "json")]
+#[allow(unused_imports)] // rcmd patch 2: unused in the build rcmd makes (see RCMD-PATCH.md)
 pub(crate) use sqlx_core::types::Json;
 pub(crate) use sqlx_core::types::Type;
 
