@@ -2,19 +2,21 @@
 
 One run, one server (default: the machine's PostgreSQL at 127.0.0.1:5432; `--dsn` for another):
 
-1. `ours` database (this checkout's schema, audit partitioned by day). Worker throughput with no
-   history: a backlog of `--commands` PENDING commands (made set-based through
-   send_commands_v2) drained by one in-process `Worker` (no-op handler, `--concurrency`).
-2. History, generated set-based (generate_series, not through the bus): `--history` finished
-   commands spread over `--history-days` past days, three audit rows each (SENT, STARTED,
-   COMPLETED), in each day's partition. Sizes of tables and indexes.
-3. Worker throughput again, with that history (same backlog size): the ratio to 1.
-4. Retention of the oldest day while the worker drains a backlog: the worker's rate during
-   retention against its rate just before (same drain), retention's time and database CPU.
-5. `today` database: the schema of V001 alone (audit not partitioned) with one day of the same
+1. `ours` database (this checkout's schema, audit partitioned by day): history generated
+   set-based (generate_series, not through the bus): `--history` finished commands spread over
+   `--history-days` past days, three audit rows each (SENT, STARTED, COMPLETED), in each day's
+   partition, then vacuumed and analysed. Sizes of tables and indexes.
+2. Worker throughput without history (a fresh database of the same server) and with it, in
+   turns, `--repeat` pairs: a backlog of `--commands` PENDING commands (made set-based through
+   send_commands_v2) drained by one in-process `Worker` (no-op handler, `--concurrency`). The
+   ratio of the medians, and each pair's ratio.
+3. Retention of the oldest day while the worker drains a backlog: the worker's rate in turns of
+   `--window` seconds with retention running and without it (same drain), retention's time and
+   database CPU; again paced (`--duty`) on the next day.
+4. `today` database: the schema of V001 alone (audit not partitioned) with one day of the same
    history (`--history / --history-days` commands), and the same measure with today's retention
    (prune_v1, chunked DELETE of command, audit rows and messages).
-6. A week of simulated days on `ours`: each day adds a day of history and prunes the oldest
+5. A week of simulated days on `ours`: each day adds a day of history and prunes the oldest
    one. Sizes after it.
 
 Databases are dropped at the end (`--keep` keeps them). Prints a JSON summary, and `--out FILE`
@@ -27,6 +29,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import statistics
 import sys
 import time
 from datetime import UTC, datetime, timedelta
@@ -48,7 +51,7 @@ from commandbus import (
     _sql,
 )
 from commandbus.embedded import create_database, drop_database, install_pgmq
-from commandbus.retention import prune
+from commandbus.retention import _prune
 from commandbus.setup import setup_database
 
 DOMAIN = "bench"
@@ -146,7 +149,7 @@ def _top_up(dsn: str, days: int, per_day: int) -> float:
                 _log(f"history day {day.date()}: {missing} commands")
                 _history_day(conn, day, missing, f"r{k}-")
         conn.execute("VACUUM ANALYZE commandbus.command")
-        conn.execute("ANALYZE commandbus.audit")
+        conn.execute("VACUUM ANALYZE commandbus.audit")
     return time.monotonic() - t0
 
 
@@ -256,29 +259,63 @@ async def _throughput(dsn: str, n: int, concurrency: int) -> float:
 
 
 async def _retention_under_load(
-    dsn: str, backlog: int, concurrency: int, cpu: PgCpu, run: Any, warm: float
+    dsn: str, backlog: int, concurrency: int, cpu: PgCpu, run: Any, window: float
 ) -> dict[str, Any]:
-    """Worker rate for `warm` seconds, then during `run()` (a coroutine factory), with at
-    least `backlog` commands kept pending by a feeder (sending is part of the load)."""
+    """The worker's rate with retention running against without it, in turns: windows of
+    `window` seconds without retention and with it (`run(stop)`: a coroutine that prunes until
+    `stop` is set and returns (finished, detail)), until retention has finished, and one more
+    window without; at least `backlog` commands kept pending by a feeder (sending is part of
+    the load). Turns, not a window before against the run after it: the rate drifts on its own
+    as the tables grow and autovacuum comes and goes, and that drift is not retention's."""
+    loop = asyncio.get_running_loop()
+    on = [0.0, 0]  # seconds, commands handled
+    off = [0.0, 0]
+    pairs: list[float] = []
+    details: list[dict[str, Any]] = []
+    db_cpu = 0.0
+
+    async def off_window() -> float:
+        a = drain.mark()
+        await asyncio.sleep(window)
+        b = drain.mark()
+        off[0] += b[0] - a[0]
+        off[1] += b[1] - a[1]
+        return _rate(a, b)
+
     async with Drain(dsn, concurrency, feed=backlog) as drain:
         await drain.wait_handled(20_000)
-        a = drain.mark()
-        await asyncio.sleep(warm)
-        b = drain.mark()
-        cpu0, t0 = cpu.sample(), time.monotonic()
-        detail = await run()
-        seconds = time.monotonic() - t0
-        cpu1 = cpu.sample()
-        c = drain.mark()
-        left = drain.sent - c[1]
+        finished = False
+        while not finished:
+            rate_off = await off_window()
+            stop = asyncio.Event()
+            timer = loop.call_later(window, stop.set)
+            cpu0, a = cpu.sample(), drain.mark()
+            finished, detail = await run(stop)
+            b, cpu1 = drain.mark(), cpu.sample()
+            timer.cancel()
+            on[0] += b[0] - a[0]
+            on[1] += b[1] - a[1]
+            if cpu0 is not None and cpu1 is not None:
+                db_cpu += cpu1 - cpu0
+            details.append(detail)
+            if b[0] - a[0] >= window / 2:  # a last short turn says little
+                pairs.append(_rate(a, b) / max(1e-9, rate_off))
+        await off_window()
+        left = drain.sent - drain.mark()[1]
+    total: dict[str, Any] = {}
+    for d in details:
+        for k, v in d.items():
+            total[k] = round(total.get(k, 0) + v, 2) if isinstance(v, int | float) else v
+    rate_on, rate_off = on[1] / max(1e-9, on[0]), off[1] / max(1e-9, off[0])
     return {
-        "rate_before": round(_rate(a, b)),
-        "rate_during": round(_rate(b, c)),
-        "ratio": round(_rate(b, c) / max(1e-9, _rate(a, b)), 3),
-        "retention_s": round(seconds, 2),
-        "db_cpu_s": None if cpu0 is None or cpu1 is None else round(cpu1 - cpu0, 2),
+        "rate_without": round(rate_off),
+        "rate_during": round(rate_on),
+        "ratio": round(rate_on / max(1e-9, rate_off), 3),
+        "turn_ratios": [round(x, 3) for x in pairs],
+        "retention_s": round(on[0], 2),
+        "db_cpu_s": round(db_cpu, 2),
         "pending_at_end": left,
-        "detail": detail,
+        "detail": total,
     }
 
 
@@ -290,7 +327,7 @@ def _generate(dsn: str, first_day: int, days: int, per_day: int, tag: str) -> fl
             _log(f"history day {day.date()}: {per_day} commands")
             _history_day(conn, day, per_day, f"{tag}-{k}-")
         conn.execute("VACUUM ANALYZE commandbus.command")
-        conn.execute("ANALYZE commandbus.audit")
+        conn.execute("VACUUM ANALYZE commandbus.audit")
     return time.monotonic() - t0
 
 
@@ -326,55 +363,54 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                     "SELECT commandbus.ensure_audit_partitions_v1(%s::date, %s::date)",
                     (DAY0.date(), (DAY0 + timedelta(days=args.history_days + args.week)).date()),
                 )
-        if args.reuse:
-            # No history: a fresh database of the same server, in this run.
-            fresh_dsn = create_database(admin, fresh)
-            async with AsyncConnectionPool(fresh_dsn, min_size=1, max_size=2, open=False) as p:
-                await setup_database(p)
-                async with p.connection() as conn:
-                    await conn.execute(f"SELECT pgmq.create('{QUEUE}')")  # type: ignore[arg-type]
-            _log("fresh database: throughput without history")
-            base = [await _throughput(fresh_dsn, args.commands, args.concurrency)
-                    for _ in range(args.repeat)]  # fmt: skip
-            out["sizes_empty"] = _sizes(fresh_dsn)
-            drop_database(admin, fresh)
-        else:
-            _log("ours: throughput without history")
-            base = [await _throughput(ours_dsn, args.commands, args.concurrency)
-                    for _ in range(args.repeat)]  # fmt: skip
-            out["sizes_empty"] = _sizes(ours_dsn)
-        out["throughput_no_history"] = round(max(base))
-        out["throughput_no_history_runs"] = [round(b) for b in base]
-        save()
+        # No history: a fresh database of the same server, measured in turns with the one
+        # holding the history (each pair of runs under the same machine load), after the
+        # history is generated and vacuumed (steady state: autovacuum is not busy with it).
+        fresh_dsn = create_database(admin, fresh)
+        async with AsyncConnectionPool(fresh_dsn, min_size=1, max_size=2, open=False) as p:
+            await setup_database(p)
+            async with p.connection() as conn:
+                await conn.execute(f"SELECT pgmq.create('{QUEUE}')")  # type: ignore[arg-type]
+        out["sizes_empty"] = _sizes(fresh_dsn)
         _log(f"ours: generating {args.history} commands of history (days missing)")
         out["generate_s"] = round(_top_up(ours_dsn, args.history_days, per_day), 1)
         out["sizes_history"] = _sizes(ours_dsn)
         save()
-        _log("ours: throughput with history")
-        hist = [await _throughput(ours_dsn, args.commands, args.concurrency)
-                for _ in range(args.repeat)]  # fmt: skip
-        out["throughput_history"] = round(max(hist))
+        base: list[float] = []
+        hist: list[float] = []
+        for k in range(args.repeat):
+            _log(f"throughput without history / with history, pair {k + 1}/{args.repeat}")
+            base.append(await _throughput(fresh_dsn, args.commands, args.concurrency))
+            hist.append(await _throughput(ours_dsn, args.commands, args.concurrency))
+        drop_database(admin, fresh)
+        out["throughput_no_history"] = round(statistics.median(base))
+        out["throughput_no_history_runs"] = [round(b) for b in base]
+        out["throughput_history"] = round(statistics.median(hist))
         out["throughput_history_runs"] = [round(h) for h in hist]
-        out["throughput_ratio"] = round(max(hist) / max(base), 3)
+        out["throughput_ratio"] = round(statistics.median(hist) / statistics.median(base), 3)
+        out["throughput_pair_ratios"] = [round(h / b, 3) for h, b in zip(hist, base, strict=True)]
         save()
 
-        async def ours_retention(cutoff: datetime, duty: float = 1.0) -> Any:
+        async def ours_retention(
+            cutoff: datetime, duty: float = 1.0, stop: asyncio.Event | None = None
+        ) -> tuple[bool, dict[str, Any]]:
             async with AsyncConnectionPool(ours_dsn, min_size=1, max_size=1, open=False) as p:
                 async with p.connection() as c:
                     pid = (await (await c.execute("SELECT pg_backend_pid()")).fetchone())[0]  # type: ignore[index]
                 cpu0 = _backend_cpu(pid)
-                r = await prune(p, cutoff, chunk_size=args.chunk, max_duty=duty)
+                r = await _prune(p, cutoff, None, args.chunk, None, stop, duty)
                 cpu1 = _backend_cpu(pid)
-            return {"backend_cpu_s": None if cpu0 is None or cpu1 is None
-                    else round(cpu1 - cpu0, 2),"commands": r.commands, "partitions": r.partitions,
-                    "partition_rows": r.partition_rows, "messages": r.messages,
-                    "kept": r.partitions_kept}  # fmt: skip
+            return stop is None or not stop.is_set(), {
+                "backend_cpu_s": None if cpu0 is None or cpu1 is None else round(cpu1 - cpu0, 2),
+                "commands": r.commands, "partitions": r.partitions,
+                "partition_rows": r.partition_rows, "messages": r.messages,
+                "kept": r.partitions_kept}  # fmt: skip
 
         _log("ours: retention of the oldest day under load")
         cutoff = DAY0 + timedelta(days=1, hours=1)
         out["retention_ours"] = await _retention_under_load(
-            ours_dsn, args.backlog, args.concurrency, cpu, lambda: ours_retention(cutoff),
-            args.warm,
+            ours_dsn, args.backlog, args.concurrency, cpu,
+            lambda stop: ours_retention(cutoff, stop=stop), args.window,
         )  # fmt: skip
         out["sizes_after_retention"] = _sizes(ours_dsn)
         save()
@@ -382,7 +418,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         cutoff2 = DAY0 + timedelta(days=2, hours=1)
         out["retention_ours_paced"] = await _retention_under_load(
             ours_dsn, args.backlog, args.concurrency, cpu,
-            lambda: ours_retention(cutoff2, args.duty), args.warm,
+            lambda stop: ours_retention(cutoff2, args.duty, stop), args.window,
         )  # fmt: skip
         save()
 
@@ -396,12 +432,15 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         _generate(today_dsn, 0, 1, per_day, "t")
         out["sizes_today_history"] = _sizes(today_dsn)
 
-        async def today_retention(cutoff: datetime) -> Any:
+        async def today_retention(
+            cutoff: datetime, stop: asyncio.Event
+        ) -> tuple[bool, dict[str, Any]]:
             totals = {"commands": 0, "audit_events": 0, "messages": 0, "chunks": 0}
             async with await psycopg.AsyncConnection.connect(today_dsn, autocommit=True) as c:
                 pid = (await (await c.execute("SELECT pg_backend_pid()")).fetchone())[0]  # type: ignore[index]
                 cpu0 = _backend_cpu(pid)
-                while True:
+                finished = False
+                while not stop.is_set():
                     cur = await c.execute(
                         "SELECT commands, audit_events, messages, batches"
                         " FROM commandbus.prune_v1(%s, NULL, %s)", (cutoff, args.chunk),
@@ -413,14 +452,17 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                     totals["messages"] += row[2]
                     totals["chunks"] += 1
                     if row[0] == 0 and row[3] == 0:
-                        cpu1 = _backend_cpu(pid)
-                        return {"backend_cpu_s": None if cpu0 is None or cpu1 is None
-                                else round(cpu1 - cpu0, 2), **totals}  # fmt: skip
+                        finished = True
+                        break
+                cpu1 = _backend_cpu(pid)
+            return finished, {"backend_cpu_s": None if cpu0 is None or cpu1 is None
+                              else round(cpu1 - cpu0, 2), **totals}  # fmt: skip
 
         _log("today: chunked DELETE under load")
         out["retention_today"] = await _retention_under_load(
-            today_dsn, args.backlog, args.concurrency, cpu, lambda: today_retention(cutoff),
-            args.warm,
+            today_dsn, args.backlog, args.concurrency, cpu,
+            lambda stop: today_retention(cutoff, stop),
+            args.window,
         )  # fmt: skip
         out["sizes_today_after"] = _sizes(today_dsn)
         save()
@@ -435,7 +477,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             gen = time.monotonic() - t0
             cut = DAY0 + timedelta(days=k + 3, hours=1)
             cpu0, t1 = cpu.sample(), time.monotonic()
-            detail = await ours_retention(cut)
+            _, detail = await ours_retention(cut)
             cpu1 = cpu.sample()
             week.append({"generate_s": round(gen, 1),
                          "retention_s": round(time.monotonic() - t1, 2),
@@ -472,16 +514,18 @@ def _parser() -> argparse.ArgumentParser:
                    help="commands kept pending during the retention runs")  # fmt: skip
     p.add_argument("--duty", type=float, default=0.3,
                    help="max_duty of the paced retention run")  # fmt: skip
-    p.add_argument("--warm", type=float, default=15.0, help="seconds measured before retention")
+    p.add_argument("--window", type=float, default=15.0,
+                   help="seconds of each turn with and without retention")  # fmt: skip
     p.add_argument("--concurrency", type=int, default=256)
-    p.add_argument("--repeat", type=int, default=2, help="throughput runs (best taken)")
+    p.add_argument(
+        "--repeat", type=int, default=2, help="throughput pairs (without / with history)"
+    )
     p.add_argument("--chunk", type=int, default=1_000, help="retention chunk size")
     p.add_argument("--week", type=int, default=7, help="simulated days")
     p.add_argument("--out", type=Path, help="write the JSON summary here too")
     p.add_argument("--keep", action="store_true", help="keep the databases")
     p.add_argument("--reuse", help="an `ours` database of an earlier run (kept or cut short):"
-                   " its history is topped up instead of made; no-history figures from a fresh"
-                   " database")  # fmt: skip
+                   " its history is topped up instead of made")  # fmt: skip
     return p
 
 
