@@ -356,10 +356,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         async with AsyncConnectionPool(ours_dsn, min_size=1, max_size=4, open=False) as pool:
             # With --reuse: every migration again (the functions as this checkout has them).
             await setup_database(pool, skip_if_exists=not args.reuse)
-            async with pool.connection() as conn:
-                await conn.execute(f"SELECT pgmq.create('{QUEUE}')")  # type: ignore[arg-type]
+            async with pool.connection() as aconn:
+                await aconn.execute(f"SELECT pgmq.create('{QUEUE}')")
                 # Day partitions of the generated history (and of the simulated week).
-                await conn.execute(
+                await aconn.execute(
                     "SELECT commandbus.ensure_audit_partitions_v1(%s::date, %s::date)",
                     (DAY0.date(), (DAY0 + timedelta(days=args.history_days + args.week)).date()),
                 )
@@ -369,8 +369,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         fresh_dsn = create_database(admin, fresh)
         async with AsyncConnectionPool(fresh_dsn, min_size=1, max_size=2, open=False) as p:
             await setup_database(p)
-            async with p.connection() as conn:
-                await conn.execute(f"SELECT pgmq.create('{QUEUE}')")  # type: ignore[arg-type]
+            async with p.connection() as aconn:
+                await aconn.execute(f"SELECT pgmq.create('{QUEUE}')")
         out["sizes_empty"] = _sizes(fresh_dsn)
         _log(f"ours: generating {args.history} commands of history (days missing)")
         out["generate_s"] = round(_top_up(ours_dsn, args.history_days, per_day), 1)
