@@ -390,6 +390,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         out["throughput_ratio"] = round(statistics.median(hist) / statistics.median(base), 3)
         out["throughput_pair_ratios"] = [round(h / b, 3) for h, b in zip(hist, base, strict=True)]
         save()
+        if args.throughput_only:
+            return out
 
         async def ours_retention(
             cutoff: datetime, duty: float = 1.0, stop: asyncio.Event | None = None
@@ -524,6 +526,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--week", type=int, default=7, help="simulated days")
     p.add_argument("--out", type=Path, help="write the JSON summary here too")
     p.add_argument("--keep", action="store_true", help="keep the databases")
+    p.add_argument("--throughput-only", action="store_true",
+                   help="stop after the throughput pairs (with --reuse: more pairs on a kept"
+                   " database)")  # fmt: skip
     p.add_argument("--reuse", help="an `ours` database of an earlier run (kept or cut short):"
                    " its history is topped up instead of made")  # fmt: skip
     return p
