@@ -19,7 +19,6 @@ Databases
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
@@ -31,6 +30,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from commandbus.embedded import embedded_postgres_version
 from commandbus.testing.plugin import DATABASE_FIXTURES, database_stats, redact, server_dsn
+from docker_probe import docker_answers
 
 pytest_plugins = ["commandbus.testing"]
 
@@ -113,26 +113,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # --------------------------------------------------------------------------
 
 
-def _docker_answers() -> bool:
-    """True when a Docker engine answers its ping (unix socket of DOCKER_HOST or the default)."""
-    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
-    if not host.startswith("unix://"):
-        return False  # a remote engine: set RCMD_TESTCONTAINERS and let testcontainers try
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(2)
-            sock.connect(host.removeprefix("unix://"))
-            sock.sendall(b"GET /_ping HTTP/1.0\r\n\r\n")
-            return b"OK" in sock.recv(4096)
-    except OSError:
-        return False
-
-
 def _container_dsn(config: pytest.Config) -> Iterator[str]:
     """RCMD_TESTCONTAINERS=1: a PostgreSQL container via testcontainers (Docker machines only;
     the default everywhere else is the embedded server). RCMD_TESTCONTAINERS_IMAGE picks the
     image (default postgres:16; PGMQ is installed from SQL when the image lacks the extension)."""
-    if not _docker_answers():
+    if not docker_answers():
         pytest.fail("RCMD_TESTCONTAINERS is set but no Docker engine answers", pytrace=False)
     from testcontainers.postgres import PostgresContainer
 

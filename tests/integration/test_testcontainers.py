@@ -6,10 +6,10 @@ import psycopg
 import pytest
 
 from commandbus.embedded import install_pgmq
-from conftest import _docker_answers
+from docker_probe import docker_answers
 
 
-@pytest.mark.skipif(not _docker_answers(), reason="no Docker engine answers on this machine")
+@pytest.mark.skipif(not docker_answers(), reason="no Docker engine answers on this machine")
 def test_postgres_container_takes_pgmq() -> None:
     from testcontainers.postgres import PostgresContainer
 
