@@ -494,7 +494,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         out["sizes_after_week"] = _sizes(ours_dsn)
     finally:
         if not args.keep:
-            drop_database(admin, ours)
+            if not args.reuse:  # a database given to reuse is never dropped
+                drop_database(admin, ours)
             drop_database(admin, today)
             drop_database(admin, fresh)
     out["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
