@@ -349,6 +349,12 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 
     with psycopg.connect(admin, autocommit=True) as conn:
         out["server"] = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
+        out["autovacuum"] = conn.execute("SHOW autovacuum").fetchone()[0]  # type: ignore[index]
+        if out["autovacuum"] != "on":
+            # Without it the load phases' dead rows (every command claimed and finished, every
+            # queue message deleted) pile up, and the worker's rate falls with them, history
+            # or not: the figures then measure that, not history.
+            _log("WARNING: autovacuum is off on this server: the rates measure the dead rows")
         cpu = PgCpu(_postmaster_of(conn))
     ours_dsn = create_database(admin, ours) if not args.reuse else _dsn_of(admin, args.reuse)
     today_dsn = create_database(admin, today)
