@@ -48,7 +48,7 @@ async def _run(admin: str, n: int, rounds: int) -> dict[str, Any]:
         async with AsyncConnectionPool(dsn, min_size=1, max_size=2, open=False) as pool:
             await setup_database(pool)
             async with pool.connection() as conn:
-                await conn.execute(f"SELECT pgmq.create('{history.QUEUE}')")
+                await conn.execute(f"SELECT commandbus.ensure_queue_v1('{history.QUEUE}')")
         with psycopg.connect(dsn, autocommit=True) as c:
             row = c.execute("SHOW autovacuum").fetchone()
             out["autovacuum"] = row[0] if row else None

@@ -363,7 +363,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             # With --reuse: every migration again (the functions as this checkout has them).
             await setup_database(pool, skip_if_exists=not args.reuse)
             async with pool.connection() as aconn:
-                await aconn.execute(f"SELECT pgmq.create('{QUEUE}')")
+                await aconn.execute(f"SELECT commandbus.ensure_queue_v1('{QUEUE}')")
                 # Day partitions of the generated history (and of the simulated week).
                 await aconn.execute(
                     "SELECT commandbus.ensure_audit_partitions_v1(%s::date, %s::date)",
@@ -376,7 +376,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         async with AsyncConnectionPool(fresh_dsn, min_size=1, max_size=2, open=False) as p:
             await setup_database(p)
             async with p.connection() as aconn:
-                await aconn.execute(f"SELECT pgmq.create('{QUEUE}')")
+                await aconn.execute(f"SELECT commandbus.ensure_queue_v1('{QUEUE}')")
         out["sizes_empty"] = _sizes(fresh_dsn)
         _log(f"ours: generating {args.history} commands of history (days missing)")
         out["generate_s"] = round(_top_up(ours_dsn, args.history_days, per_day), 1)

@@ -372,11 +372,25 @@ class QueueCollector(Collector):
         tsq = GaugeMetricFamily(
             "rcmd_tsq_commands", "Commands in the troubleshooting queue.", labels=["domain"]
         )
-        for domain, length, oldest, in_tsq in rows:
+        dead = GaugeMetricFamily(
+            "rcmd_queue_dead_rows",
+            "Dead rows in the domain's queue table, not yet vacuumed (every lease scans past"
+            " them: see the README's Vacuum section).",
+            labels=["domain"],
+        )
+        vacuumed = GaugeMetricFamily(
+            "rcmd_queue_vacuum_age_seconds",
+            "Seconds since the domain's queue table was last vacuumed (absent: never).",
+            labels=["domain"],
+        )
+        for domain, length, oldest, in_tsq, dead_rows, vacuum_age in rows:
             depth.add_metric([domain], float(length or 0))
             age.add_metric([domain], float(oldest or 0))
             tsq.add_metric([domain], float(in_tsq or 0))
-        return [ok, depth, age, tsq]
+            dead.add_metric([domain], float(dead_rows or 0))
+            if vacuum_age is not None:
+                vacuumed.add_metric([domain], float(vacuum_age))
+        return [ok, depth, age, tsq, dead, vacuumed]
 
     def close(self) -> None:
         """Nothing stays open between scrapes (kept for the servers that call it)."""

@@ -10,10 +10,12 @@ import subprocess
 import sys
 import threading
 import urllib.request
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
+import psycopg
 import pytest
 from itest_helpers import fetch, wait_until
 from prometheus_client import CollectorRegistry
@@ -177,8 +179,29 @@ async def test_counters_match_the_database_and_the_endpoint_serves_queue_state(
         assert _value(after, "rcmd_queue_messages", domain=DOMAIN) == 0
         tsq = COUNTS["Perm"] + COUNTS["Flaky"]
         assert _value(after, "rcmd_tsq_commands", domain=DOMAIN) == tsq
+
+        # The queue table's dead rows (every message leased, then deleted or archived) once
+        # the backends have reported them, and after a VACUUM, fewer and a vacuum age.
+        async def dead_rows() -> float:
+            _, text = await asyncio.to_thread(_scrape, server.port)
+            return _value(_samples(text), "rcmd_queue_dead_rows", domain=DOMAIN)
+
+        await wait_until(lambda: _positive(dead_rows()), timeout=10)
+        dead = await dead_rows()
+        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+            await conn.execute(f"VACUUM pgmq.q_{DOMAIN}__commands".encode())
+        _, text = await asyncio.to_thread(_scrape, server.port)
+        vacuumed = _samples(text)
+        assert _value(vacuumed, "rcmd_queue_dead_rows", domain=DOMAIN) < dead
+        age_key = ("rcmd_queue_vacuum_age_seconds", (("domain", DOMAIN),))
+        assert age_key in vacuumed  # absent until the table's first vacuum
+        assert 0 <= vacuumed[age_key] < 60
     finally:
         server.close()
+
+
+async def _positive(value: Awaitable[float]) -> bool:
+    return await value > 0
 
 
 async def test_an_unreachable_database_reads_as_scrape_not_ok() -> None:

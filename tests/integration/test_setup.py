@@ -338,3 +338,46 @@ async def test_missing_schema_is_a_typed_error(empty_db: str) -> None:
             await bus.get_command("orders", uuid4())
     finally:
         await pool.close()
+
+
+QUEUE_TUNING = {
+    "autovacuum_vacuum_threshold": "10000",
+    "autovacuum_vacuum_scale_factor": "0",
+    "autovacuum_vacuum_cost_delay": "0",
+    "autovacuum_analyze_threshold": "10000",
+    "autovacuum_analyze_scale_factor": "0",
+    "vacuum_index_cleanup": "on",
+}
+
+
+async def _reloptions(pool: AsyncConnectionPool[Any], table: str) -> dict[str, str]:
+    rows = await _execute(
+        pool, f"SELECT unnest(reloptions) FROM pg_class WHERE oid = 'pgmq.{table}'::regclass"
+    )
+    return dict(r[0].split("=", 1) for r in rows)
+
+
+async def test_queue_tables_get_their_own_vacuum_settings(empty_db: str) -> None:
+    """V005: a queue that existed before the migration and one created after it (by a send)
+    both carry the storage parameters that make autovacuum visit them early and clean their
+    indexes; a queue another role owns is left alone."""
+    install_pgmq(empty_db)
+    with psycopg.connect(empty_db, autocommit=True) as conn:
+        conn.execute("SELECT pgmq.create('legacy__commands')")
+        conn.execute("SELECT pgmq.create('theirs')")
+        conn.execute(
+            "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'rcmd_other')"
+            " THEN CREATE ROLE rcmd_other; END IF; END $$"
+        )
+        conn.execute("ALTER TABLE pgmq.q_theirs OWNER TO rcmd_other")
+    pool = await _pool(empty_db)
+    try:
+        # The migrating role here is a superuser, who may alter any table: the owner check
+        # is what leaves the other role's queue alone.
+        assert await setup_database(pool) is True
+        assert await _reloptions(pool, "q_legacy__commands") == QUEUE_TUNING
+        await CommandBus(pool).send("fresh", "T", uuid4(), {})
+        assert await _reloptions(pool, "q_fresh__commands") == QUEUE_TUNING
+        assert await _reloptions(pool, "q_theirs") == {}
+    finally:
+        await pool.close()
