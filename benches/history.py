@@ -350,6 +350,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     with psycopg.connect(admin, autocommit=True) as conn:
         out["server"] = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
         out["autovacuum"] = conn.execute("SHOW autovacuum").fetchone()[0]  # type: ignore[index]
+        naptime = conn.execute("SHOW autovacuum_naptime").fetchone()
+        out["autovacuum_naptime"] = naptime[0] if naptime else None
         if out["autovacuum"] != "on":
             # Without it the load phases' dead rows (every command claimed and finished, every
             # queue message deleted) pile up, and the worker's rate falls with them, history
