@@ -33,7 +33,9 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_table REGCLASS := to_regclass(format('pgmq.%I', 'q_' || p_queue));
 BEGIN
-    IF v_table IS NULL THEN
+    -- A partitioned queue (pgmq.create_partitioned) takes no storage parameters: its partitions
+    -- are dropped whole, not vacuumed away.
+    IF v_table IS NULL OR (SELECT c.relkind FROM pg_class c WHERE c.oid = v_table) <> 'r' THEN
         RETURN FALSE;
     END IF;
     EXECUTE format(

@@ -360,7 +360,7 @@ async def _reloptions(pool: AsyncConnectionPool[Any], table: str) -> dict[str, s
 async def test_queue_tables_get_their_own_vacuum_settings(empty_db: str) -> None:
     """V005: a queue that existed before the migration and one created after it (by a send)
     both carry the storage parameters that make autovacuum visit them early and clean their
-    indexes; a queue another role owns is left alone."""
+    indexes; a queue another role owns, and a partitioned one, are left alone."""
     install_pgmq(empty_db)
     with psycopg.connect(empty_db, autocommit=True) as conn:
         conn.execute("SELECT pgmq.create('legacy__commands')")
@@ -370,6 +370,16 @@ async def test_queue_tables_get_their_own_vacuum_settings(empty_db: str) -> None
             " THEN CREATE ROLE rcmd_other; END IF; END $$"
         )
         conn.execute("ALTER TABLE pgmq.q_theirs OWNER TO rcmd_other")
+        # A partitioned queue as pgmq.create_partitioned leaves it (that needs pg_partman,
+        # which this server lacks): its table takes no storage parameters, and the migration
+        # must not fail on it.
+        conn.execute(
+            "CREATE TABLE pgmq.q_parted (msg_id BIGINT, vt TIMESTAMPTZ) PARTITION BY RANGE (msg_id)"
+        )
+        conn.execute(
+            "INSERT INTO pgmq.meta (queue_name, is_partitioned, is_unlogged)"
+            " VALUES ('parted', true, false)"
+        )
     pool = await _pool(empty_db)
     try:
         # The migrating role here is a superuser, who may alter any table: the owner check
@@ -379,5 +389,6 @@ async def test_queue_tables_get_their_own_vacuum_settings(empty_db: str) -> None
         await CommandBus(pool).send("fresh", "T", uuid4(), {})
         assert await _reloptions(pool, "q_fresh__commands") == QUEUE_TUNING
         assert await _reloptions(pool, "q_theirs") == {}
+        assert await _reloptions(pool, "q_parted") == {}
     finally:
         await pool.close()
