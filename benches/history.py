@@ -77,6 +77,18 @@ def _backend_cpu(pid: int) -> float | None:
         return None
 
 
+# The command ids of the backlogs (--ids): random (uuid4, as the seed README's examples make
+# them) or time-ordered (UUID version 7, commandbus.uuid7): a random id lands anywhere in the
+# command table's unique index, a time-ordered one next to the ids sent just before it.
+NEW_ID = {
+    "uuid4": "gen_random_uuid()",
+    "uuid7": "(lpad(to_hex((extract(epoch FROM clock_timestamp()) * 1000)::bigint), 12, '0')"
+    " || '7' || substr(md5(random()::text), 1, 3) || 'a' || substr(md5(random()::text), 1, 15))"
+    "::uuid",
+}
+IDS = "uuid4"
+
+
 def _backlog(dsn: str, n: int) -> None:
     """n PENDING commands with their queue messages and SENT rows, 10,000 per call."""
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -87,7 +99,7 @@ def _backlog(dsn: str, n: int) -> None:
                 "WITH a AS (SELECT array_agg(id) AS ids, array_agg(jsonb_build_object("
                 "  'domain', %(d)s::text, 'command_type', 'Noop', 'command_id', id,"
                 "  'correlation_id', id, 'data', jsonb_build_object('n', 1))) AS msgs"
-                "  FROM (SELECT gen_random_uuid() AS id FROM generate_series(1, %(k)s)) g)"
+                f"  FROM (SELECT {NEW_ID[IDS]} AS id FROM generate_series(1, %(k)s)) g)"
                 " SELECT count(*) FROM a, commandbus.send_commands_v2(%(d)s, a.ids,"
                 " array_fill('Noop'::text, ARRAY[%(k)s]), a.msgs,"
                 " array_fill(NULL::uuid, ARRAY[%(k)s]), array_fill(NULL::text, ARRAY[%(k)s]),"
@@ -151,6 +163,32 @@ def _top_up(dsn: str, days: int, per_day: int) -> float:
         conn.execute("VACUUM ANALYZE commandbus.command")
         conn.execute("VACUUM ANALYZE commandbus.audit")
     return time.monotonic() - t0
+
+
+def _show(dsn: str, setting: str) -> str | None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(f"SHOW {setting}".encode()).fetchone()
+    return str(row[0]) if row else None
+
+
+def _io(dsn: str) -> dict[str, float]:
+    """The server's WAL written so far (full-page images, bytes) and the database's block reads
+    (from outside PostgreSQL's buffers) and hits; after a pause, so that the backends of the
+    run just ended have reported theirs."""
+    time.sleep(1.5)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        wal = conn.execute("SELECT wal_fpi, wal_bytes FROM pg_stat_wal").fetchone()
+        blks = conn.execute(
+            "SELECT blks_read, blks_hit FROM pg_stat_database WHERE datname = current_database()"
+        ).fetchone()
+    assert wal is not None and blks is not None
+    return {"wal_fpi": wal[0], "wal_bytes": float(wal[1]), "read": blks[0], "hit": blks[1]}
+
+
+def _io_per_command(a: dict[str, float], b: dict[str, float], n: int) -> dict[str, float]:
+    """Per command of a rate run (its backlog's insert and its drain): full-page images and
+    bytes of WAL, blocks read from outside PostgreSQL's buffers, and blocks found in them."""
+    return {k: round((b[k] - a[k]) / n, 2) for k in a}
 
 
 def _sizes(dsn: str) -> dict[str, dict[str, int]]:
@@ -332,6 +370,8 @@ def _generate(dsn: str, first_day: int, days: int, per_day: int, tag: str) -> fl
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
+    global IDS
+    IDS = args.ids
     admin = args.dsn
     run_id = uuid4().hex[:6]
     ours = args.reuse or f"rcmd_hist_ours_{run_id}"
@@ -386,11 +426,17 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         save()
         base: list[float] = []
         hist: list[float] = []
+        io: dict[str, list[dict[str, float]]] = {"no_history": [], "history": []}
         for k in range(args.repeat):
             _log(f"throughput without history / with history, pair {k + 1}/{args.repeat}")
-            base.append(await _throughput(fresh_dsn, args.commands, args.concurrency))
-            hist.append(await _throughput(ours_dsn, args.commands, args.concurrency))
+            for dsn, rates, key in ((fresh_dsn, base, "no_history"), (ours_dsn, hist, "history")):
+                before = _io(dsn)
+                rates.append(await _throughput(dsn, args.commands, args.concurrency))
+                io[key].append(_io_per_command(before, _io(dsn), args.commands))
+            _log(f"  {round(base[-1])} / {round(hist[-1])} commands/s; {io}")
         drop_database(admin, fresh)
+        out["shared_buffers"] = _show(admin, "shared_buffers")
+        out["throughput_io_per_command"] = io
         out["throughput_no_history"] = round(statistics.median(base))
         out["throughput_no_history_runs"] = [round(b) for b in base]
         out["throughput_history"] = round(statistics.median(hist))
@@ -540,6 +586,8 @@ def _parser() -> argparse.ArgumentParser:
                    " database)")  # fmt: skip
     p.add_argument("--reuse", help="an `ours` database of an earlier run (kept or cut short):"
                    " its history is topped up instead of made")  # fmt: skip
+    p.add_argument("--ids", choices=sorted(NEW_ID), default="uuid4",
+                   help="the command ids of the backlogs: random or time-ordered")  # fmt: skip
     return p
 
 

@@ -35,6 +35,7 @@ from commandbus.exceptions import (
     WorkerStoppedError,
 )
 from commandbus.handler import HandlerMeta, HandlerRegistry, handler
+from commandbus.ids import uuid7
 from commandbus.models import (
     AuditEvent,
     BatchCommand,
@@ -156,5 +157,6 @@ __all__ = [
     "register_batch_callback",
     "remove_batch_callback",
     "setup_database",
+    "uuid7",
     "wait_for_reply",
 ]
