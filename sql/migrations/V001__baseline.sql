@@ -201,6 +201,26 @@ CREATE INDEX IF NOT EXISTS ix_process_audit_command ON commandbus.process_audit(
 -- Queues
 -- ---------------------------------------------------------------------------------------------
 
+-- Queue tables are vacuumed early: autovacuum settings of their own for each PGMQ queue table
+-- (tune_queue_table_v1; ensure_queue_v1 applies them to each queue it creates, V005 to the queues
+-- that existed before). See V005 for why and what was measured.
+CREATE OR REPLACE FUNCTION commandbus.tune_queue_table_v1(p_queue TEXT) RETURNS BOOLEAN
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_table REGCLASS := to_regclass(format('pgmq.%I', 'q_' || p_queue));
+BEGIN
+    -- A partitioned queue (pgmq.create_partitioned) takes no storage parameters: its partitions
+    -- are dropped whole, not vacuumed away.
+    IF v_table IS NULL OR (SELECT c.relkind FROM pg_class c WHERE c.oid = v_table) <> 'r' THEN
+        RETURN FALSE;
+    END IF;
+    EXECUTE format(
+        'ALTER TABLE %s SET (autovacuum_vacuum_threshold = 10000, autovacuum_vacuum_scale_factor = 0,'
+        ' autovacuum_vacuum_cost_delay = 0, autovacuum_analyze_threshold = 10000,'
+        ' autovacuum_analyze_scale_factor = 0, vacuum_index_cleanup = on)', v_table);
+    RETURN TRUE;
+END $$;
+
 -- Creates a PGMQ queue on demand, idempotently and safely under concurrent first use.
 CREATE OR REPLACE FUNCTION commandbus.ensure_queue_v1(p_queue TEXT) RETURNS BOOLEAN
 LANGUAGE plpgsql AS $$
@@ -218,6 +238,7 @@ BEGIN
         RETURN FALSE;
     END IF;
     PERFORM pgmq.create(p_queue);
+    PERFORM commandbus.tune_queue_table_v1(p_queue);
     RETURN TRUE;
 END $$;
 

@@ -24,46 +24,10 @@
 -- How often autovacuum looks at all is the server's autovacuum_naptime (1 min by default; the
 -- embedded server uses 10 s): see "Vacuum" in the README.
 --
--- tune_queue_table_v1 applies them to one queue's table (ensure_queue_v1 on each queue it creates);
--- this migration applies them to every queue table that exists and that this role owns (a queue
--- table another role owns is left to it: `SELECT commandbus.tune_queue_table_v1('<queue>')`).
-
-CREATE OR REPLACE FUNCTION commandbus.tune_queue_table_v1(p_queue TEXT) RETURNS BOOLEAN
-LANGUAGE plpgsql AS $$
-DECLARE
-    v_table REGCLASS := to_regclass(format('pgmq.%I', 'q_' || p_queue));
-BEGIN
-    -- A partitioned queue (pgmq.create_partitioned) takes no storage parameters: its partitions
-    -- are dropped whole, not vacuumed away.
-    IF v_table IS NULL OR (SELECT c.relkind FROM pg_class c WHERE c.oid = v_table) <> 'r' THEN
-        RETURN FALSE;
-    END IF;
-    EXECUTE format(
-        'ALTER TABLE %s SET (autovacuum_vacuum_threshold = 10000, autovacuum_vacuum_scale_factor = 0,'
-        ' autovacuum_vacuum_cost_delay = 0, autovacuum_analyze_threshold = 10000,'
-        ' autovacuum_analyze_scale_factor = 0, vacuum_index_cleanup = on)', v_table);
-    RETURN TRUE;
-END $$;
-
-CREATE OR REPLACE FUNCTION commandbus.ensure_queue_v1(p_queue TEXT) RETURNS BOOLEAN
-LANGUAGE plpgsql AS $$
-BEGIN
-    IF EXISTS (SELECT 1 FROM pgmq.meta WHERE queue_name = p_queue) THEN
-        RETURN FALSE;
-    END IF;
-    IF p_queue !~ '^[a-z][a-z0-9_]*$' OR length(p_queue) > 47 THEN
-        RAISE EXCEPTION USING ERRCODE = 'CB003',
-            MESSAGE = format('invalid queue name %L', p_queue), DETAIL = p_queue;
-    END IF;
-    -- Two sessions creating the same queue at once would collide in the catalog: serialise.
-    PERFORM pg_advisory_xact_lock(hashtext('commandbus.queue'), hashtext(p_queue));
-    IF EXISTS (SELECT 1 FROM pgmq.meta WHERE queue_name = p_queue) THEN
-        RETURN FALSE;
-    END IF;
-    PERFORM pgmq.create(p_queue);
-    PERFORM commandbus.tune_queue_table_v1(p_queue);
-    RETURN TRUE;
-END $$;
+-- tune_queue_table_v1 (V001) applies them to one queue's table, and ensure_queue_v1 (V001) to
+-- each queue it creates; this migration applies them to every queue table that existed before
+-- (a database upgraded from reliable-cmd 0.2.2) and that this role owns (a queue table another
+-- role owns is left to it: `SELECT commandbus.tune_queue_table_v1('<queue>')`).
 
 DO $$
 DECLARE
