@@ -3,6 +3,7 @@ against a fresh copy of the template database (real PostgreSQL, see tests/confte
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -30,6 +31,10 @@ def rcmd(database_url: str, monkeypatch: pytest.MonkeyPatch) -> Rcmd:
     return invoke
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture
 def spawn(database_url: str) -> Iterator[Callable[..., subprocess.Popen[str]]]:
     """`spawn(*args)`: `python -m commandbus *args` as a process (stderr piped, text); every
@@ -44,6 +49,10 @@ def spawn(database_url: str) -> Iterator[Callable[..., subprocess.Popen[str]]]:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            # Ctrl-C as a terminal sends it, whatever this run inherited: a shell that starts
+            # a job in the background without job control ignores SIGINT in it, and Python
+            # then installs no KeyboardInterrupt handler in the child.
+            preexec_fn=_default_sigint,
         )
         started.append(proc)
         return proc
