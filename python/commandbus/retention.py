@@ -1,17 +1,29 @@
-"""Retention: prune old terminal commands, archived payloads and queue messages, and the
-completed batches left empty, in bounded chunks; drop the audit trail by whole day partitions.
+"""Retention: drop old finished commands and the audit trail by whole day partitions; prune
+what is left of them, archived payloads and queue messages, and the completed batches left
+empty, in bounded chunks.
 
-`prune()` deletes COMPLETED, FAILED and CANCELED commands whose `updated_at` is older than the
-cutoff, one transaction per chunk (`commandbus.prune_v2`), until nothing is left. PENDING,
-IN_PROGRESS and IN_TROUBLESHOOTING_QUEUE commands are never touched, nor the finished commands of
-a batch or a process that has not ended. A batch is pruned once it is complete since before the
-cutoff and none of its commands (or processes) is left. Then the audit trail's day partitions
-that end before the cutoff are detached and dropped (`commandbus.drop_audit_partition_v1`), each
-once no command or batch that still exists has a row in it. Concurrent pruners are safe: rows
-locked by another one are skipped.
+`prune()` removes COMPLETED, FAILED and CANCELED commands whose `updated_at` is older than the
+cutoff. PENDING, IN_PROGRESS and IN_TROUBLESHOOTING_QUEUE commands are never touched, nor the
+finished commands of a batch or a process that has not ended. In that order:
 
-`ensure_partitions()` creates the audit trail's day partitions ahead of time (setup_database()
-and workers call it).
+1. the command table's day partitions that end before the cutoff and hold only such commands
+   (of the domain pruned, when one is given) are detached and dropped whole
+   (`commandbus.drop_day_partition_v1`): no row DELETE, nothing left for vacuum;
+2. the commands left past the cutoff (in a partition something else keeps) are deleted one
+   transaction per chunk (`commandbus.prune_v2`), with their queue messages and archived
+   payloads; so are archived messages past the cutoff and the batches complete since before it
+   with none of their commands (or processes) left;
+3. the audit trail's day partitions that end before the cutoff are dropped, each once no
+   command or batch that still exists has a row in it;
+4. the command_id reservations turn over when due (`commandbus.rotate_command_keys_v1`): a
+   command_id stays reserved while its command exists and for at least `older_than` after it
+   was sent.
+
+Concurrent pruners are safe: rows locked by another one are skipped, and one pruner at a time
+drops a table's partitions.
+
+`ensure_partitions()` creates the day partitions of the audit trail and of the command table
+ahead of time (setup_database() and workers call it).
 
 `run_retention()` repeats it on a schedule (`RetentionPolicy`), e.g. inside a worker.
 """
@@ -50,9 +62,15 @@ class PruneResult:
         messages: PGMQ messages (archived, and stale ones of the live queue).
         batches: batch rows.
         partitions: audit day partitions dropped (their rows are not in audit_events).
-        partition_rows: the dropped partitions' estimated row count (from the statistics).
-        partitions_kept: partitions past the cutoff kept because an existing command or batch
-            has rows in them.
+        partition_rows: the dropped audit partitions' estimated row count (from the statistics).
+        partitions_kept: audit partitions past the cutoff kept because an existing command or
+            batch has rows in them.
+        command_partitions: command day partitions dropped whole (their rows are not in
+            `commands`).
+        command_partition_rows: their estimated row count (from the statistics).
+        command_partitions_kept: command partitions past the cutoff kept because a command in
+            them is still kept (their prunable rows are deleted one by one).
+        keys_rotated: whether the command_id reservations turned over.
         chunks: calls of `commandbus.prune_v2` (one transaction each).
         cutoff: the cutoff used (rows last updated before it were eligible).
     """
@@ -65,6 +83,10 @@ class PruneResult:
     partitions: int = 0
     partition_rows: int = 0
     partitions_kept: int = 0
+    command_partitions: int = 0
+    command_partition_rows: int = 0
+    command_partitions_kept: int = 0
+    keys_rotated: bool = False
     chunks: int = 0
     cutoff: datetime | None = field(default=None, compare=False)
 
@@ -110,8 +132,9 @@ async def prune(
     on_progress: ProgressCallback | None = None,
     max_duty: float = 1.0,
 ) -> PruneResult:
-    """Delete terminal commands last updated before the cutoff, with their audit rows,
-    payload_archive rows and queue messages, and the complete batches left empty.
+    """Remove terminal commands last updated before the cutoff, with their audit rows,
+    payload_archive rows and queue messages, and the complete batches left empty: whole day
+    partitions where they can go whole, row by row where they cannot (see the module).
 
     Args:
         pool: the psycopg async pool.
@@ -148,6 +171,23 @@ async def _prune(
         validate_domain(domain)
     cutoff = await _cutoff(pool, older_than)
     total = PruneResult(cutoff=cutoff)
+    while stop_event is None or not stop_event.is_set():
+        # One partition per call, each in its own transaction (a short lock of the table).
+        part = await _db.fetch_one(
+            pool, "retention_drop_partition", "commandbus.command", cutoff, domain, rows=dict
+        )
+        assert part is not None
+        total = replace(total, command_partitions_kept=part["kept"])
+        if part["dropped"] is None:
+            break
+        total = replace(
+            total,
+            command_partitions=total.command_partitions + 1,
+            command_partition_rows=total.command_partition_rows + max(0, part["est_rows"]),
+        )
+        logger.info("dropped command partition %s (~%d rows)", part["dropped"], part["est_rows"])
+        if on_progress is not None:
+            on_progress(total)
     after: datetime | None = None  # where the previous chunk stopped (prune_v2 goes on there)
     while True:
         # One chunk per call, each in its own transaction (committed on return).
@@ -181,7 +221,9 @@ async def _prune(
                 break
     while stop_event is None or not stop_event.is_set():
         # One partition per call, each in its own transaction (a short lock of the audit table).
-        part = await _db.fetch_one(pool, "retention_drop_partition", cutoff, rows=dict)
+        part = await _db.fetch_one(
+            pool, "retention_drop_partition", "commandbus.audit", cutoff, None, rows=dict
+        )
         assert part is not None
         total = replace(total, partitions_kept=part["kept"])
         if part["dropped"] is None:
@@ -194,11 +236,18 @@ async def _prune(
         logger.info("dropped audit partition %s (~%d rows)", part["dropped"], part["est_rows"])
         if on_progress is not None:
             on_progress(total)
+    if stop_event is None or not stop_event.is_set():
+        rotated = await _db.fetch_value(pool, "retention_rotate_keys", cutoff)
+        total = replace(total, keys_rotated=bool(rotated))
+        if rotated and on_progress is not None:
+            on_progress(total)
     logger.info(
-        "pruned %d commands, %d audit rows, %d payloads, %d messages, %d batches, "
-        "%d audit partitions (%d kept) (domain %s, before %s, %d chunks)",
-        total.commands, total.audit_events, total.payloads, total.messages, total.batches,
-        total.partitions, total.partitions_kept, domain or "*", cutoff.isoformat(), total.chunks,
+        "pruned %d command partitions (%d kept), %d commands, %d audit rows, %d payloads, "
+        "%d messages, %d batches, %d audit partitions (%d kept), keys rotated: %s "
+        "(domain %s, before %s, %d chunks)",
+        total.command_partitions, total.command_partitions_kept, total.commands,
+        total.audit_events, total.payloads, total.messages, total.batches, total.partitions,
+        total.partitions_kept, total.keys_rotated, domain or "*", cutoff.isoformat(), total.chunks,
     )  # fmt: skip
     return total
 
@@ -209,8 +258,8 @@ DEFAULT_PARTITION_DAYS_AHEAD = 7
 async def ensure_partitions(
     pool: AsyncConnectionPool[Any], days_ahead: int = DEFAULT_PARTITION_DAYS_AHEAD
 ) -> int:
-    """Create the audit trail's day partitions (UTC days) from yesterday to `days_ahead` days
-    ahead that do not exist yet; return how many were created.
+    """Create the day partitions (UTC days) of the audit trail and of the command table from
+    yesterday to `days_ahead` days ahead that do not exist yet; return how many were created.
 
     Idempotent and safe from several processes at once. setup_database() and every worker
     call it; a row no partition covers lands in the default partition meanwhile (and moves
@@ -227,7 +276,7 @@ async def ensure_partitions(
         raise ValidationError("days_ahead", days_ahead, "must be an integer in 0..3650")
     created = await _db.fetch_value(pool, "partitions_ensure", days_ahead)
     if created:
-        logger.info("created %d audit partitions", created)
+        logger.info("created %d day partitions", created)
     return int(created or 0)
 
 
@@ -313,7 +362,7 @@ async def run_partition_upkeep(
         try:
             await ensure_partitions(pool, days_ahead)
         except Exception:
-            logger.exception("creating audit partitions failed")
+            logger.exception("creating day partitions failed")
         delay = interval
 
 

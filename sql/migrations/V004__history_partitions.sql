@@ -57,82 +57,8 @@ BEGIN
     CREATE INDEX audit_default_audit_id ON commandbus.audit_default (audit_id);
 END $$;
 
--- The partitions of commandbus.audit with their ranges (range_from NULL: MINVALUE; both NULL and
--- is_default: the default partition).
-CREATE OR REPLACE FUNCTION commandbus.audit_partitions_v1()
-RETURNS TABLE (partition_name TEXT, range_from TIMESTAMPTZ, range_to TIMESTAMPTZ, is_default BOOLEAN)
-LANGUAGE sql STABLE AS $$
-    SELECT c.relname::text,
-           CASE WHEN b.bound ~ 'FROM \(MINVALUE\)' OR b.bound = 'DEFAULT' THEN NULL
-                ELSE substring(b.bound FROM 'FROM \(''([^'']*)''\)')::timestamptz END,
-           CASE WHEN b.bound ~ 'TO \(MAXVALUE\)' OR b.bound = 'DEFAULT' THEN NULL
-                ELSE substring(b.bound FROM 'TO \(''([^'']*)''\)')::timestamptz END,
-           b.bound = 'DEFAULT'
-    FROM pg_inherits i
-    JOIN pg_class c ON c.oid = i.inhrelid
-    CROSS JOIN LATERAL (SELECT pg_get_expr(c.relpartbound, c.oid) AS bound) b
-    WHERE i.inhparent = 'commandbus.audit'::regclass
-    ORDER BY 3 NULLS FIRST
-$$;
-
--- Creates the day partitions (UTC days) of commandbus.audit from p_from to p_to (inclusive) that
--- do not exist yet; returns how many it created. Idempotent and safe under concurrency: callers
--- take turns on a transaction-level advisory lock, and each sees what the previous one made.
--- A partition is created on its own and attached with a CHECK constraint matching its range, so
--- the attach takes only a SHARE UPDATE EXCLUSIVE lock on commandbus.audit (writers go on) and
--- reads nothing. Rows of that day waiting in audit_default are moved into the new partition first.
-CREATE OR REPLACE FUNCTION commandbus.ensure_audit_partitions_v1(p_from DATE, p_to DATE)
-RETURNS INT
-LANGUAGE plpgsql AS $$
-DECLARE
-    d DATE;
-    v_lo TIMESTAMPTZ;
-    v_hi TIMESTAMPTZ;
-    v_name TEXT;
-    v_created INT := 0;
-BEGIN
-    IF p_from IS NULL OR p_to IS NULL OR p_to < p_from OR p_to - p_from > 3660 THEN
-        RAISE EXCEPTION USING ERRCODE = 'CB003',
-            MESSAGE = format('ensure_audit_partitions_v1: invalid day range %L to %L', p_from, p_to),
-            DETAIL = 'days';
-    END IF;
-    -- Without the lock first: usually every day exists already.
-    IF NOT EXISTS (
-        WITH p AS MATERIALIZED (
-            SELECT * FROM commandbus.audit_partitions_v1() x WHERE NOT x.is_default)
-        SELECT 1 FROM generate_series(p_from, p_to, interval '1 day') AS g(day)
-        WHERE NOT EXISTS (
-            SELECT 1 FROM p
-            WHERE coalesce(p.range_from, '-infinity') <= (g.day::timestamp AT TIME ZONE 'UTC')
-              AND coalesce(p.range_to, 'infinity') > (g.day::timestamp AT TIME ZONE 'UTC'))
-    ) THEN
-        RETURN 0;
-    END IF;
-    PERFORM pg_advisory_xact_lock(hashtext('commandbus.audit partitions'));
-    FOR d IN SELECT g::date FROM generate_series(p_from, p_to, interval '1 day') AS g LOOP
-        v_lo := d::timestamp AT TIME ZONE 'UTC';
-        v_hi := (d + 1)::timestamp AT TIME ZONE 'UTC';
-        CONTINUE WHEN EXISTS (
-            SELECT 1 FROM commandbus.audit_partitions_v1() p
-            WHERE NOT p.is_default
-              AND coalesce(p.range_from, '-infinity') < v_hi
-              AND coalesce(p.range_to, 'infinity') > v_lo);
-        v_name := 'audit_' || to_char(d, 'YYYYMMDD');
-        EXECUTE format('CREATE TABLE commandbus.%I (LIKE commandbus.audit INCLUDING DEFAULTS)', v_name);
-        EXECUTE format('CREATE INDEX %I ON commandbus.%I (audit_id)', v_name || '_audit_id', v_name);
-        EXECUTE format('ALTER TABLE commandbus.%I ADD CONSTRAINT %I CHECK (ts >= %L AND ts < %L)',
-                       v_name, v_name || '_range', v_lo, v_hi);
-        EXECUTE format(
-            'WITH m AS (DELETE FROM commandbus.audit_default WHERE ts >= $1 AND ts < $2'
-            ' RETURNING audit_id, domain, command_id, event_type, ts, details_json)'
-            ' INSERT INTO commandbus.%I (audit_id, domain, command_id, event_type, ts, details_json)'
-            ' SELECT * FROM m', v_name) USING v_lo, v_hi;
-        EXECUTE format('ALTER TABLE commandbus.audit ATTACH PARTITION commandbus.%I FOR VALUES FROM (%L) TO (%L)',
-                       v_name, v_lo, v_hi);
-        v_created := v_created + 1;
-    END LOOP;
-    RETURN v_created;
-END $$;
+-- The day partitions are listed, created and dropped by the functions of V006 (day_partitions_v1,
+-- ensure_day_partitions_v1, drop_day_partition_v1), which serve the command table too.
 
 -- Whether a partition of commandbus.audit (ending at p_range_to) holds a row of a command or a
 -- batch that still exists. Such a row was written after the command's (batch's) creation, so
@@ -154,60 +80,6 @@ BEGIN
         '              WHERE a.command_id = b.batch_id AND a.domain = b.domain))', p_partition)
     INTO v_used USING p_range_to;
     RETURN v_used;
-END $$;
-
--- Drops the oldest partition of commandbus.audit whose range ends at or before p_cutoff and that
--- no existing command or batch uses (audit_partition_in_use_v1), the default partition never.
--- One partition per call (call until dropped is NULL; NULL at once while another transaction
--- creates or drops partitions): it detaches it under a short lock of
--- commandbus.audit (lock_timeout 5 s: a call that cannot get it fails and the next one retries),
--- checks again under that lock, and drops it. Returns the partition dropped (NULL: none), its
--- estimated row count (pg_class.reltuples; -1 when never analysed), and how many partitions past
--- the cutoff are kept because a command or batch still uses them.
-CREATE OR REPLACE FUNCTION commandbus.drop_audit_partition_v1(p_cutoff TIMESTAMPTZ)
-RETURNS TABLE (dropped TEXT, est_rows BIGINT, kept INT)
-LANGUAGE plpgsql AS $$
-DECLARE
-    r RECORD;
-    v_kept INT := 0;
-    v_rows BIGINT;
-BEGIN
-    IF p_cutoff IS NULL THEN
-        RAISE EXCEPTION USING ERRCODE = 'CB003',
-            MESSAGE = 'drop_audit_partition_v1: cutoff is NULL', DETAIL = 'cutoff';
-    END IF;
-    -- One creator or dropper at a time; a pruner that finds another at work leaves it to it.
-    IF NOT pg_try_advisory_xact_lock(hashtext('commandbus.audit partitions')) THEN
-        RETURN QUERY SELECT NULL::text, 0::bigint, 0;
-        RETURN;
-    END IF;
-    FOR r IN
-        SELECT p.partition_name, p.range_to FROM commandbus.audit_partitions_v1() p
-        WHERE NOT p.is_default AND p.range_to <= p_cutoff
-        ORDER BY p.range_to
-    LOOP
-        IF commandbus.audit_partition_in_use_v1(r.partition_name, r.range_to) THEN
-            v_kept := v_kept + 1;
-            CONTINUE;
-        END IF;
-        BEGIN
-            PERFORM set_config('lock_timeout', '5s', true);
-            EXECUTE format('ALTER TABLE commandbus.audit DETACH PARTITION commandbus.%I', r.partition_name);
-            -- Under the lock now: no transaction is still writing into it.
-            IF commandbus.audit_partition_in_use_v1(r.partition_name, r.range_to) THEN
-                RAISE EXCEPTION USING ERRCODE = 'CB009',
-                    MESSAGE = format('audit partition %s came into use', r.partition_name);
-            END IF;
-            SELECT c.reltuples::bigint INTO v_rows FROM pg_class c
-            WHERE c.oid = format('commandbus.%I', r.partition_name)::regclass;
-            EXECUTE format('DROP TABLE commandbus.%I', r.partition_name);
-            RETURN QUERY SELECT r.partition_name, v_rows, v_kept;
-            RETURN;
-        EXCEPTION WHEN SQLSTATE 'CB009' THEN
-            v_kept := v_kept + 1;  -- the detach is rolled back with the block
-        END;
-    END LOOP;
-    RETURN QUERY SELECT NULL::text, 0::bigint, v_kept;
 END $$;
 
 -- Deletes up to p_chunk commands as prune_v1 does, with these differences:
@@ -277,7 +149,9 @@ BEGIN
         -- that can change; a second pruner waits for the first one's rows and skips them.
         DELETE FROM commandbus.command c
         USING victims v
+        -- created_at: the victim's partition only (V006 partitions the table by it).
         WHERE c.domain = v.domain AND c.command_id = v.command_id
+          AND c.created_at = v.created_at AND c.created_at < p_cutoff
           AND c.status IN ('COMPLETED', 'FAILED', 'CANCELED') AND c.updated_at < p_cutoff
         RETURNING c.domain, c.command_id, c.queue_name, c.msg_id
     )
@@ -376,9 +250,5 @@ BEGIN
     RETURN QUERY SELECT v_commands, v_audit, v_payloads, v_messages, v_batches,
                         coalesce(v_last, p_after);
 END $$;
-
--- Day partitions for yesterday (UTC) to a week ahead; setup_database() and workers keep them ahead.
-SELECT commandbus.ensure_audit_partitions_v1(
-    ((now() AT TIME ZONE 'UTC') - interval '1 day')::date, ((now() AT TIME ZONE 'UTC') + interval '7 days')::date);
 
 INSERT INTO commandbus.schema_migrations (version, name) VALUES (4, 'history_partitions') ON CONFLICT (version) DO NOTHING;

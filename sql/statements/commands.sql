@@ -32,23 +32,29 @@ ORDER BY created_at DESC, command_id
 LIMIT $6::int OFFSET $7::int
 
 -- name: repo_command_insert
--- CommandRepository.save_batch: inserts command rows (a command_id already stored is
--- skipped); the ids inserted. reply_queue NULL stores ''; created_at / updated_at NULL: now().
+-- CommandRepository.save_batch: inserts command rows (a command_id already reserved, or
+-- repeated in the input, is skipped: reserve_command_ids_v1); the ids inserted. reply_queue
+-- NULL stores ''; created_at / updated_at NULL: now().
 -- $1 domains TEXT[], $2 queue_names TEXT[], $3 msg_ids BIGINT[], $4 command_ids UUID[],
 -- $5 command_types TEXT[], $6 statuses TEXT[], $7 attempts INT[], $8 max_attempts INT[],
 -- $9 correlation_ids UUID[], $10 reply_queues TEXT[], $11 created_ats TIMESTAMPTZ[],
 -- $12 updated_ats TIMESTAMPTZ[], $13 batch_ids UUID[]
+WITH r AS MATERIALIZED (
+    SELECT r.domain, r.command_id FROM commandbus.reserve_command_ids_v1($1::text[], $4::uuid[]) r
+)
 INSERT INTO commandbus.command AS c (
     domain, queue_name, msg_id, command_id, command_type, status, attempts, max_attempts,
     correlation_id, reply_queue, created_at, updated_at, batch_id)
-SELECT t.domain, t.queue_name, t.msg_id, t.command_id, t.command_type, t.status, t.attempts,
+SELECT DISTINCT ON (t.domain, t.command_id)
+       t.domain, t.queue_name, t.msg_id, t.command_id, t.command_type, t.status, t.attempts,
        t.max_attempts, t.correlation_id, coalesce(t.reply_queue, ''), coalesce(t.created_at, now()),
        coalesce(t.updated_at, now()), t.batch_id
 FROM unnest($1::text[], $2::text[], $3::bigint[], $4::uuid[], $5::text[], $6::text[], $7::int[],
             $8::int[], $9::uuid[], $10::text[], $11::timestamptz[], $12::timestamptz[], $13::uuid[])
-     AS t(domain, queue_name, msg_id, command_id, command_type, status, attempts, max_attempts,
-          correlation_id, reply_queue, created_at, updated_at, batch_id)
-ON CONFLICT (domain, command_id) DO NOTHING
+     WITH ORDINALITY AS t(domain, queue_name, msg_id, command_id, command_type, status, attempts,
+                          max_attempts, correlation_id, reply_queue, created_at, updated_at, batch_id, o)
+WHERE (t.domain, t.command_id) IN (SELECT r.domain, r.command_id FROM r)
+ORDER BY t.domain, t.command_id, t.o
 RETURNING c.command_id
 
 -- name: repo_command_existing

@@ -26,21 +26,26 @@ WHERE in_tsq
 GROUP BY domain
 
 -- name: monitor_status_estimates
--- The estimated number of commands per (domain, status): each pair's share at the last ANALYZE
--- (the multivariate statistics st_command_domain_status) times the table's current row count
--- as the planner estimates it (rows per page at the last ANALYZE times the pages now). No rows
--- before the first ANALYZE, or for a role that cannot read the statistics (not the owner).
+-- The estimated number of commands per (domain, status), summed over the command table's
+-- partitions: in each, each pair's share at its last ANALYZE (its multivariate statistics
+-- <partition>_domain_status) times its current row count as the planner estimates it (rows per
+-- page at the last ANALYZE times the pages now). Nothing for a partition never analyzed, or for
+-- a role that cannot read the statistics (not the owner).
 -- No parameters.
 SELECT s.most_common_vals[i][1] AS domain, s.most_common_vals[i][2] AS status,
-       round(s.most_common_freqs[i]
-             * CASE WHEN c.relpages > 0
-                    THEN c.reltuples / c.relpages
-                         * (pg_relation_size(c.oid) / current_setting('block_size')::int)
-                    ELSE greatest(c.reltuples, 0) END)::bigint AS estimate
-FROM pg_stats_ext s
-JOIN pg_class c ON c.oid = 'commandbus.command'::regclass
+       sum(round(s.most_common_freqs[i]
+                 * CASE WHEN c.relpages > 0
+                        THEN c.reltuples / c.relpages
+                             * (pg_relation_size(c.oid) / current_setting('block_size')::int)
+                        ELSE greatest(c.reltuples, 0) END))::bigint AS estimate
+FROM pg_inherits h
+JOIN pg_class c ON c.oid = h.inhrelid
+JOIN pg_stats_ext s
+  ON s.statistics_schemaname = 'commandbus' AND s.statistics_name = c.relname || '_domain_status'
+     AND NOT s.inherited
 CROSS JOIN LATERAL generate_subscripts(s.most_common_freqs, 1) AS i
-WHERE s.statistics_schemaname = 'commandbus' AND s.statistics_name = 'st_command_domain_status'
+WHERE h.inhparent = 'commandbus.command'::regclass
+GROUP BY 1, 2
 
 -- name: monitor_throughput_start
 -- Where a throughput read starts: the start of the bucket of now() - window (or `since`, when

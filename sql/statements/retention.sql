@@ -12,14 +12,20 @@ SELECT now() - $1::interval AS cutoff
 SELECT commands, audit_events, payloads, messages, batches, last_created_at FROM commandbus.prune_v2($1::timestamptz, $2::text, $3::int, $4::timestamptz)
 
 -- name: retention_drop_partition
--- Drops the oldest unused audit partition ending before the cutoff (drop_audit_partition_v1):
--- call until dropped is NULL.
+-- Drops the oldest day partition of the audit trail ('commandbus.audit') or of the commands
+-- ('commandbus.command') that ends before the cutoff and that retention may drop whole
+-- (drop_day_partition_v1): call until dropped is NULL.
+-- $1 table REGCLASS, $2 cutoff TIMESTAMPTZ, $3 domain TEXT (NULL: every domain)
+SELECT dropped, est_rows, kept FROM commandbus.drop_day_partition_v1($1::text::regclass, $2::timestamptz, $3::text)
+
+-- name: retention_rotate_keys
+-- Turns the command_id reservations over when due at this cutoff (rotate_command_keys_v1).
 -- $1 cutoff TIMESTAMPTZ
-SELECT dropped, est_rows, kept FROM commandbus.drop_audit_partition_v1($1::timestamptz)
+SELECT commandbus.rotate_command_keys_v1($1::timestamptz) AS rotated
 
 -- name: partitions_ensure
--- Creates the audit day partitions (UTC) from yesterday to $1 days ahead that are missing; the
--- number created.
+-- Creates the day partitions (UTC) of the audit trail and of the commands from yesterday to $1
+-- days ahead that are missing; the number created.
 -- $1 days_ahead INT
-SELECT commandbus.ensure_audit_partitions_v1(((now() AT TIME ZONE 'UTC') - interval '1 day')::date, ((now() AT TIME ZONE 'UTC') + make_interval(days => $1::int))::date) AS created
-
+SELECT sum(commandbus.ensure_day_partitions_v1(t, ((now() AT TIME ZONE 'UTC') - interval '1 day')::date, ((now() AT TIME ZONE 'UTC') + make_interval(days => $1::int))::date))::int AS created
+FROM unnest(ARRAY['commandbus.audit'::regclass, 'commandbus.command'::regclass]) AS t

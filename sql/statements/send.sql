@@ -16,7 +16,7 @@ SELECT msg_id FROM commandbus.send_commands_v2($1::text, $2::uuid[], $3::text[],
 -- is parsed and planned on every call, and each of its plpgsql statements has a cost of its own.
 -- The engine sends through the function instead when this statement fails with undefined_table
 -- (queue or schema missing: the function creates the queue or names what is missing) or
--- unique_violation (the function names the duplicate command_id, CB001). Nothing is written then,
+-- unique_violation (a command_id reserved already: the function names it, CB001). Nothing is written then,
 -- as one statement commits or fails whole. Each command's msg_id is taken first (from the queue's
 -- own sequence, or $7 when given), so every row of a command carries the same msg_id by
 -- construction. The messages' vt is the statement's clock_timestamp(), or $8 (microseconds since
@@ -39,6 +39,19 @@ WITH t AS MATERIALIZED (
            (SELECT coalesce('epoch'::timestamptz + $8::int8 * interval '1 microsecond', clock_timestamp())),
            t.m
     FROM t
+), s AS (
+    SELECT k.cur FROM commandbus.command_key_state k
+), k AS (
+    -- The command_ids' reservations, as reserve_command_ids_v1 makes them: into the current
+    -- generation; an id still reserved in the other one is inserted twice, so that it fails with
+    -- unique_violation like an id reserved in the current one. The statement locks command_key
+    -- before it reads the generation, so a rotation waits for it (rotate_command_keys_v1).
+    INSERT INTO commandbus.command_key (gen, domain, command_id)
+    SELECT s.cur, $1::text, t.id FROM t, s
+    UNION ALL
+    SELECT s.cur, $1::text, t.id FROM t, s
+    WHERE EXISTS (SELECT 1 FROM commandbus.command_key o
+                  WHERE o.gen = 1 - s.cur AND o.domain = $1::text AND o.command_id = t.id)
 ), c AS (
     INSERT INTO commandbus.command (domain, queue_name, msg_id, command_id, command_type, status,
                                     attempts, max_attempts, reply_queue, correlation_id)

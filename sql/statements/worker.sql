@@ -18,24 +18,27 @@ SELECT msg_id, attempt, max_attempts, command_id, command_type, data::text AS da
 -- $1 domain TEXT, $2 command_ids UUID[], $3 msg_ids BIGINT[], $4 attempts INT[],
 -- $5 outcomes TEXT[], $6 results JSONB[], $7 error_types TEXT[], $8 error_codes TEXT[],
 -- $9 error_msgs TEXT[], $10 error_details JSONB[], $11 backoffs INT[],
--- $12 default_max_attempts INT
-SELECT command_id, status FROM commandbus.finish_commands_v1($1::text, $2::uuid[], $3::bigint[], $4::int[], $5::text[], $6::jsonb[], $7::text[], $8::text[], $9::text[], $10::jsonb[], $11::int[], $12::int)
+-- $12 default_max_attempts INT, $13 created_at_us BIGINT[] (each command's created_at as the
+-- claim returned it: its partition)
+SELECT command_id, status FROM commandbus.finish_commands_v1($1::text, $2::uuid[], $3::bigint[], $4::int[], $5::text[], $6::jsonb[], $7::text[], $8::text[], $9::text[], $10::jsonb[], $11::int[], $12::int, $13::bigint[])
 
 -- name: complete_commands
 -- The flush of outcomes that are all SUCCESS (complete_commands_v1).
 -- $1 domain TEXT, $2 command_ids UUID[], $3 msg_ids BIGINT[], $4 attempts INT[],
--- $5 results JSONB[]
-SELECT command_id, status FROM commandbus.complete_commands_v1($1::text, $2::uuid[], $3::bigint[], $4::int[], $5::jsonb[])
+-- $5 results JSONB[], $6 created_at_us BIGINT[] (as in finish_commands)
+SELECT command_id, status FROM commandbus.complete_commands_v1($1::text, $2::uuid[], $3::bigint[], $4::int[], $5::jsonb[], $6::bigint[])
 
 -- name: extend_leases
 -- Pushes the visibility of leased messages forward, fenced by (msg_id, attempt).
--- $1 domain TEXT, $2 command_ids UUID[], $3 msg_ids BIGINT[], $4 attempts INT[], $5 seconds INT
-SELECT commandbus.extend_leases_v1($1::text, $2::uuid[], $3::bigint[], $4::int[], $5::int) AS extended
+-- $1 domain TEXT, $2 command_ids UUID[], $3 msg_ids BIGINT[], $4 attempts INT[], $5 seconds INT,
+-- $6 created_at_us BIGINT[] (as in finish_commands)
+SELECT commandbus.extend_leases_v1($1::text, $2::uuid[], $3::bigint[], $4::int[], $5::int, $6::bigint[]) AS extended
 
 -- name: release_commands
 -- Gives claimed but unstarted messages back (graceful stop), fenced by (msg_id, attempt).
--- $1 domain TEXT, $2 command_ids UUID[], $3 msg_ids BIGINT[], $4 attempts INT[]
-SELECT commandbus.release_commands_v1($1::text, $2::uuid[], $3::bigint[], $4::int[]) AS released
+-- $1 domain TEXT, $2 command_ids UUID[], $3 msg_ids BIGINT[], $4 attempts INT[],
+-- $5 created_at_us BIGINT[] (as in finish_commands)
+SELECT commandbus.release_commands_v1($1::text, $2::uuid[], $3::bigint[], $4::int[], $5::bigint[]) AS released
 
 -- name: refresh_statistics
 -- Analyzes the command table once if it never was (at worker start).

@@ -63,7 +63,7 @@ async def test_audit_is_partitioned_by_day(pool: AsyncConnectionPool[Any]) -> No
     assert [e.event_type for e in trail] == ["SENT"]
     # Calling it again creates nothing; a larger horizon creates the days missing.
     assert await ensure_partitions(pool) == 0
-    assert await ensure_partitions(pool, 10) == 3
+    assert await ensure_partitions(pool, 10) == 6  # 3 days of the audit trail and of commands
     with pytest.raises(ValidationError, match="days_ahead"):
         await ensure_partitions(pool, -1)
     await bus.close()

@@ -213,7 +213,8 @@ async def test_upgrades_a_predecessor_database_in_place(empty_db: str) -> None:
         cols = await _execute(
             pool,
             "SELECT table_name || '.' || column_name FROM information_schema.columns "
-            "WHERE table_schema = 'commandbus' AND column_name IN ('batch_type', 'result')",
+            "WHERE table_schema = 'commandbus' AND column_name IN ('batch_type', 'result')"
+            " AND table_name IN ('batch', 'command')",
         )
         assert sorted(c[0] for c in cols) == ["batch.batch_type", "command.result"]
         bus = CommandBus(pool)

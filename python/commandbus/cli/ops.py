@@ -427,7 +427,11 @@ def prune(
                 task = progress.add_task("pruning")
 
                 def step(r: PruneResult) -> None:
-                    progress.update(task, description=f"pruning: {r.commands} commands deleted")
+                    progress.update(
+                        task,
+                        description=f"pruning: {r.command_partitions} day partitions dropped, "
+                        f"{r.commands} commands deleted",
+                    )
 
                 return await prune_commands(
                     pool, age, domain, chunk_size=chunk_size, on_progress=step
@@ -438,6 +442,8 @@ def prune(
         print_json(result)
         return
     stdout.print(
+        f"dropped {result.command_partitions} day partitions of commands "
+        f"(~{result.command_partition_rows} rows, {result.command_partitions_kept} kept); "
         f"pruned {result.commands} commands, {result.payloads} archived payloads, "
         f"{result.messages} messages, {result.batches} batches (updated before "
         f"{result.cutoff:%Y-%m-%d %H:%M:%S %Z}); audit trail: {result.partitions} day "

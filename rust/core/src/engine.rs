@@ -165,6 +165,7 @@ impl Claimed {
                 command_id: row.try_get("command_id")?,
                 msg_id: row.try_get("msg_id")?,
                 attempt: row.try_get("attempt")?,
+                created_at_us: row.try_get("created_at_us")?,
             },
             max_attempts: row.try_get("max_attempts")?,
             command_type: row.try_get("command_type")?,
@@ -607,6 +608,7 @@ impl Engine {
                 .bind(cols.msg_ids)
                 .bind(cols.attempts)
                 .bind(cols.results)
+                .bind(cols.created_at_us)
         } else {
             sqlx::query(sql::FINISH_COMMANDS)
                 .bind(domain)
@@ -621,6 +623,7 @@ impl Engine {
                 .bind(cols.error_details)
                 .bind(cols.backoffs)
                 .bind(default_max_attempts)
+                .bind(cols.created_at_us)
         };
         // One statement, one transaction: with no answer to it (its commit included) the
         // outcome is unknown, and the flusher retries on a fresh connection. That is safe: an
@@ -633,11 +636,12 @@ impl Engine {
             .collect()
     }
 
-    fn lease_columns(leases: &[Lease]) -> (Vec<Uuid>, Vec<i64>, Vec<i32>) {
+    fn lease_columns(leases: &[Lease]) -> (Vec<Uuid>, Vec<i64>, Vec<i32>, Vec<i64>) {
         (
             leases.iter().map(|l| l.command_id).collect(),
             leases.iter().map(|l| l.msg_id).collect(),
             leases.iter().map(|l| l.attempt).collect(),
+            leases.iter().map(|l| l.created_at_us).collect(),
         )
     }
 
@@ -646,7 +650,7 @@ impl Engine {
         if leases.is_empty() {
             return Ok(0);
         }
-        let (ids, msgs, atts) = Self::lease_columns(leases);
+        let (ids, msgs, atts, created) = Self::lease_columns(leases);
         let mut conn = self.conn().await?;
         let row = timed!(
             conn,
@@ -657,6 +661,7 @@ impl Engine {
                 .bind(msgs)
                 .bind(atts)
                 .bind(seconds)
+                .bind(created)
                 .fetch_one(&mut *conn)
         )?;
         Ok(row.try_get("extended")?)
@@ -667,7 +672,7 @@ impl Engine {
         if leases.is_empty() {
             return Ok(0);
         }
-        let (ids, msgs, atts) = Self::lease_columns(leases);
+        let (ids, msgs, atts, created) = Self::lease_columns(leases);
         let mut conn = self.conn().await?;
         let row = timed!(
             conn,
@@ -677,6 +682,7 @@ impl Engine {
                 .bind(ids)
                 .bind(msgs)
                 .bind(atts)
+                .bind(created)
                 .fetch_one(&mut *conn)
         )?;
         Ok(row.try_get("released")?)

@@ -6,11 +6,14 @@
 use uuid::Uuid;
 
 /// The fencing token of a claimed command: an outcome applies only under the lease that claimed it.
+/// `created_at_us` (the command's created_at, microseconds since the epoch, as the claim returned
+/// it) names the day partition of its row: the flush looks it up there only.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Lease {
     pub command_id: Uuid,
     pub msg_id: i64,
     pub attempt: i32,
+    pub created_at_us: i64,
 }
 
 /// What went wrong, as stored in the command row and the audit details.
@@ -65,6 +68,7 @@ pub struct FinishColumns {
     pub command_ids: Vec<Uuid>,
     pub msg_ids: Vec<i64>,
     pub attempts: Vec<i32>,
+    pub created_at_us: Vec<i64>,
     pub outcomes: Vec<&'static str>,
     pub results: Vec<Option<String>>,
     pub error_types: Vec<Option<String>>,
@@ -91,6 +95,7 @@ impl FinishColumns {
             cols.command_ids.push(lease.command_id);
             cols.msg_ids.push(lease.msg_id);
             cols.attempts.push(lease.attempt);
+            cols.created_at_us.push(lease.created_at_us);
             cols.outcomes.push(outcome.code());
             let (result, failure, backoff) = match outcome {
                 Outcome::Success { result } => (result, None, 0),
@@ -152,6 +157,7 @@ mod tests {
                 command_id: Uuid::from_u128(msg_id as u128),
                 msg_id,
                 attempt,
+                created_at_us: 1_700_000_000_000_000 + msg_id,
             },
             outcome,
         }

@@ -119,6 +119,7 @@ pub struct WorkerStats {
 #[derive(Debug, Clone, Copy)]
 struct Held {
     command_id: Uuid,
+    created_at_us: i64,
     type_index: u32,
     since: Option<Instant>,
 }
@@ -247,6 +248,7 @@ impl WorkerCore {
         for c in claimed {
             let held = Held {
                 command_id: c.lease.command_id,
+                created_at_us: c.lease.created_at_us,
                 type_index: NO_TYPE,
                 since: None,
             };
@@ -298,6 +300,7 @@ impl WorkerCore {
             }
             Lease {
                 command_id: h.command_id,
+                created_at_us: h.created_at_us,
                 msg_id,
                 attempt,
             }
@@ -365,6 +368,7 @@ impl WorkerCore {
     pub fn lease(&self, msg_id: i64, attempt: i32) -> Option<Lease> {
         lock(&self.in_flight).get(&(msg_id, attempt)).map(|h| Lease {
             command_id: h.command_id,
+                created_at_us: h.created_at_us,
             msg_id,
             attempt,
         })
@@ -463,6 +467,7 @@ impl WorkerCore {
             .drain()
             .map(|((msg_id, attempt), h)| Lease {
                 command_id: h.command_id,
+                created_at_us: h.created_at_us,
                 msg_id,
                 attempt,
             })
@@ -624,6 +629,7 @@ impl WorkerCore {
                 .iter()
                 .map(|(&(msg_id, attempt), h)| Lease {
                     command_id: h.command_id,
+                created_at_us: h.created_at_us,
                     msg_id,
                     attempt,
                 })
