@@ -2,19 +2,22 @@
 
 One run, one server (default: the machine's PostgreSQL at 127.0.0.1:5432; `--dsn` for another):
 
-1. `ours` database (this checkout's schema, audit partitioned by day): history generated
-   set-based (generate_series, not through the bus): `--history` finished commands spread over
-   `--history-days` past days, three audit rows each (SENT, STARTED, COMPLETED), in each day's
-   partition, then vacuumed and analysed. Sizes of tables and indexes.
+1. `ours` database (this checkout's schema, commands and audit partitioned by day): history
+   generated set-based (generate_series, not through the bus): `--history` finished commands
+   spread over `--history-days` past days, their ids reserved (command_key), three audit rows
+   each (SENT, STARTED, COMPLETED), in each day's partitions, then vacuumed and analysed. Sizes
+   of tables and indexes.
 2. Worker throughput without history (a fresh database of the same server) and with it, in
    turns, `--repeat` pairs: a backlog of `--commands` PENDING commands (made set-based through
    send_commands_v2) drained by one in-process `Worker` (no-op handler, `--concurrency`). The
    ratio of the medians, and each pair's ratio.
 3. Retention of the oldest day while the worker drains a backlog: the worker's rate in turns of
-   `--window` seconds with retention running and without it (same drain), retention's time and
+   `--window` seconds with retention running and without it (same drain; a turn with retention
+   lasts at least `--window` seconds, however soon retention ends), retention's time and
    database CPU; again paced (`--duty`) on the next day.
-4. `today` database: the schema of V001 alone (audit not partitioned) with one day of the same
-   history (`--history / --history-days` commands), and the same measure with today's retention
+4. `today` database: this checkout's schema in the layout before partitions (the setting
+   `commandbus.unpartitioned`, V006) with one day of the same history (`--history /
+   --history-days` commands), and the same measure with the retention that layout had
    (prune_v1, chunked DELETE of command, audit rows and messages).
 5. A week of simulated days on `ours`: each day adds a day of history and prunes the oldest
    one. Sizes after it.
@@ -48,9 +51,8 @@ from commandbus import (
     HandlerContext,
     HandlerRegistry,
     Worker,
-    _sql,
 )
-from commandbus.embedded import create_database, drop_database, install_pgmq
+from commandbus.embedded import create_database, drop_database
 from commandbus.retention import _prune
 from commandbus.setup import setup_database
 
@@ -125,6 +127,9 @@ def _history_day(conn: psycopg.Connection[Any], day: datetime, n: int, tag: str)
                        %(day)s + (g * %(step)s + 0.05) * interval '1 second', '', NULL
                 FROM generate_series(%(lo)s, %(hi)s - 1) AS g
                 RETURNING command_id, created_at
+            ), k AS (
+                INSERT INTO commandbus.command_key (gen, domain, command_id)
+                SELECT (SELECT cur FROM commandbus.command_key_state), %(d)s, c.command_id FROM c
             )
             INSERT INTO commandbus.audit (domain, command_id, event_type, ts, details_json)
             SELECT %(d)s, c.command_id, e.event_type, c.created_at + e.offs,
@@ -192,19 +197,22 @@ def _io_per_command(a: dict[str, float], b: dict[str, float], n: int) -> dict[st
 
 
 def _sizes(dsn: str) -> dict[str, dict[str, int]]:
-    """Heap and index bytes of the command, audit (all partitions), payload_archive and queue
-    tables."""
+    """Heap and index bytes of the command and audit tables (all partitions), the command_id
+    reservations, payload_archive and the queue tables."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         rows = conn.execute(
-            """
+            r"""
             SELECT CASE WHEN n.nspname = 'pgmq' THEN 'pgmq'
-                        WHEN c.relname LIKE 'audit%%' THEN 'audit' ELSE c.relname END AS t,
+                        WHEN c.relname LIKE 'audit%%' THEN 'audit'
+                        WHEN c.relname LIKE 'command\_key%%' THEN 'command_key'
+                        WHEN c.relname LIKE 'command%%' THEN 'command' ELSE c.relname END AS t,
                    sum(pg_table_size(c.oid))::bigint, sum(pg_indexes_size(c.oid))::bigint,
                    sum(greatest(c.reltuples, 0))::bigint
             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
             WHERE c.relkind = 'r' AND (n.nspname = 'pgmq' OR (n.nspname = 'commandbus'
-                  AND c.relname IN ('command', 'payload_archive', 'batch')
-                  OR n.nspname = 'commandbus' AND c.relname LIKE 'audit%%'))
+                  AND c.relname IN ('payload_archive', 'batch')
+                  OR n.nspname = 'commandbus' AND c.relname LIKE 'audit%%'
+                  OR n.nspname = 'commandbus' AND c.relname LIKE 'command%%'))
             GROUP BY 1 ORDER BY 1
             """
         ).fetchall()
@@ -301,7 +309,8 @@ async def _retention_under_load(
 ) -> dict[str, Any]:
     """The worker's rate with retention running against without it, in turns: windows of
     `window` seconds without retention and with it (`run(stop)`: a coroutine that prunes until
-    `stop` is set and returns (finished, detail)), until retention has finished, and one more
+    `stop` is set and returns (finished, detail); its turn lasts a window even when it returns
+    sooner), until retention has finished, and one more
     window without; at least `backlog` commands kept pending by a feeder (sending is part of
     the load). Turns, not a window before against the run after it: the rate drifts on its own
     as the tables grow and autovacuum comes and goes, and that drift is not retention's."""
@@ -311,6 +320,7 @@ async def _retention_under_load(
     pairs: list[float] = []
     details: list[dict[str, Any]] = []
     db_cpu = 0.0
+    run_s = 0.0
 
     async def off_window() -> float:
         a = drain.mark()
@@ -328,8 +338,15 @@ async def _retention_under_load(
             stop = asyncio.Event()
             timer = loop.call_later(window, stop.set)
             cpu0, a = cpu.sample(), drain.mark()
+            t0 = time.monotonic()
             finished, detail = await run(stop)
-            b, cpu1 = drain.mark(), cpu.sample()
+            took = time.monotonic() - t0
+            run_s += took
+            cpu1 = cpu.sample()
+            # A turn with retention lasts a window however soon it ends (a partition drop
+            # takes a second), so that the rates compare like with like.
+            await asyncio.sleep(max(0.0, window - took))
+            b = drain.mark()
             timer.cancel()
             on[0] += b[0] - a[0]
             on[1] += b[1] - a[1]
@@ -350,7 +367,8 @@ async def _retention_under_load(
         "rate_during": round(rate_on),
         "ratio": round(rate_on / max(1e-9, rate_off), 3),
         "turn_ratios": [round(x, 3) for x in pairs],
-        "retention_s": round(on[0], 2),
+        "retention_s": round(run_s, 2),
+        "windows_with_retention_s": round(on[0], 2),
         "db_cpu_s": round(db_cpu, 2),
         "pending_at_end": left,
         "detail": total,
@@ -408,7 +426,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 await aconn.execute(f"SELECT commandbus.ensure_queue_v1('{QUEUE}')")
                 # Day partitions of the generated history (and of the simulated week).
                 await aconn.execute(
-                    "SELECT commandbus.ensure_audit_partitions_v1(%s::date, %s::date)",
+                    "SELECT commandbus.ensure_day_partitions_v1(t, %s::date, %s::date)"
+                    " FROM unnest(ARRAY['commandbus.audit', 'commandbus.command']::regclass[]) t",
                     (DAY0.date(), (DAY0 + timedelta(days=args.history_days + args.week)).date()),
                 )
         # No history: a fresh database of the same server, measured in turns with the one
@@ -458,6 +477,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 cpu1 = _backend_cpu(pid)
             return stop is None or not stop.is_set(), {
                 "backend_cpu_s": None if cpu0 is None or cpu1 is None else round(cpu1 - cpu0, 2),
+                "command_partitions": r.command_partitions,
+                "command_partition_rows": r.command_partition_rows,
+                "command_partitions_kept": r.command_partitions_kept,
                 "commands": r.commands, "partitions": r.partitions,
                 "partition_rows": r.partition_rows, "messages": r.messages,
                 "kept": r.partitions_kept}  # fmt: skip
@@ -478,12 +500,14 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         )  # fmt: skip
         save()
 
-        # today: the schema of V001 only, one day of the same history
-        install_pgmq(today_dsn)
-        with psycopg.connect(today_dsn, autocommit=True) as conn:
-            v1 = next(text for version, _, text in _sql.migrations() if version == 1)
-            conn.execute(v1.encode())
-            conn.execute(f"SELECT pgmq.create('{QUEUE}')".encode())
+        # today: the layout before partitions, one day of the same history
+        unpartitioned = psycopg.conninfo.make_conninfo(
+            today_dsn, options="-c commandbus.unpartitioned=on"
+        )
+        async with AsyncConnectionPool(unpartitioned, min_size=1, max_size=1, open=False) as p:
+            await setup_database(p)
+            async with p.connection() as aconn:
+                await aconn.execute(f"SELECT commandbus.ensure_queue_v1('{QUEUE}')")
         _log(f"today: generating {per_day} commands of history")
         _generate(today_dsn, 0, 1, per_day, "t")
         out["sizes_today_history"] = _sizes(today_dsn)

@@ -23,8 +23,9 @@ DECLARE
     v_max TIMESTAMPTZ;
     v_hi TIMESTAMPTZ;
 BEGIN
-    IF (SELECT c.relkind FROM pg_class c WHERE c.oid = 'commandbus.audit'::regclass) = 'p' THEN
-        RETURN;  -- already partitioned
+    IF (SELECT c.relkind FROM pg_class c WHERE c.oid = 'commandbus.audit'::regclass) = 'p'
+       OR current_setting('commandbus.unpartitioned', true) = 'on' THEN
+        RETURN;  -- already partitioned (or the layout before partitions: see V006)
     END IF;
     ALTER TABLE commandbus.audit RENAME TO audit_legacy;
     ALTER INDEX commandbus.ix_audit_cmdid_ts RENAME TO audit_legacy_cmdid_ts;

@@ -121,6 +121,9 @@ BEGIN
     ) THEN
         RETURN 0;
     END IF;
+    IF (SELECT c.relkind FROM pg_class c WHERE c.oid = p_parent) <> 'p' THEN
+        RETURN 0;  -- left unpartitioned (commandbus.unpartitioned, below)
+    END IF;
     PERFORM pg_advisory_xact_lock(hashtext(p_parent::text || ' partitions'));
     SELECT c.relname INTO v_base FROM pg_class c WHERE c.oid = p_parent;
     SELECT a.attname INTO v_key
@@ -185,8 +188,13 @@ DECLARE
     v_max TIMESTAMPTZ;
     v_hi TIMESTAMPTZ;
 BEGIN
-    IF (SELECT c.relkind FROM pg_class c WHERE c.oid = 'commandbus.command'::regclass) = 'p' THEN
-        RETURN;  -- already partitioned
+    -- commandbus.unpartitioned = on (a session setting) leaves the audit trail (V004) and the
+    -- command table as they were before partitions: benches/history.py builds that layout to
+    -- measure the row-by-row retention it replaces (prune_v1) in the same run. Not a supported
+    -- way to run: nothing then drops partitions, and only prune_v1 deletes audit rows.
+    IF (SELECT c.relkind FROM pg_class c WHERE c.oid = 'commandbus.command'::regclass) = 'p'
+       OR current_setting('commandbus.unpartitioned', true) = 'on' THEN
+        RETURN;  -- already partitioned (or left as it was)
     END IF;
     ALTER TABLE commandbus.command RENAME TO command_legacy;
     ALTER INDEX commandbus.uq_command_domain_cmdid RENAME TO command_legacy_domain_cmdid;

@@ -43,7 +43,7 @@ WITH t AS MATERIALIZED (
     SELECT k.cur FROM commandbus.command_key_state k
 ), k AS (
     -- The command_ids' reservations, as reserve_command_ids_v1 makes them: into the current
-    -- generation; an id still reserved in the other one is inserted twice, so that it fails with
+    -- generation, and an id still reserved in the other one is inserted twice, so that it fails with
     -- unique_violation like an id reserved in the current one. The statement locks command_key
     -- before it reads the generation, so a rotation waits for it (rotate_command_keys_v1).
     INSERT INTO commandbus.command_key (gen, domain, command_id)

@@ -95,9 +95,7 @@ async def store(
     assert [tuple(r) for r in rows] == [(command_id,)]
 
 
-async def run_worker_until(
-    pool: AsyncConnectionPool[Any], domain: str, done: list[UUID]
-) -> None:
+async def run_worker_until(pool: AsyncConnectionPool[Any], domain: str, done: list[UUID]) -> None:
     registry = HandlerRegistry()
 
     @registry.handler(domain, "Ok")
@@ -181,7 +179,8 @@ async def test_a_command_id_is_reserved_across_partitions(pool: AsyncConnectionP
         *(bus.send("orders", "Ok", race, {}) for _ in range(8)), return_exceptions=True
     )
     assert sum(not isinstance(r, BaseException) for r in results) == 1
-    assert all(isinstance(r, DuplicateCommandError) for r in results if isinstance(r, BaseException))
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert all(isinstance(r, DuplicateCommandError) for r in errors)
     [(n,)] = await fetch(
         pool, "SELECT count(*) FROM commandbus.command WHERE command_id = %s", race
     )
@@ -196,9 +195,7 @@ async def _key_state(pool: AsyncConnectionPool[Any]) -> tuple[int, datetime]:
 
 async def _rotate(pool: AsyncConnectionPool[Any]) -> bool:
     """Turn the reservations over as a prune whose cutoff is now would (when due)."""
-    [(rotated,)] = await fetch(
-        pool, "SELECT commandbus.rotate_command_keys_v1(clock_timestamp())"
-    )
+    [(rotated,)] = await fetch(pool, "SELECT commandbus.rotate_command_keys_v1(clock_timestamp())")
     return bool(rotated)
 
 
@@ -279,7 +276,7 @@ async def test_retention_drops_whole_days_and_keeps_what_is_in_use(
     assert result.command_partitions == 1
     assert result.command_partitions_kept == 2
     assert result.commands == 2  # `gone` and `mine`, row by row
-    for cid in finished + [gone, mine]:
+    for cid in [*finished, gone, mine]:
         assert await status_of(pool, "orders", cid) is None
     assert await status_of(pool, "orders", live) == "PENDING"
     assert await status_of(pool, "orders", in_batch) == "COMPLETED"

@@ -166,8 +166,9 @@ async def test_prune_in_chunks_with_domain_filter(pool: AsyncConnectionPool[Any]
     progress: list[PruneResult] = []
     result = await prune(pool, timedelta(hours=1), "orders", chunk_size=10,
                          on_progress=progress.append)  # fmt: skip
-    # (then, depending on the time of day, yesterday's empty audit partition may be dropped)
-    assert [p.commands for p in progress[:4]] == [10, 20, 25, 25]
+    # (before the chunks, depending on the time of day, yesterday's empty command partition may
+    # be dropped; after them, yesterday's empty audit partition)
+    assert [p.commands for p in progress if p.chunks][:4] == [10, 20, 25, 25]
     assert result.commands == 25 and result.chunks == 4
     assert result.audit_events == 25 and result.messages == 25  # SENT rows; live messages
     assert await fetch(pool, "SELECT domain, count(*) FROM commandbus.command GROUP BY 1") == [
@@ -217,7 +218,7 @@ async def test_prune_goes_on_where_the_chunk_before_stopped(pool: AsyncConnectio
     progress: list[PruneResult] = []
     result = await prune(pool, cutoff, chunk_size=3, on_progress=progress.append)
     assert result.commands == 8 - 2
-    assert [p.commands for p in progress[:3]] == [3, 6, 6]
+    assert [p.commands for p in progress if p.chunks][:3] == [3, 6, 6]
     pending = {r[0] for r in await fetch(pool, "SELECT command_id FROM commandbus.command")}
     assert pending == {ids[i] for i in range(12) if (i + 1) % 3 == 2}
     await bus.close()

@@ -778,18 +778,28 @@ async def _flush_both_ways(
     fast = _sql.statement("complete_commands")
     assert "finish_commands_v1" in general and "complete_commands_v1" in fast
     ra, rb = claimed[a], claimed[b]
+    # Each command's created_at as the claim returns it to the engine (its partition).
+    created = dict(
+        await fetch(
+            pool,
+            "SELECT command_id, (extract(epoch FROM created_at) * 1000000)::bigint"
+            " FROM commandbus.command WHERE command_id = ANY(%s)",
+            [a, b],
+        )
+    )
     async with pool.connection() as conn:
         cur = psycopg.AsyncRawCursor(conn)  # the statements' own $n placeholders
         await cur.execute(
             general,
             ["orders", [a], [ra.msg_id], [ra.context.attempt], ["SUCCESS"], ['{"r": 1}'],
-             [None], [None], [None], [None], [0], 3],
+             [None], [None], [None], [None], [0], 3, [created[a]]],
         )  # fmt: skip
         assert await cur.fetchall() == [(a, "COMPLETED")]
-        await cur.execute(fast, ["orders", [b], [rb.msg_id], [rb.context.attempt], ['{"r": 1}']])
+        fast_args = ["orders", [b], [rb.msg_id], [rb.context.attempt], ['{"r": 1}'], [created[b]]]
+        await cur.execute(fast, fast_args)
         assert await cur.fetchall() == [(b, "COMPLETED")]
         # Fenced like the general flush: a second outcome for the same lease changes nothing.
-        await cur.execute(fast, ["orders", [b], [rb.msg_id], [rb.context.attempt], ['{"r": 2}']])
+        await cur.execute(fast, [*fast_args[:4], ['{"r": 2}'], [created[b]]])
         assert await cur.fetchall() == []
 
 
@@ -945,7 +955,7 @@ async def test_flush_failures_are_logged_as_they_happen_and_lose_nothing(
     await bus.send_batch(
         [SendRequest(domain="orders", command_type="Ping", command_id=cid, data={}) for cid in ids]
     )
-    signature = "commandbus.%s(TEXT, UUID[], BIGINT[], INT[], JSONB[])"
+    signature = "commandbus.%s(TEXT, UUID[], BIGINT[], INT[], JSONB[], BIGINT[])"
     async with pool.connection() as conn:
         await conn.execute(
             f"ALTER FUNCTION {signature % 'complete_commands_v1'} RENAME TO complete_commands_off"
@@ -985,7 +995,7 @@ async def test_flush_failures_are_logged_as_they_happen_and_lose_nothing(
         async with pool.connection() as conn:
             await conn.execute(
                 "DO $$ BEGIN ALTER FUNCTION"
-                " commandbus.complete_commands_off(TEXT, UUID[], BIGINT[], INT[], JSONB[])"
+                " commandbus.complete_commands_off(TEXT, UUID[], BIGINT[], INT[], JSONB[], BIGINT[])"
                 " RENAME TO complete_commands_v1;"
                 " EXCEPTION WHEN undefined_function THEN NULL; END $$"
             )

@@ -368,7 +368,7 @@ impl WorkerCore {
     pub fn lease(&self, msg_id: i64, attempt: i32) -> Option<Lease> {
         lock(&self.in_flight).get(&(msg_id, attempt)).map(|h| Lease {
             command_id: h.command_id,
-                created_at_us: h.created_at_us,
+            created_at_us: h.created_at_us,
             msg_id,
             attempt,
         })
@@ -629,7 +629,7 @@ impl WorkerCore {
                 .iter()
                 .map(|(&(msg_id, attempt), h)| Lease {
                     command_id: h.command_id,
-                created_at_us: h.created_at_us,
+                    created_at_us: h.created_at_us,
                     msg_id,
                     attempt,
                 })
