@@ -994,9 +994,9 @@ async def test_flush_failures_are_logged_as_they_happen_and_lose_nothing(
     finally:
         async with pool.connection() as conn:
             await conn.execute(
-                "DO $$ BEGIN ALTER FUNCTION"
-                " commandbus.complete_commands_off(TEXT, UUID[], BIGINT[], INT[], JSONB[], BIGINT[])"
-                " RENAME TO complete_commands_v1;"
+                "DO $$ BEGIN ALTER FUNCTION "
+                + signature % "complete_commands_off"
+                + " RENAME TO complete_commands_v1;"
                 " EXCEPTION WHEN undefined_function THEN NULL; END $$"
             )
     for cid in ids:
