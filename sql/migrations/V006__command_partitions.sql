@@ -84,8 +84,9 @@ END $$;
 -- safe under concurrency: callers take turns on a transaction-level advisory lock, and each sees
 -- what the previous one made. A partition is created on its own and attached with a CHECK
 -- constraint matching its range, so the attach takes only a SHARE UPDATE EXCLUSIVE lock on the
--- parent (writers go on) and reads nothing. Rows of that day waiting in the default partition
--- are moved into the new partition first.
+-- parent (writers go on) and reads nothing. Audit rows of that day waiting in the default
+-- partition are moved into the new partition first; a day with command rows in the default
+-- partition gets no partition (see below).
 CREATE OR REPLACE FUNCTION commandbus.ensure_day_partitions_v1(p_parent REGCLASS, p_from DATE, p_to DATE)
 RETURNS INT
 LANGUAGE plpgsql AS $$
@@ -141,6 +142,11 @@ BEGIN
             WHERE NOT p.is_default
               AND coalesce(p.range_from, '-infinity') < v_hi
               AND coalesce(p.range_to, 'infinity') > v_lo);
+        -- Command rows of that day waiting in the default partition stay there (and that day
+        -- gets no partition): moving a row deletes it under a worker that may be claiming or
+        -- finishing it, which would then miss it. They are pruned row by row.
+        CONTINUE WHEN p_parent = 'commandbus.command'::regclass AND EXISTS (
+            SELECT 1 FROM commandbus.command_default c WHERE c.created_at >= v_lo AND c.created_at < v_hi);
         v_name := v_base || '_' || to_char(d, 'YYYYMMDD');
         EXECUTE format('CREATE TABLE commandbus.%I (LIKE %s INCLUDING DEFAULTS INCLUDING GENERATED)', v_name, p_parent);
         PERFORM commandbus.prepare_day_partition_v1(p_parent, v_name);

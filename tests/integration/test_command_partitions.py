@@ -149,6 +149,27 @@ async def test_commands_are_partitioned_by_day_and_run(pool: AsyncConnectionPool
     await bus.close()
 
 
+async def test_a_day_with_commands_in_the_default_partition_gets_none(
+    pool: AsyncConnectionPool[Any],
+) -> None:
+    """A command stored on a day no partition covers waits in command_default; that day then
+    gets no partition (moving the row could slip it from under a worker claiming it), and the
+    command still runs there."""
+    far = _today() - timedelta(days=20)
+    cid = uuid4()
+    await store(pool, "orders", cid, "PENDING", _noon(far))
+    assert await partition_of(pool, "orders", cid) == "commandbus.command_default"
+    [(made,)] = await fetch(
+        pool,
+        "SELECT commandbus.ensure_day_partitions_v1('commandbus.command', %s, %s)",
+        far - timedelta(days=1), far + timedelta(days=1),
+    )  # fmt: skip
+    assert made == 2  # the days before and after
+    assert f"command_{far:%Y%m%d}" not in await partitions(pool)
+    assert await partition_of(pool, "orders", cid) == "commandbus.command_default"
+    await run_worker_until(pool, "orders", [cid])
+
+
 async def test_a_command_id_is_reserved_across_partitions(pool: AsyncConnectionPool[Any]) -> None:
     """An id stored in an older partition is a duplicate for a send today, by the engine's
     direct statement and by the function path (a batch), and for a client's own insert; two
