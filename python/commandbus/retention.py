@@ -35,7 +35,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -171,23 +171,16 @@ async def _prune(
         validate_domain(domain)
     cutoff = await _cutoff(pool, older_than)
     total = PruneResult(cutoff=cutoff)
-    while stop_event is None or not stop_event.is_set():
-        # One partition per call, each in its own transaction (a short lock of the table).
-        part = await _db.fetch_one(
-            pool, "retention_drop_partition", "commandbus.command", cutoff, domain, rows=dict
-        )
-        assert part is not None
-        total = replace(total, command_partitions_kept=part["kept"])
-        if part["dropped"] is None:
-            break
-        total = replace(
-            total,
-            command_partitions=total.command_partitions + 1,
-            command_partition_rows=total.command_partition_rows + max(0, part["est_rows"]),
-        )
-        logger.info("dropped command partition %s (~%d rows)", part["dropped"], part["est_rows"])
-        if on_progress is not None:
-            on_progress(total)
+    async for rows, kept in _drop_day_partitions(pool, "command", cutoff, domain, stop_event):
+        total = replace(total, command_partitions_kept=kept)
+        if rows is not None:
+            total = replace(
+                total,
+                command_partitions=total.command_partitions + 1,
+                command_partition_rows=total.command_partition_rows + rows,
+            )
+            if on_progress is not None:
+                on_progress(total)
     after: datetime | None = None  # where the previous chunk stopped (prune_v2 goes on there)
     while True:
         # One chunk per call, each in its own transaction (committed on return).
@@ -219,23 +212,14 @@ async def _prune(
                 await asyncio.sleep(pause)
             elif await _stopped_within(stop_event, pause):
                 break
-    while stop_event is None or not stop_event.is_set():
-        # One partition per call, each in its own transaction (a short lock of the audit table).
-        part = await _db.fetch_one(
-            pool, "retention_drop_partition", "commandbus.audit", cutoff, None, rows=dict
-        )
-        assert part is not None
-        total = replace(total, partitions_kept=part["kept"])
-        if part["dropped"] is None:
-            break
-        total = replace(
-            total,
-            partitions=total.partitions + 1,
-            partition_rows=total.partition_rows + max(0, part["est_rows"]),
-        )
-        logger.info("dropped audit partition %s (~%d rows)", part["dropped"], part["est_rows"])
-        if on_progress is not None:
-            on_progress(total)
+    async for rows, kept in _drop_day_partitions(pool, "audit", cutoff, None, stop_event):
+        total = replace(total, partitions_kept=kept)
+        if rows is not None:
+            total = replace(
+                total, partitions=total.partitions + 1, partition_rows=total.partition_rows + rows
+            )
+            if on_progress is not None:
+                on_progress(total)
     if stop_event is None or not stop_event.is_set():
         rotated = await _db.fetch_value(pool, "retention_rotate_keys", cutoff)
         total = replace(total, keys_rotated=bool(rotated))
@@ -250,6 +234,29 @@ async def _prune(
         total.partitions_kept, total.keys_rotated, domain or "*", cutoff.isoformat(), total.chunks,
     )  # fmt: skip
     return total
+
+
+async def _drop_day_partitions(
+    pool: AsyncConnectionPool[Any],
+    table: str,
+    cutoff: datetime,
+    domain: str | None,
+    stop_event: asyncio.Event | None,
+) -> AsyncIterator[tuple[int | None, int]]:
+    """Drop the day partitions of commandbus.`table` that retention may drop whole at `cutoff`
+    (`commandbus.drop_day_partition_v1`), one per call, each in its own transaction (a short
+    lock of the table). Yields (estimated rows of the partition dropped, partitions kept) after
+    each drop, and (None, partitions kept) once none is left."""
+    while stop_event is None or not stop_event.is_set():
+        part = await _db.fetch_one(
+            pool, "retention_drop_partition", f"commandbus.{table}", cutoff, domain, rows=dict
+        )
+        assert part is not None
+        if part["dropped"] is None:
+            yield None, part["kept"]
+            return
+        logger.info("dropped %s partition %s (~%d rows)", table, part["dropped"], part["est_rows"])
+        yield max(0, part["est_rows"]), part["kept"]
 
 
 DEFAULT_PARTITION_DAYS_AHEAD = 7

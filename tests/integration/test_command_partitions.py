@@ -352,37 +352,6 @@ async def test_a_client_from_before_the_partitions_still_flushes(
     await bus.close()
 
 
-async def test_concurrent_creators_make_each_command_partition_once(
-    pool: AsyncConnectionPool[Any], database_url: str
-) -> None:
-    start = _today() + timedelta(days=30)
-    end = start + timedelta(days=29)
-    bus = CommandBus(pool)
-
-    async def creator() -> int:
-        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
-            cur = await conn.execute(
-                "SELECT commandbus.ensure_day_partitions_v1('commandbus.command', %s, %s)",
-                (start, end),
-            )
-            row = await cur.fetchone()
-            assert row is not None
-            return int(row[0])
-
-    async def writer() -> None:
-        for _ in range(20):
-            await bus.send("orders", "X", uuid4(), {})
-
-    results = await asyncio.gather(*(creator() for _ in range(6)), writer(), writer())
-    assert sum(r for r in results if r is not None) == 30
-    parts = await partitions(pool)
-    made = [n for n, (lo, _, _) in parts.items() if lo is not None and lo.date() >= start]
-    assert len(made) == 30
-    [(n,)] = await fetch(pool, "SELECT count(*) FROM commandbus.command")
-    assert n == 40
-    await bus.close()
-
-
 @pytest_asyncio.fixture
 async def empty_db(pg_admin_dsn: str) -> AsyncIterator[str]:
     name = f"rcmd_cpart_{uuid4().hex[:8]}"

@@ -69,9 +69,12 @@ async def test_audit_is_partitioned_by_day(pool: AsyncConnectionPool[Any]) -> No
     await bus.close()
 
 
+@pytest.mark.parametrize("table", ["audit", "command"])
 async def test_concurrent_creators_make_each_partition_once(
-    pool: AsyncConnectionPool[Any], database_url: str
+    pool: AsyncConnectionPool[Any], database_url: str, table: str
 ) -> None:
+    """Six creators of the same 30 days of the audit trail's or the command table's partitions
+    (V006) at once, with sends going on: each day made once, every row written."""
     start = _today() + timedelta(days=30)
     end = start + timedelta(days=29)
     bus = CommandBus(pool)
@@ -79,7 +82,8 @@ async def test_concurrent_creators_make_each_partition_once(
     async def creator() -> int:
         async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
             cur = await conn.execute(
-                "SELECT commandbus.ensure_audit_partitions_v1(%s, %s)", (start, end)
+                "SELECT commandbus.ensure_day_partitions_v1(%s::regclass, %s, %s)",
+                (f"commandbus.{table}", start, end),
             )
             row = await cur.fetchone()
             assert row is not None
@@ -91,11 +95,13 @@ async def test_concurrent_creators_make_each_partition_once(
 
     results = await asyncio.gather(*(creator() for _ in range(6)), writer(), writer())
     assert sum(r for r in results if r is not None) == 30
-    parts = await partitions(pool)
-    made = [n for n, (lo, _, _) in parts.items() if lo is not None and lo.date() >= start]
-    assert len(made) == 30
+    rows = await fetch(pool, "SELECT * FROM commandbus.day_partitions_v1(%s::regclass)",
+                       f"commandbus.{table}")  # fmt: skip
+    made = [r[0] for r in rows if r[1] is not None and r[1].date() >= start]
+    assert len(made) == 30 and all(n.startswith(f"{table}_") for n in made)
     [(n,)] = await fetch(pool, "SELECT count(*) FROM commandbus.audit WHERE event_type = 'SENT'")
-    assert n == 40
+    [(c,)] = await fetch(pool, "SELECT count(*) FROM commandbus.command")
+    assert n == c == 40
     await bus.close()
 
 
