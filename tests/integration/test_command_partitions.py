@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from uuid import UUID, uuid4
 
 import psycopg
 import pytest
-import pytest_asyncio
 from itest_helpers import fetch, status_of, wait_until
 from psycopg_pool import AsyncConnectionPool
 from test_setup import PREDECESSOR_SCHEMA
@@ -32,7 +30,7 @@ from commandbus import (
     _sql,
     setup_database,
 )
-from commandbus.embedded import create_database, drop_database, install_pgmq
+from commandbus.embedded import install_pgmq
 from commandbus.retention import prune
 
 FAST = RetryPolicy(max_attempts=3, backoff_schedule=[0])
@@ -350,16 +348,6 @@ async def test_a_client_from_before_the_partitions_still_flushes(
     cmd = await bus.get_command("orders", cid)
     assert cmd is not None and cmd.result == {"old": True}
     await bus.close()
-
-
-@pytest_asyncio.fixture
-async def empty_db(pg_admin_dsn: str) -> AsyncIterator[str]:
-    name = f"rcmd_cpart_{uuid4().hex[:8]}"
-    dsn = create_database(pg_admin_dsn, name)
-    try:
-        yield dsn
-    finally:
-        drop_database(pg_admin_dsn, name)
 
 
 COMMANDS = 200_000

@@ -6,20 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from uuid import UUID, uuid4
 
 import psycopg
 import pytest
-import pytest_asyncio
 from itest_helpers import events, fetch, status_of
 from psycopg_pool import AsyncConnectionPool
 from test_setup import PREDECESSOR_SCHEMA
 
 from commandbus import CommandBus, ValidationError, _sql, setup_database
-from commandbus.embedded import create_database, drop_database, install_pgmq
+from commandbus.embedded import install_pgmq
 from commandbus.retention import ensure_partitions, prune
 
 
@@ -194,16 +192,6 @@ async def test_retention_drops_a_day_only_when_nothing_uses_it(
     for cid in (pending, tsq, in_batch, in_process):
         assert await events(pool, cid) == []
     await bus.close()
-
-
-@pytest_asyncio.fixture
-async def empty_db(pg_admin_dsn: str) -> AsyncIterator[str]:
-    name = f"rcmd_part_{uuid4().hex[:8]}"
-    dsn = create_database(pg_admin_dsn, name)
-    try:
-        yield dsn
-    finally:
-        drop_database(pg_admin_dsn, name)
 
 
 AUDIT_ROWS = 300_000

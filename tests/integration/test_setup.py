@@ -4,13 +4,11 @@ database, and the typed error when the schema is missing."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 from uuid import UUID, uuid4
 
 import psycopg
 import pytest
-import pytest_asyncio
 from psycopg_pool import AsyncConnectionPool
 
 from commandbus import (
@@ -24,7 +22,7 @@ from commandbus import (
     get_schema_sql,
     setup_database,
 )
-from commandbus.embedded import create_database, drop_database, install_pgmq
+from commandbus.embedded import install_pgmq
 from commandbus.exceptions import PostgresError
 
 # The tables of reliable-cmd 0.2.2 as its packaged migrations left them (what a team switching
@@ -150,16 +148,6 @@ INSERT INTO commandbus.process_audit
 VALUES ('orders', '{OLD_PROCESS}', 'ship', '{OLD_PENDING}', 'Old', '{{"n": 1}}', now());
 """
 )
-
-
-@pytest_asyncio.fixture
-async def empty_db(pg_admin_dsn: str) -> AsyncIterator[str]:
-    name = f"rcmd_setup_{uuid4().hex[:8]}"
-    dsn = create_database(pg_admin_dsn, name)
-    try:
-        yield dsn
-    finally:
-        drop_database(pg_admin_dsn, name)
 
 
 async def _pool(dsn: str) -> AsyncConnectionPool[Any]:
