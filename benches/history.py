@@ -127,9 +127,12 @@ def _history_day(conn: psycopg.Connection[Any], day: datetime, n: int, tag: str)
                        %(day)s + (g * %(step)s + 0.05) * interval '1 second', '', NULL
                 FROM generate_series(%(lo)s, %(hi)s - 1) AS g
                 RETURNING command_id, created_at
-            ), k AS (
-                INSERT INTO commandbus.command_key (gen, domain, command_id)
-                SELECT (SELECT cur FROM commandbus.command_key_state), %(d)s, c.command_id FROM c
+            ), k0 AS (
+                INSERT INTO commandbus.command_key_0 (domain, command_id)
+                SELECT %(d)s, c.command_id FROM c
+            ), k1 AS (
+                INSERT INTO commandbus.command_key_1 (domain, command_id)
+                SELECT %(d)s, c.command_id FROM c
             )
             INSERT INTO commandbus.audit (domain, command_id, event_type, ts, details_json)
             SELECT %(d)s, c.command_id, e.event_type, c.created_at + e.offs,

@@ -91,6 +91,8 @@ END $$;
 --     by its archived_at index) unless their command is still pending, in progress or in the TSQ;
 --   * a terminal command of a batch that is not complete yet, or that a process not finished yet
 --     has sent, is kept (with its rows) until the batch or the process ends;
+--   * with the command table partitioned by day (V006), only commands created before the start
+--     of the cutoff's UTC day: the rest of that day goes with its partition;
 --   * it goes on from p_after (the last_created_at the previous call returned; NULL: from the
 --     start): each chunk walks ix_command_created from where the one before stopped, instead of
 --     walking again, from the oldest, over the index entries of every row deleted so far (dead
@@ -114,6 +116,7 @@ DECLARE
     v_messages INT := 0;
     v_batches INT := 0;
     v_last TIMESTAMPTZ;
+    v_before TIMESTAMPTZ := p_cutoff;
     v_n INT;
     r RECORD;
 BEGIN
@@ -123,10 +126,19 @@ BEGIN
             DETAIL = coalesce(p_chunk::text, 'NULL');
     END IF;
 
+    -- A partitioned command table (V006) loses its rows by UTC day: only commands created
+    -- before the start of the cutoff's day go row by row (those of a day some command still
+    -- holds, or of the default partition); the others go with their day's partition once it has
+    -- ended before the cutoff. Deleting each hour's commands as the cutoff passes them would
+    -- delete every row before its partition could be dropped.
+    IF (SELECT c.relkind FROM pg_class c WHERE c.oid = 'commandbus.command'::regclass) = 'p' THEN
+        v_before := least(p_cutoff, date_trunc('day', p_cutoff AT TIME ZONE 'UTC') AT TIME ZONE 'UTC');
+    END IF;
+
     WITH victims AS MATERIALIZED (
         SELECT c.domain, c.command_id, c.created_at
         FROM commandbus.command c
-        WHERE c.created_at < p_cutoff
+        WHERE c.created_at < v_before
           AND c.created_at >= coalesce(p_after, '-infinity')
           AND c.updated_at < p_cutoff
           AND c.status IN ('COMPLETED', 'FAILED', 'CANCELED')
@@ -152,7 +164,7 @@ BEGIN
         USING victims v
         -- created_at: the victim's partition only (V006 partitions the table by it).
         WHERE c.domain = v.domain AND c.command_id = v.command_id
-          AND c.created_at = v.created_at AND c.created_at < p_cutoff
+          AND c.created_at = v.created_at AND c.created_at < v_before
           AND c.status IN ('COMPLETED', 'FAILED', 'CANCELED') AND c.updated_at < p_cutoff
         RETURNING c.domain, c.command_id, c.queue_name, c.msg_id
     )

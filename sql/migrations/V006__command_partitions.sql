@@ -13,14 +13,14 @@
 --   * A partitioned table cannot have a unique index without its partition key, so each
 --     partition has its own unique index on (domain, command_id) (the lookups of the hot path),
 --     and the promise that a command_id is accepted once per domain is kept by
---     commandbus.command_key: every command_id sent is reserved there (reserve_command_ids_v1,
---     and the direct send statement of sql/statements/send.sql). command_key has two
---     generations (partitions command_key_0 and _1); sends reserve in the current one and check
---     the other. Retention turns them over (rotate_command_keys_v1): once the current generation
---     is older than the retention window, the other one is emptied (TRUNCATE: no dead rows) and
---     becomes the current one, after the ids of every command still stored from before were
---     reserved again. So a command_id stays reserved while its command exists, and at least as
---     long as the retention window after its send.
+--     commandbus.command_key_0 and command_key_1, two generations of reservations: every
+--     command_id sent is reserved in both (reserve_command_ids_v1, and the direct send
+--     statement of sql/statements/send.sql), so a duplicate, also one sent at the same time,
+--     fails on a unique index as before. Retention turns them over (rotate_command_keys_v1): once
+--     the generation emptied last was emptied before the retention's cutoff, the ids of every
+--     command still stored from before that are reserved in it again, and the other generation
+--     is emptied (TRUNCATE: no dead rows). So a command_id stays reserved while its command
+--     exists, and at least as long as the retention window after its send.
 --   * The hot path finds a command's partition by its created_at: the claim by the queue
 --     message's enqueued_at (the send writes both in one transaction, so they are equal; where
 --     they are not, e.g. an operator's retry, the claim looks the command up in every partition),
@@ -173,20 +173,17 @@ $$;
 -- The command table, partitioned
 -- ---------------------------------------------------------------------------------------------
 
--- command_id reservations (see the top of this file). gen: the generation, 0 or 1; the current
--- one is command_key_state.cur, current since command_key_state.since.
-CREATE TABLE IF NOT EXISTS commandbus.command_key (
-    gen         SMALLINT NOT NULL,
+-- command_id reservations (see the top of this file): two generations, each a table with
+-- the same rows, and when each was last emptied (command_key_state).
+CREATE TABLE IF NOT EXISTS commandbus.command_key_0 (
     domain      TEXT NOT NULL,
     command_id  UUID NOT NULL,
-    PRIMARY KEY (gen, domain, command_id)
-) PARTITION BY LIST (gen);
-CREATE TABLE IF NOT EXISTS commandbus.command_key_0 PARTITION OF commandbus.command_key FOR VALUES IN (0);
-CREATE TABLE IF NOT EXISTS commandbus.command_key_1 PARTITION OF commandbus.command_key FOR VALUES IN (1);
+    PRIMARY KEY (domain, command_id)
+);
+CREATE TABLE IF NOT EXISTS commandbus.command_key_1 (LIKE commandbus.command_key_0 INCLUDING ALL);
 CREATE TABLE IF NOT EXISTS commandbus.command_key_state (
-    one    BOOLEAN PRIMARY KEY DEFAULT true CHECK (one),
-    cur    SMALLINT NOT NULL CHECK (cur IN (0, 1)),
-    since  TIMESTAMPTZ NOT NULL
+    gen          SMALLINT PRIMARY KEY CHECK (gen IN (0, 1)),
+    emptied_at   TIMESTAMPTZ NOT NULL
 );
 
 DO $$
@@ -227,9 +224,10 @@ BEGIN
         CREATE STATISTICS IF NOT EXISTS commandbus.command_legacy_domain_status (mcv)
             ON domain, status FROM commandbus.command_legacy;
         -- Every stored command_id stays reserved (a copy of the ids, not of the rows).
-        INSERT INTO commandbus.command_key (gen, domain, command_id)
-        SELECT 0, l.domain, l.command_id FROM commandbus.command_legacy l
-        ON CONFLICT DO NOTHING;
+        INSERT INTO commandbus.command_key_0 (domain, command_id)
+        SELECT l.domain, l.command_id FROM commandbus.command_legacy l ON CONFLICT DO NOTHING;
+        INSERT INTO commandbus.command_key_1 (domain, command_id)
+        SELECT l.domain, l.command_id FROM commandbus.command_legacy l ON CONFLICT DO NOTHING;
     ELSE
         DROP TABLE commandbus.command_legacy;
     END IF;
@@ -237,43 +235,41 @@ BEGIN
     PERFORM commandbus.prepare_day_partition_v1('commandbus.command', 'command_default');
 END $$;
 
-INSERT INTO commandbus.command_key_state (cur, since) VALUES (0, now()) ON CONFLICT DO NOTHING;
+INSERT INTO commandbus.command_key_state (gen, emptied_at) VALUES (0, now()), (1, now())
+ON CONFLICT DO NOTHING;
 
 -- Reserves command_ids: returns the (domain, command_id) pairs reserved by this call, not those
--- reserved already (by an earlier send, still in either generation, or earlier in the input).
--- A pair another transaction is reserving at the same time waits for it, as a unique index does.
+-- reserved already (by an earlier send, in either generation, or earlier in the input). A pair
+-- another transaction is reserving at the same time waits for it, as a unique index does. (A
+-- pair found in one generation only is left in the other: it was reserved, and still is.)
 CREATE OR REPLACE FUNCTION commandbus.reserve_command_ids_v1(p_domains TEXT[], p_ids UUID[])
 RETURNS TABLE (domain TEXT, command_id UUID)
-LANGUAGE plpgsql AS $$
-#variable_conflict use_column
-DECLARE
-    v_cur SMALLINT;
-BEGIN
-    -- Before the generation is read: rotate_command_keys_v1 switches it under a lock that
-    -- conflicts with this one, so the generation read below stays current until this
-    -- transaction ends (a rotation waits for it).
-    LOCK TABLE commandbus.command_key IN ROW EXCLUSIVE MODE;
-    SELECT s.cur INTO v_cur FROM commandbus.command_key_state s;
-    RETURN QUERY
-    INSERT INTO commandbus.command_key AS k (gen, domain, command_id)
-    SELECT v_cur, t.d, t.id FROM unnest(p_domains, p_ids) AS t(d, id)
-    WHERE NOT EXISTS (SELECT 1 FROM commandbus.command_key o
-                      WHERE o.gen = 1 - v_cur AND o.domain = t.d AND o.command_id = t.id)
-    ON CONFLICT DO NOTHING
-    RETURNING k.domain, k.command_id;
-END $$;
+LANGUAGE sql AS $$
+    WITH k0 AS (
+        INSERT INTO commandbus.command_key_0 AS k (domain, command_id)
+        SELECT t.d, t.id FROM unnest(p_domains, p_ids) AS t(d, id)
+        ON CONFLICT DO NOTHING
+        RETURNING k.domain, k.command_id
+    ), k1 AS (
+        INSERT INTO commandbus.command_key_1 AS k (domain, command_id)
+        SELECT t.d, t.id FROM unnest(p_domains, p_ids) AS t(d, id)
+        ON CONFLICT DO NOTHING
+        RETURNING k.domain, k.command_id
+    )
+    SELECT k0.domain, k0.command_id FROM k0 JOIN k1 USING (domain, command_id)
+$$;
 
--- Turns the command_id reservations over once the current generation has been current since
--- before p_cutoff (the retention's cutoff): the ids of the commands still stored from before it
--- became current are reserved in it too, then the other generation is emptied and becomes the
--- current one. Returns whether it turned over (false: not due yet, another rotation is at work,
--- or the lock was not granted within 5 s: the next prune tries again). The switch holds an
--- ACCESS EXCLUSIVE lock on command_key for a TRUNCATE: sends wait for that long.
+-- Turns the command_id reservations over once the generation emptied last was emptied before
+-- p_cutoff (the retention's cutoff): the ids of the commands still stored from before then are
+-- reserved in it again, then the other generation is emptied. Returns whether it turned over
+-- (false: not due yet, another rotation is at work, or the lock was not granted within 5 s:
+-- the next prune tries again). The TRUNCATE holds an ACCESS EXCLUSIVE lock on the generation
+-- it empties: sends wait for that long.
 CREATE OR REPLACE FUNCTION commandbus.rotate_command_keys_v1(p_cutoff TIMESTAMPTZ)
 RETURNS BOOLEAN
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_cur SMALLINT;
+    v_keep SMALLINT;
     v_since TIMESTAMPTZ;
 BEGIN
     IF p_cutoff IS NULL THEN
@@ -283,24 +279,25 @@ BEGIN
     IF NOT pg_try_advisory_xact_lock(hashtext('commandbus.command_key rotation')) THEN
         RETURN FALSE;
     END IF;
-    SELECT s.cur, s.since INTO v_cur, v_since FROM commandbus.command_key_state s;
+    -- The generation emptied last is kept; it holds every id sent since v_since.
+    SELECT s.gen, s.emptied_at INTO v_keep, v_since FROM commandbus.command_key_state s
+    ORDER BY s.emptied_at DESC, s.gen DESC LIMIT 1;
     IF v_since > p_cutoff THEN
         RETURN FALSE;
     END IF;
-    -- The commands sent before the current generation began that are still stored (kept by
-    -- retention: live, in the TSQ, in an unfinished batch or process, or not pruned yet): their
-    -- ids may be reserved in the other generation only.
-    INSERT INTO commandbus.command_key (gen, domain, command_id)
-    SELECT v_cur, c.domain, c.command_id FROM commandbus.command c WHERE c.created_at < v_since
-    ON CONFLICT DO NOTHING;
+    -- The commands sent before it that are still stored (kept by retention: live, in the TSQ,
+    -- in an unfinished batch or process, or not pruned yet).
+    EXECUTE format('INSERT INTO commandbus.%I (domain, command_id)'
+                   ' SELECT c.domain, c.command_id FROM commandbus.command c WHERE c.created_at < $1'
+                   ' ON CONFLICT DO NOTHING', 'command_key_' || v_keep)
+    USING v_since;
     BEGIN
         PERFORM set_config('lock_timeout', '5s', true);
-        LOCK TABLE commandbus.command_key IN ACCESS EXCLUSIVE MODE;
+        EXECUTE format('TRUNCATE commandbus.%I', 'command_key_' || (1 - v_keep));
     EXCEPTION WHEN lock_not_available THEN
         RETURN FALSE;
     END;
-    EXECUTE format('TRUNCATE commandbus.%I', 'command_key_' || (1 - v_cur));
-    UPDATE commandbus.command_key_state SET cur = 1 - v_cur, since = now();
+    UPDATE commandbus.command_key_state SET emptied_at = now() WHERE gen = 1 - v_keep;
     RETURN TRUE;
 END $$;
 
@@ -420,7 +417,7 @@ $$;
 -- The hot path, finding command rows by partition
 -- ---------------------------------------------------------------------------------------------
 -- The send, step 2 of the claim and the flush, as V001 had them, except for what the partitions
--- change: command_ids are reserved in command_key, and every lookup of a command row names its
+-- change: command_ids are reserved in command_key_0 and _1, and every lookup of a command row names its
 -- created_at. The flush functions take the created_at as a new last argument with a default, so
 -- a client from before this migration still calls them.
 

@@ -39,19 +39,12 @@ WITH t AS MATERIALIZED (
            (SELECT coalesce('epoch'::timestamptz + $8::int8 * interval '1 microsecond', clock_timestamp())),
            t.m
     FROM t
-), s AS (
-    SELECT k.cur FROM commandbus.command_key_state k
-), k AS (
-    -- The command_ids' reservations, as reserve_command_ids_v1 makes them: into the current
-    -- generation, and an id still reserved in the other one is inserted twice, so that it fails with
-    -- unique_violation like an id reserved in the current one. The statement locks command_key
-    -- before it reads the generation, so a rotation waits for it (rotate_command_keys_v1).
-    INSERT INTO commandbus.command_key (gen, domain, command_id)
-    SELECT s.cur, $1::text, t.id FROM t, s
-    UNION ALL
-    SELECT s.cur, $1::text, t.id FROM t, s
-    WHERE EXISTS (SELECT 1 FROM commandbus.command_key o
-                  WHERE o.gen = 1 - s.cur AND o.domain = $1::text AND o.command_id = t.id)
+), k0 AS (
+    -- The command_ids' reservations, in both generations (see V006): a command_id reserved
+    -- already, also by a send at the same time, fails with unique_violation.
+    INSERT INTO commandbus.command_key_0 (domain, command_id) SELECT $1::text, t.id FROM t
+), k1 AS (
+    INSERT INTO commandbus.command_key_1 (domain, command_id) SELECT $1::text, t.id FROM t
 ), c AS (
     INSERT INTO commandbus.command (domain, queue_name, msg_id, command_id, command_type, status,
                                     attempts, max_attempts, reply_queue, correlation_id)

@@ -39,6 +39,16 @@ async def _statuses(pool: AsyncConnectionPool[Any], domain: str, ids: list[UUID]
         await bus.close()
 
 
+async def _age_commands(pool: AsyncConnectionPool[Any], ids: list[UUID]) -> None:
+    """Make commands look created and last updated two days ago (test-only SQL)."""
+    async with pool.connection() as conn:
+        await conn.execute(
+            "UPDATE commandbus.command SET created_at = now() - interval '2 days',"
+            " updated_at = now() - interval '2 days' WHERE command_id = ANY(%s)",
+            (ids,),
+        )
+
+
 def _send_and_work(database_url: str, data: list[dict[str, Any]]) -> list[UUID]:
     """Send `clitest.Work` commands with `data` and work them off in-process (fail: TSQ)."""
     ids = [uuid4() for _ in data]
@@ -295,8 +305,13 @@ def test_prune(rcmd: Rcmd, database_url: str) -> None:
     stuck = _send_and_work(database_url, [{"fail": True}])
     kept = as_json(rcmd("prune", "--older-than", "1d", "--json"))
     assert kept["commands"] == 0
+    # Commands and audit rows go by whole UTC days: nothing of today's goes yet.
+    today = as_json(rcmd("prune", "--older-than", "0s", "--domain", "clitest", "--json"))
+    assert today["commands"] == 0  # (yesterday's empty partitions may go)
+    on_db(database_url, lambda pool: _age_commands(pool, [*done, *stuck]))
     pruned = as_json(rcmd("prune", "--older-than", "0s", "--domain", "clitest", "--json"))
-    # the audit trail goes by whole days: today's partition (their SENT..COMPLETED rows) stays
+    # (two days old: in the default partition, pruned row by row; the audit rows stay in
+    # today's partition)
     assert pruned["commands"] == 3 and pruned["audit_events"] == 0
     assert completed_events(database_url, done) == dict.fromkeys(done, 1)
     metas = on_db(database_url, lambda pool: _statuses(pool, "clitest", [*done, *stuck]))

@@ -207,9 +207,10 @@ async def test_a_command_id_is_reserved_across_partitions(pool: AsyncConnectionP
     await bus.close()
 
 
-async def _key_state(pool: AsyncConnectionPool[Any]) -> tuple[int, datetime]:
-    [(cur, since)] = await fetch(pool, "SELECT cur, since FROM commandbus.command_key_state")
-    return int(cur), since
+async def _key_state(pool: AsyncConnectionPool[Any]) -> dict[int, datetime]:
+    """When each generation of reservations was last emptied."""
+    rows = await fetch(pool, "SELECT gen, emptied_at FROM commandbus.command_key_state")
+    return {int(g): t for g, t in rows}
 
 
 async def _rotate(pool: AsyncConnectionPool[Any]) -> bool:
@@ -231,20 +232,22 @@ async def test_reservations_turn_over_but_keep_stored_commands(
     await store(pool, "orders", pending, "PENDING", _noon(day))
     await store(pool, "orders", done, "COMPLETED", _noon(day))
     await bus.send("orders", "Ok", recent, {})
-    cur0, since0 = await _key_state(pool)
+    state0 = await _key_state(pool)
 
-    # Not due: the current generation began after the cutoff.
+    # Not due: the generation emptied last was emptied after the cutoff.
     result = await prune(pool, timedelta(days=1))
-    assert result.keys_rotated is False and await _key_state(pool) == (cur0, since0)
+    assert result.keys_rotated is False and await _key_state(pool) == state0
     assert await status_of(pool, "orders", done) is None  # pruned
     assert await _rotate(pool) is True
-    assert (await _key_state(pool))[0] == 1 - cur0
+    state1 = await _key_state(pool)
+    assert [g for g in (0, 1) if state1[g] != state0[g]] == [0]  # one emptied (a tie: gen 0)
     for cid in (pending, done, recent):  # still reserved in the other generation
         with pytest.raises(DuplicateCommandError):
             await bus.send("orders", "Ok", cid, {})
 
     assert await _rotate(pool) is True
-    assert (await _key_state(pool))[0] == cur0
+    state2 = await _key_state(pool)
+    assert state2[0] == state1[0] and state2[1] > state1[1]  # now the other one
     # `done` is pruned and was sent before the last two turnovers: its id is free again.
     # `pending` and `recent` are still stored: reserved again at the turnover.
     await bus.send("orders", "Ok", done, {})
@@ -320,6 +323,21 @@ async def test_retention_drops_whole_days_and_keeps_what_is_in_use(
     assert result.command_partitions == 1 and result.commands == 0
     assert await status_of(pool, "orders", recent) == "PENDING"
     await bus.close()
+
+
+async def test_finished_commands_go_by_whole_days(pool: AsyncConnectionPool[Any]) -> None:
+    """A cutoff of now: yesterday's finished command goes with its day's partition; one
+    finished today stays until its day has ended before the cutoff (row by row deletes of each
+    hour as the cutoff passes it would empty every partition before it could be dropped)."""
+    yesterday = _today() - timedelta(days=1)
+    old, new = uuid4(), uuid4()
+    await store(pool, "orders", old, "COMPLETED", _noon(yesterday))
+    await store(pool, "orders", new, "COMPLETED", datetime.now(UTC) - timedelta(seconds=1))
+    result = await prune(pool, timedelta(0))
+    assert f"command_{yesterday:%Y%m%d}" not in await partitions(pool)
+    assert result.command_partitions == 1 and result.commands == 0
+    assert await status_of(pool, "orders", old) is None
+    assert await status_of(pool, "orders", new) == "COMPLETED"
 
 
 async def test_a_client_from_before_the_partitions_still_flushes(
