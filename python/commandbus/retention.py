@@ -3,7 +3,8 @@ what is left of them, archived payloads and queue messages, and the completed ba
 empty, in bounded chunks.
 
 `prune()` removes COMPLETED, FAILED and CANCELED commands whose `updated_at` is older than the
-cutoff. PENDING, IN_PROGRESS and IN_TROUBLESHOOTING_QUEUE commands are never touched, nor the
+cutoff, by whole UTC days: those created before the start of the cutoff's day (the rest of that
+day goes with it later). PENDING, IN_PROGRESS and IN_TROUBLESHOOTING_QUEUE commands are never touched, nor the
 finished commands of a batch or a process that has not ended. In that order:
 
 1. the command table's day partitions that end before the cutoff and hold only such commands
@@ -292,7 +293,8 @@ class RetentionPolicy:
     """How long terminal commands are kept, and how often `run_retention` prunes.
 
     Attributes:
-        older_than: keep terminal commands this long after their last update.
+        older_than: keep terminal commands this long after their last update (they go by
+            whole UTC days: up to a day longer).
         interval: seconds between prunes.
         chunk_size: most commands deleted per transaction.
         domain: prune this domain only (None: all domains).

@@ -30,7 +30,9 @@
 --   * Retention drops a day partition of commands whole (drop_day_partition_v1) once every row
 --     in it is prunable: terminal, last updated before the cutoff, in no unfinished batch or
 --     process, and (for a prune of one domain) of that domain only. A partition that still holds
---     such a row is pruned row by row (prune_v2), as before, and dropped later.
+--     a row retention keeps is pruned row by row (prune_v2), as before, and dropped later.
+--     prune_v2 deletes only commands created before the start of the cutoff's UTC day: finished
+--     commands go by whole days.
 
 -- ---------------------------------------------------------------------------------------------
 -- Day partitions of commandbus.audit and commandbus.command
