@@ -162,12 +162,14 @@ def _drain(dsn: str, batch: int, perf_out: str | None) -> dict[str, Any]:
             k = len(rows)
             t = time.perf_counter()
             leases = ("cost", [r[3] for r in rows], [r[0] for r in rows], [r[1] for r in rows])
+            # Each command's created_at as the claim returned it (its partition, schema V006).
+            created = ([r[9] for r in rows],) if finish.count("$") > (12 if general else 5) else ()
             params: tuple[Any, ...]
             if general:
                 params = (*leases, ["SUCCESS"] * k, [None] * k, [None] * k, [None] * k,
-                          [None] * k, [None] * k, [0] * k, 3)  # fmt: skip
+                          [None] * k, [None] * k, [0] * k, 3, *created)  # fmt: skip
             else:
-                params = (*leases, [None] * k)
+                params = (*leases, [None] * k, *created)
             cur.execute(finish, params).fetchall()
             finish_s += time.perf_counter() - t
             done += k
@@ -197,6 +199,9 @@ def main() -> int:
     p.add_argument("--dsn", default=os.environ.get("DATABASE_URL"),
                    help="admin DSN of a server on this machine (default: embedded)")  # fmt: skip
     p.add_argument("--perf", metavar="FILE", help="perf record -g the backend into FILE")
+    p.add_argument("--days-ahead", type=int, default=0,
+                   help="day partitions to create ahead before the drain (schema V006: every "
+                        "partition is one more lock per statement)")  # fmt: skip
     p.add_argument("--send", action="store_true", help="measure the send path instead")
     p.add_argument("--singles", type=int, default=2_000, help="--send: one-at-a-time sends")
     args = p.parse_args()
@@ -211,7 +216,16 @@ def main() -> int:
             ok = result["stored"] == 1 + args.commands + args.singles
         else:
             asyncio.run(_load(dsn, args.commands))
+            if args.days_ahead:
+                with psycopg.connect(dsn, autocommit=True) as conn:
+                    conn.execute(
+                        "SELECT commandbus.ensure_day_partitions_v1(t, current_date,"
+                        " current_date + %s) FROM unnest(ARRAY['commandbus.command',"
+                        " 'commandbus.audit']::regclass[]) t",
+                        (args.days_ahead,),
+                    )
             result = _drain(dsn, args.batch, args.perf)
+            result["days_ahead"] = args.days_ahead
             ok = result["commands"] == args.commands and result["not_completed"] == 0
     finally:
         drop_database(admin, name)
