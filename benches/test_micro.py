@@ -197,6 +197,7 @@ def test_flush_100_outcomes_one_sql_call(benchmark: Any, env: Env, statement: st
                        [None] * n, [0] * n, 3]  # fmt: skip
         else:
             params += [[None] * n]
+        params.append([r[9] for r in rows])  # created_at_us: each row's partition (V006)
         async with (
             env.pool.connection() as conn,
             AsyncRawCursor(conn, row_factory=tuple_row) as cur,
