@@ -155,7 +155,6 @@ pub struct Claimed {
     pub correlation_id: Option<Uuid>,
     pub reply_to: Option<String>,
     pub batch_id: Option<Uuid>,
-    pub created_at_us: i64,
 }
 
 impl Claimed {
@@ -173,7 +172,6 @@ impl Claimed {
             correlation_id: row.try_get("correlation_id")?,
             reply_to: row.try_get("reply_to")?,
             batch_id: row.try_get("batch_id")?,
-            created_at_us: row.try_get("created_at_us")?,
         })
     }
 }

@@ -349,7 +349,7 @@ impl WorkerCore {
                 .map(|c| {
                     let i = m.type_index(&c.command_type);
                     if c.lease.attempt == 1 {
-                        m.observe_wait(i, c.created_at_us, now);
+                        m.observe_wait(i, c.lease.created_at_us, now);
                     }
                     i
                 })

@@ -75,7 +75,7 @@ impl Ready {
                             c.correlation_id,
                             c.reply_to,
                             c.batch_id,
-                            c.created_at_us,
+                            c.lease.created_at_us,
                         )
                     })
                     .collect();
