@@ -307,15 +307,20 @@ END $$;
 -- Retention by day partitions
 -- ---------------------------------------------------------------------------------------------
 
--- Whether a partition of commandbus.command (ending at p_range_to) holds a row retention must
--- keep at p_cutoff: not terminal, last updated at or after the cutoff, of a batch that is not
--- complete, sent by a process that has not ended, or (p_domain given) of another domain. The
--- status check reads the partition once (no index covers the columns the hot path writes).
+-- Whether a partition of commandbus.command holds a row retention must keep at p_cutoff: not
+-- terminal, last updated at or after the cutoff, of a batch that is not complete, sent by a
+-- process that has not ended, or (p_domain given) of another domain. The cheap checks come
+-- first, each by an index and each ending the check when it finds a kept row: the domains (the
+-- ends of the unique index), a command in the TSQ (its partial index: the commonest reason a
+-- day is kept, and one an hourly retention would otherwise find again by reading the whole
+-- partition), the open batches and the running processes. Only then is the partition read
+-- once for the rest (no index covers the columns the hot path writes); that read stops at the
+-- first kept row.
 CREATE OR REPLACE FUNCTION commandbus.command_partition_in_use_v1(
     p_partition TEXT, p_cutoff TIMESTAMPTZ, p_domain TEXT)
 RETURNS BOOLEAN
 LANGUAGE plpgsql
-SET jit = off AS $$
+SET jit = off SET enable_seqscan = off AS $$
 DECLARE
     v_used BOOLEAN;
 BEGIN
@@ -323,12 +328,11 @@ BEGIN
         'SELECT ($2::text IS NOT NULL AND ('
         '         (SELECT min(c.domain) FROM commandbus.%1$I c) <> $2'
         '      OR (SELECT max(c.domain) FROM commandbus.%1$I c) <> $2))'
-        ' OR EXISTS (SELECT 1 FROM commandbus.%1$I c'
-        '            WHERE c.status NOT IN (''COMPLETED'', ''FAILED'', ''CANCELED'') OR c.updated_at >= $1)'
-        ' OR EXISTS (SELECT 1 FROM commandbus.%1$I c JOIN commandbus.batch b'
-        '              ON b.domain = c.domain AND b.batch_id = c.batch_id'
-        '            WHERE c.batch_id IS NOT NULL'
-        '              AND b.status NOT IN (''COMPLETED'', ''COMPLETED_WITH_FAILURES''))'
+        ' OR EXISTS (SELECT 1 FROM commandbus.%1$I c WHERE c.in_tsq)'
+        ' OR EXISTS (SELECT 1 FROM commandbus.batch b'
+        '            WHERE b.status NOT IN (''COMPLETED'', ''COMPLETED_WITH_FAILURES'')'
+        '              AND EXISTS (SELECT 1 FROM commandbus.%1$I c'
+        '                          WHERE c.domain = b.domain AND c.batch_id = b.batch_id))'
         ' OR EXISTS (SELECT 1 FROM commandbus.process p'
         '            JOIN commandbus.process_audit pa ON pa.domain = p.domain AND pa.process_id = p.process_id'
         '            WHERE p.status NOT IN (''COMPLETED'', ''COMPENSATED'', ''FAILED'', ''CANCELED'')'
@@ -336,6 +340,15 @@ BEGIN
         '                          WHERE c.domain = pa.domain AND c.command_id = pa.command_id))',
         p_partition)
     INTO v_used USING p_cutoff, p_domain;
+    IF v_used THEN
+        RETURN TRUE;
+    END IF;
+    PERFORM set_config('enable_seqscan', 'on', true);
+    EXECUTE format(
+        'SELECT EXISTS (SELECT 1 FROM commandbus.%I c'
+        '               WHERE c.status NOT IN (''COMPLETED'', ''FAILED'', ''CANCELED'') OR c.updated_at >= $1)',
+        p_partition)
+    INTO v_used USING p_cutoff;
     RETURN v_used;
 END $$;
 

@@ -325,6 +325,52 @@ async def test_retention_drops_whole_days_and_keeps_what_is_in_use(
     await bus.close()
 
 
+async def test_a_day_kept_for_the_tsq_or_a_batch_is_not_read_whole(
+    pool: AsyncConnectionPool[Any],
+) -> None:
+    """Whether a day may go is asked at every prune: a day kept for a command in the TSQ or
+    one of an open batch is found so through their indexes, without reading the partition
+    (which an hourly retention would otherwise do again every hour for the same day); a day of
+    finished commands only is read, and may go; a pending command keeps its day."""
+    today = _today()
+    d_tsq, d_batch, d_live, d_done = (today - timedelta(days=k) for k in (9, 8, 7, 6))
+    for d in (d_tsq, d_batch, d_live, d_done):
+        await ensure_day(pool, d)
+    batch = uuid4()
+    await fetch(pool, "INSERT INTO commandbus.batch (domain, batch_id) VALUES ('orders', %s)"
+                " RETURNING 1", batch)  # fmt: skip
+    for d in (d_tsq, d_batch, d_live, d_done):
+        for _ in range(20):
+            await store(pool, "orders", uuid4(), "COMPLETED", _noon(d))
+    await store(pool, "orders", uuid4(), "IN_TROUBLESHOOTING_QUEUE", _noon(d_tsq))
+    await store(pool, "orders", uuid4(), "COMPLETED", _noon(d_batch), batch_id=batch)
+    await store(pool, "orders", uuid4(), "PENDING", _noon(d_live))
+    cutoff = datetime.now(UTC) - timedelta(days=1)
+    async with pool.connection() as conn, conn.transaction():
+        for day, kept, read in (
+            (d_tsq, True, False), (d_batch, True, False), (d_live, True, True),
+            (d_done, False, True),
+        ):  # fmt: skip
+            name = f"command_{day:%Y%m%d}"
+            before = await _seq_scans(conn, name)
+            cur = await conn.execute(
+                "SELECT commandbus.command_partition_in_use_v1(%s, %s, NULL)", (name, cutoff)
+            )
+            assert (await cur.fetchone()) == (kept,), name
+            assert (await _seq_scans(conn, name) > before) == read, name
+
+
+async def _seq_scans(conn: psycopg.AsyncConnection[Any], name: str) -> int:
+    """Sequential scans of a partition counted by this backend and not yet reported
+    (pg_stat_xact_user_tables: the current transaction's, and earlier ones' still pending)."""
+    cur = await conn.execute(
+        "SELECT seq_scan FROM pg_stat_xact_user_tables"
+        " WHERE schemaname = 'commandbus' AND relname = %s", (name,),
+    )  # fmt: skip
+    row = await cur.fetchone()
+    return int(row[0]) if row else 0
+
+
 async def test_finished_commands_go_by_whole_days(pool: AsyncConnectionPool[Any]) -> None:
     """A cutoff of now: yesterday's finished command goes with its day's partition; one
     finished today stays until its day has ended before the cutoff (row by row deletes of each
