@@ -9,8 +9,12 @@ One run, one server (default: the machine's PostgreSQL at 127.0.0.1:5432; `--dsn
    of tables and indexes.
 2. Worker throughput without history (a fresh database of the same server) and with it, in
    turns, `--repeat` pairs: a backlog of `--commands` PENDING commands (made set-based through
-   send_commands_v2) drained by one in-process `Worker` (no-op handler, `--concurrency`). The
-   ratio of the medians, and each pair's ratio.
+   send_commands_v2, then a CHECKPOINT) drained by one in-process `Worker` (no-op handler,
+   `--concurrency`); the pairs alternate which database goes first. The ratio of the medians,
+   each pair's ratio and their geometric mean; per run the server's CPU and page writes per
+   command during the drain, the mean number of relation locks outside the fast path, of
+   backends waiting on the lock manager and of active backends (sampled every 0.5 s), and the
+   backlog's send rate.
 3. Retention of the oldest day while the worker drains a backlog: the worker's rate in turns of
    `--window` seconds with retention running and without it (same drain; a turn with retention
    lasts at least `--window` seconds, however soon retention ends), retention's time and
@@ -298,15 +302,70 @@ def _rate(a: tuple[float, int], b: tuple[float, int]) -> float:
     return (b[1] - a[1]) / max(1e-9, b[0] - a[0])
 
 
-async def _throughput(dsn: str, n: int, concurrency: int) -> float:
-    """Commands per second draining a fresh backlog of n (first 10% left out: warm-up)."""
+def _writes(dsn: str) -> dict[str, float]:
+    """The server's buffer writes so far: by the checkpointer, the background writer and the
+    backends themselves (pg_stat_bgwriter; each an 8 kB page)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT buffers_checkpoint, buffers_clean, buffers_backend FROM pg_stat_bgwriter"
+        ).fetchone()
+    assert row is not None
+    return {"checkpoint": row[0], "clean": row[1], "backend": row[2]}
+
+
+async def _lock_sampler(dsn: str, into: list[tuple[int, int, int]]) -> None:
+    """Every 0.5 s: the database's relation locks held outside the backends' fast-path slots
+    (PostgreSQL before 18 has 16 per backend; each further one goes through the shared lock
+    table), the backends waiting on the lock manager, and the active ones."""
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        while True:
+            cur = await conn.execute(
+                "SELECT (SELECT count(*) FROM pg_locks l WHERE l.locktype = 'relation'"
+                "          AND NOT l.fastpath AND l.database = d.oid),"
+                "       (SELECT count(*) FROM pg_stat_activity a WHERE a.datid = d.oid"
+                "          AND a.wait_event = 'LockManager'),"
+                "       (SELECT count(*) FROM pg_stat_activity a WHERE a.datid = d.oid"
+                "          AND a.state = 'active' AND a.pid <> pg_backend_pid())"
+                " FROM pg_database d WHERE d.datname = current_database()"
+            )
+            row = await cur.fetchone()
+            if row is not None:
+                into.append((int(row[0]), int(row[1]), int(row[2])))
+            await asyncio.sleep(0.5)
+
+
+async def _throughput(dsn: str, n: int, concurrency: int, cpu: PgCpu) -> dict[str, float]:
+    """Draining a fresh backlog of n: commands per second (first 10% left out: warm-up), the
+    server's CPU per command (microseconds, all its processes) and its page writes per command
+    over the same span; and the backlog's own send rate. A CHECKPOINT between the backlog and
+    the drain writes the pages the sends dirtied (with history, the reservations' random-id
+    index pages): the drain measures the worker, not the write-back of its setup. The send
+    rate is reported beside it, so what history costs the send is not hidden."""
+    t0 = time.monotonic()
     _backlog(dsn, n)
+    send_rate = n / (time.monotonic() - t0)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CHECKPOINT")
+    locks: list[tuple[int, int, int]] = []
     async with Drain(dsn, concurrency) as drain:
         await drain.wait_handled(n // 10)
-        a = drain.mark()
+        a, cpu0, w0 = drain.mark(), cpu.sample(), _writes(dsn)
+        sampler = asyncio.create_task(_lock_sampler(dsn, locks))
         await drain.wait_handled(n)
-        b = drain.mark()
-    return _rate(a, b)
+        b, cpu1, w1 = drain.mark(), cpu.sample(), _writes(dsn)
+        sampler.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sampler
+    done = b[1] - a[1]
+    out = {"rate": _rate(a, b), "send_rate": send_rate}
+    if locks:
+        out["slow_path_locks"] = statistics.mean(x[0] for x in locks)
+        out["lock_manager_waits"] = statistics.mean(x[1] for x in locks)
+        out["active_backends"] = statistics.mean(x[2] for x in locks)
+    if cpu0 is not None and cpu1 is not None:
+        out["pg_cpu_us"] = (cpu1 - cpu0) * 1e6 / done
+    out.update({f"writes_{k}": (w1[k] - w0[k]) / done for k in w0})
+    return {k: round(v, 3) for k, v in out.items()}
 
 
 async def _retention_under_load(
@@ -452,23 +511,31 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         save()
         base: list[float] = []
         hist: list[float] = []
+        runs: dict[str, list[dict[str, float]]] = {"no_history": [], "history": []}
         io: dict[str, list[dict[str, float]]] = {"no_history": [], "history": []}
         for k in range(args.repeat):
             _log(f"throughput without history / with history, pair {k + 1}/{args.repeat}")
-            for dsn, rates, key in ((fresh_dsn, base, "no_history"), (ours_dsn, hist, "history")):
+            order = [(fresh_dsn, base, "no_history"), (ours_dsn, hist, "history")]
+            for dsn, rates, key in order if k % 2 == 0 else order[::-1]:  # ABBA: no order bias
                 before = _io(dsn)
-                rates.append(await _throughput(dsn, args.commands, args.concurrency))
+                run = await _throughput(dsn, args.commands, args.concurrency, cpu)
+                rates.append(run["rate"])
+                runs[key].append(run)
                 io[key].append(_io_per_command(before, _io(dsn), args.commands))
-            _log(f"  {round(base[-1])} / {round(hist[-1])} commands/s; {io}")
+            _log(f"  {round(base[-1])} / {round(hist[-1])} commands/s; {runs}; {io}")
         drop_database(admin, fresh)
         out["shared_buffers"] = _show(admin, "shared_buffers")
         out["throughput_io_per_command"] = io
+        out["throughput_runs"] = runs
         out["throughput_no_history"] = round(statistics.median(base))
         out["throughput_no_history_runs"] = [round(b) for b in base]
         out["throughput_history"] = round(statistics.median(hist))
         out["throughput_history_runs"] = [round(h) for h in hist]
         out["throughput_ratio"] = round(statistics.median(hist) / statistics.median(base), 3)
         out["throughput_pair_ratios"] = [round(h / b, 3) for h, b in zip(hist, base, strict=True)]
+        out["throughput_pair_ratio_geomean"] = round(
+            statistics.geometric_mean([h / b for h, b in zip(hist, base, strict=True)]), 3
+        )
         save()
         if args.throughput_only:
             return out
