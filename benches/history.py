@@ -334,7 +334,9 @@ async def _lock_sampler(dsn: str, into: list[tuple[int, int, int]]) -> None:
             await asyncio.sleep(0.5)
 
 
-async def _throughput(dsn: str, n: int, concurrency: int, cpu: PgCpu) -> dict[str, float]:
+async def _throughput(
+    dsn: str, n: int, concurrency: int, cpu: PgCpu, checkpoint: bool = True
+) -> dict[str, float]:
     """Draining a fresh backlog of n: commands per second (first 10% left out: warm-up), the
     server's CPU per command (microseconds, all its processes) and its page writes per command
     over the same span; and the backlog's own send rate. A CHECKPOINT between the backlog and
@@ -344,8 +346,9 @@ async def _throughput(dsn: str, n: int, concurrency: int, cpu: PgCpu) -> dict[st
     t0 = time.monotonic()
     _backlog(dsn, n)
     send_rate = n / (time.monotonic() - t0)
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("CHECKPOINT")
+    if checkpoint:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("CHECKPOINT")
     locks: list[tuple[int, int, int]] = []
     async with Drain(dsn, concurrency) as drain:
         await drain.wait_handled(n // 10)
@@ -518,7 +521,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             order = [(fresh_dsn, base, "no_history"), (ours_dsn, hist, "history")]
             for dsn, rates, key in order if k % 2 == 0 else order[::-1]:  # ABBA: no order bias
                 before = _io(dsn)
-                run = await _throughput(dsn, args.commands, args.concurrency, cpu)
+                run = await _throughput(
+                    dsn, args.commands, args.concurrency, cpu, not args.no_checkpoint
+                )
                 rates.append(run["rate"])
                 runs[key].append(run)
                 io[key].append(_io_per_command(before, _io(dsn), args.commands))
@@ -684,6 +689,10 @@ def _parser() -> argparse.ArgumentParser:
                    " database)")  # fmt: skip
     p.add_argument("--reuse", help="an `ours` database of an earlier run (kept or cut short):"
                    " its history is topped up instead of made")  # fmt: skip
+    p.add_argument("--no-checkpoint", action="store_true",
+                   help="no CHECKPOINT between a backlog and its drain (as before 2026-12-06"
+                   " afternoon): the drain then shares the machine with the write-back of the"
+                   " pages its backlog dirtied")  # fmt: skip
     p.add_argument("--ids", choices=sorted(NEW_ID), default="uuid4",
                    help="the command ids of the backlogs: random or time-ordered")  # fmt: skip
     return p
