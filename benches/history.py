@@ -499,6 +499,19 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                     " FROM unnest(ARRAY['commandbus.audit', 'commandbus.command']::regclass[]) t",
                     (DAY0.date(), (DAY0 + timedelta(days=args.history_days + args.week)).date()),
                 )
+                if args.reuse:
+                    # The rows earlier runs' load phases left (in the partitions of the days
+                    # they ran on, after the generated and simulated days): the pairs compare
+                    # the history with a fresh database, not with what earlier pairs sent today.
+                    cur = await aconn.execute(
+                        "SELECT p.partition_name FROM unnest(ARRAY['commandbus.audit',"
+                        " 'commandbus.command']::regclass[]) t,"
+                        " commandbus.day_partitions_v1(t) p WHERE p.range_from >= %s",
+                        (DAY0 + timedelta(days=args.history_days + args.week + 1),),
+                    )
+                    for (name,) in await cur.fetchall():
+                        _log(f"reuse: emptying {name} (rows of earlier runs' load phases)")
+                        await aconn.execute(f'TRUNCATE commandbus."{name}"'.encode())
         # No history: a fresh database of the same server, measured in turns with the one
         # holding the history (each pair of runs under the same machine load), after the
         # history is generated and vacuumed (steady state: autovacuum is not busy with it).
@@ -688,7 +701,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="stop after the throughput pairs (with --reuse: more pairs on a kept"
                    " database)")  # fmt: skip
     p.add_argument("--reuse", help="an `ours` database of an earlier run (kept or cut short):"
-                   " its history is topped up instead of made")  # fmt: skip
+                   " its history is topped up instead of made, and the rows its earlier load phases"
+                   " sent (today's partitions) are removed")  # fmt: skip
     p.add_argument("--no-checkpoint", action="store_true",
                    help="no CHECKPOINT between a backlog and its drain (as before 2026-12-06"
                    " afternoon): the drain then shares the machine with the write-back of the"
