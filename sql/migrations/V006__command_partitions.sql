@@ -216,13 +216,24 @@ BEGIN
     -- table's unique index must contain the partition key.
     CREATE INDEX ix_command_batch ON ONLY commandbus.command (domain, batch_id) WHERE batch_id IS NOT NULL;
     CREATE INDEX ix_command_tsq ON ONLY commandbus.command (domain, command_id) WHERE in_tsq;
-    CREATE INDEX ix_command_created ON ONLY commandbus.command (created_at);
+    -- The created_at index names the row too, (created_at, domain, command_id): the hot path
+    -- looks a row up by its created_at (the partition) and its (domain, command_id), and the
+    -- planner may take this index for that lookup instead of the unique one (commands sent
+    -- together share their created_at, one transaction's now(), and a statistic taken before
+    -- they were sent prices an equality on it at one row). On created_at alone it then read
+    -- every command of the send for each claim (10,000 rows per claim of 64 after a
+    -- send_batch of 10,000, PostgreSQL 15); with the row's key in it, either index finds
+    -- exactly the rows asked for. The console's lists read it in created_at order as before.
+    CREATE INDEX ix_command_created ON ONLY commandbus.command (created_at, domain, command_id);
     IF EXISTS (SELECT 1 FROM commandbus.command_legacy) THEN
         SELECT max(created_at) INTO v_max FROM commandbus.command_legacy;
         v_hi := (date_trunc('day', greatest(v_max, now()) AT TIME ZONE 'UTC') + interval '1 day')
                 AT TIME ZONE 'UTC';
         EXECUTE format('ALTER TABLE commandbus.command ATTACH PARTITION commandbus.command_legacy'
                        ' FOR VALUES FROM (MINVALUE) TO (%L)', v_hi);
+        -- (the attach built the old table's (created_at, domain, command_id) index: the one on
+        -- created_at alone is not needed any more)
+        DROP INDEX commandbus.command_legacy_created;
         CREATE STATISTICS IF NOT EXISTS commandbus.command_legacy_domain_status (mcv)
             ON domain, status FROM commandbus.command_legacy;
         -- Every stored command_id stays reserved (a copy of the ids, not of the rows).
@@ -436,22 +447,13 @@ $$;
 -- created_at. The flush functions take the created_at as a new last argument with a default, so
 -- a client from before this migration still calls them.
 
--- The UTC days of the created_at of commands, as a range [lo, hi) from the start of the first
--- day to the end of the last, from p_created_at_us (microseconds since the epoch), or, when that
--- is NULL, from the rows themselves (looked up in every partition). A row is then looked up by
--- `created_at >= lo AND created_at < hi` and its unique (domain, command_id):
---   * the range lets a generic plan skip the other partitions (an array parameter does not);
---   * whole days, not the commands' own timestamps, so that the planner never takes the
---     created_at index for the lookup: commands sent together share their created_at (one
---     transaction's now()), and a statistic taken before they were sent prices an equality on
---     it at one row, when it matches the whole send (10,000 rows per claim of 64 after a
---     send_batch of 10,000: measured on PostgreSQL 15). A day is what a partition holds, so
---     the range skips no fewer partitions than the timestamps would.
---   * 24 hours, not '1 day': a day added in a session time zone with summer time can last 23.
-DROP FUNCTION IF EXISTS commandbus.created_at_hint_v1(TEXT, UUID[], BIGINT[]);
-CREATE FUNCTION commandbus.created_at_hint_v1(
+-- The created_at of commands (an array, its least and greatest values) from p_created_at_us
+-- (microseconds since the epoch), or, when that is NULL, from the rows themselves (looked up in
+-- every partition). The bounds let a generic plan skip other partitions: an array parameter
+-- does not.
+CREATE OR REPLACE FUNCTION commandbus.created_at_hint_v1(
     p_domain TEXT, p_command_ids UUID[], p_created_at_us BIGINT[])
-RETURNS TABLE (lo TIMESTAMPTZ, hi TIMESTAMPTZ)
+RETURNS TABLE (created TIMESTAMPTZ[], lo TIMESTAMPTZ, hi TIMESTAMPTZ)
 LANGUAGE sql STABLE AS $$
     WITH t AS (
         SELECT 'epoch'::timestamptz + u * interval '1 microsecond' AS ts
@@ -461,8 +463,7 @@ LANGUAGE sql STABLE AS $$
         SELECT c.created_at FROM commandbus.command c
         WHERE p_created_at_us IS NULL AND c.domain = p_domain AND c.command_id = ANY (p_command_ids)
     )
-    SELECT date_trunc('day', min(t.ts), 'UTC'), date_trunc('day', max(t.ts), 'UTC') + interval '24 hours'
-    FROM t
+    SELECT array_agg(DISTINCT t.ts), min(t.ts), max(t.ts) FROM t
 $$;
 
 DROP FUNCTION IF EXISTS commandbus.finish_commands_v1(TEXT, UUID[], BIGINT[], INT[], TEXT[], JSONB[], TEXT[], TEXT[], TEXT[], JSONB[], INT[], INT);
@@ -667,9 +668,8 @@ BEGIN
     -- Two passes at most: the partitions of the messages' enqueue times, then (v_only) the
     -- leftovers in the partitions of their commands' created_at.
     LOOP
-    -- The UTC days of those times, as created_at_hint_v1 has them (and why).
-    SELECT date_trunc('day', min(x), 'UTC'), date_trunc('day', max(x), 'UTC') + interval '24 hours'
-    INTO v_lo, v_hi FROM unnest(v_created) x;
+    -- The bounds let a generic plan skip the other partitions (an array parameter does not).
+    SELECT min(x), max(x) INTO v_lo, v_hi FROM unnest(v_created) x;
     PERFORM set_config('enable_nestloop', 'off', true);
     RETURN QUERY
     WITH m AS (
@@ -680,7 +680,7 @@ BEGIN
         UPDATE commandbus.command c
         SET attempts = c.attempts + 1, status = 'IN_PROGRESS', updated_at = now()
         FROM m
-        WHERE c.domain = p_domain AND c.created_at >= v_lo AND c.created_at < v_hi
+        WHERE c.domain = p_domain AND c.created_at BETWEEN v_lo AND v_hi AND c.created_at = ANY (v_created)
           AND c.command_id = ANY (v_cids) AND c.command_id = m.cid AND c.msg_id = m.mid
           AND c.status IN ('PENDING', 'IN_PROGRESS')
           AND c.attempts < coalesce(c.max_attempts, p_default_max_attempts)
@@ -713,14 +713,13 @@ BEGIN
     END IF;
     EXIT WHEN v_only IS NOT NULL;
     PERFORM set_config('enable_nestloop', 'on', true);
-    -- The leftovers' commands stored on another day than their message's enqueue time (outside
-    -- the days just searched: a row in them was claimed there, or is not claimable).
+    -- The leftovers' commands stored under another created_at than their message's enqueue time.
     SELECT array_agg(m.mid), array_agg(DISTINCT x.created_at)
     INTO v_only, v_created
     FROM unnest(v_ids, v_cid_all) AS m(mid, cid)
     JOIN commandbus.command x
       ON x.domain = p_domain AND x.command_id = m.cid AND x.msg_id = m.mid
-    WHERE x.command_id = ANY (v_cids) AND NOT (x.created_at >= v_lo AND x.created_at < v_hi)
+    WHERE x.command_id = ANY (v_cids) AND x.created_at <> ALL (v_created)
       AND x.status IN ('PENDING', 'IN_PROGRESS');
     EXIT WHEN v_only IS NULL;
     END LOOP;
@@ -856,6 +855,7 @@ SET enable_bitmapscan = off SET enable_mergejoin = off SET enable_seqscan = off
 AS $$
 #variable_conflict use_column
 DECLARE
+    v_created TIMESTAMPTZ[];
     v_lo TIMESTAMPTZ;
     v_hi TIMESTAMPTZ;
     v_queue TEXT := p_domain || '__commands';
@@ -871,7 +871,7 @@ DECLARE
     v_bad TEXT;
     r RECORD;
 BEGIN
-    SELECT h.lo, h.hi INTO v_lo, v_hi
+    SELECT h.created, h.lo, h.hi INTO v_created, v_lo, v_hi
     FROM commandbus.created_at_hint_v1(p_domain, p_command_ids, p_created_at_us) h;
     -- An unknown code (a caller that still sends TRANSIENT and expects this function to choose)
     -- fails the whole flush instead of leaving a row without a status.
@@ -900,7 +900,7 @@ BEGIN
             last_error_msg = CASE WHEN i.outcome = 'SUCCESS' THEN c.last_error_msg ELSE i.emsg END,
             updated_at = now()
         FROM i
-        WHERE c.domain = p_domain AND c.created_at >= v_lo AND c.created_at < v_hi
+        WHERE c.domain = p_domain AND c.created_at BETWEEN v_lo AND v_hi AND c.created_at = ANY (v_created)
           AND c.command_id = ANY (p_command_ids) AND c.command_id = i.cid AND c.msg_id = i.mid AND c.attempts = i.att
           AND c.status = 'IN_PROGRESS'
         RETURNING c.command_id, c.status, i.*, coalesce(c.max_attempts, p_default_max_attempts) AS ma,
@@ -1007,6 +1007,7 @@ SET enable_bitmapscan = off SET enable_mergejoin = off SET enable_seqscan = off
 AS $$
 #variable_conflict use_column
 DECLARE
+    v_created TIMESTAMPTZ[];
     v_lo TIMESTAMPTZ;
     v_hi TIMESTAMPTZ;
     v_queue TEXT := p_domain || '__commands';
@@ -1017,7 +1018,7 @@ DECLARE
     v_batches BIGINT;
     r RECORD;
 BEGIN
-    SELECT h.lo, h.hi INTO v_lo, v_hi
+    SELECT h.created, h.lo, h.hi INTO v_created, v_lo, v_hi
     FROM commandbus.created_at_hint_v1(p_domain, p_command_ids, p_created_at_us) h;
     WITH i AS (
         SELECT * FROM unnest(p_command_ids, p_msg_ids, p_attempts, p_results) AS i(cid, mid, att, result)
@@ -1025,7 +1026,7 @@ BEGIN
         UPDATE commandbus.command c
         SET status = 'COMPLETED', result = i.result, updated_at = now()
         FROM i
-        WHERE c.domain = p_domain AND c.created_at >= v_lo AND c.created_at < v_hi
+        WHERE c.domain = p_domain AND c.created_at BETWEEN v_lo AND v_hi AND c.created_at = ANY (v_created)
           AND c.command_id = ANY (p_command_ids) AND c.command_id = i.cid AND c.msg_id = i.mid AND c.attempts = i.att
           AND c.status = 'IN_PROGRESS'
         RETURNING c.command_id, i.mid, i.result, c.reply_queue, c.correlation_id, c.batch_id
@@ -1079,17 +1080,18 @@ SET enable_bitmapscan = off SET enable_mergejoin = off SET enable_seqscan = off
 AS $$
 #variable_conflict use_column
 DECLARE
+    v_created TIMESTAMPTZ[];
     v_lo TIMESTAMPTZ;
     v_hi TIMESTAMPTZ;
     v_ids BIGINT[];
 BEGIN
-    SELECT h.lo, h.hi INTO v_lo, v_hi
+    SELECT h.created, h.lo, h.hi INTO v_created, v_lo, v_hi
     FROM commandbus.created_at_hint_v1(p_domain, p_command_ids, p_created_at_us) h;
     SELECT array_agg(c.msg_id) INTO v_ids
     FROM commandbus.command c
     JOIN unnest(p_command_ids, p_msg_ids, p_attempts) AS t(cid, mid, att)
       ON c.command_id = t.cid AND c.msg_id = t.mid AND c.attempts = t.att
-    WHERE c.domain = p_domain AND c.created_at >= v_lo AND c.created_at < v_hi
+    WHERE c.domain = p_domain AND c.created_at BETWEEN v_lo AND v_hi AND c.created_at = ANY (v_created)
           AND c.command_id = ANY (p_command_ids) AND c.status = 'IN_PROGRESS';
     IF v_ids IS NULL THEN
         RETURN 0;
@@ -1111,11 +1113,12 @@ SET enable_bitmapscan = off SET enable_mergejoin = off SET enable_seqscan = off
 AS $$
 #variable_conflict use_column
 DECLARE
+    v_created TIMESTAMPTZ[];
     v_lo TIMESTAMPTZ;
     v_hi TIMESTAMPTZ;
     v_ids BIGINT[];
 BEGIN
-    SELECT h.lo, h.hi INTO v_lo, v_hi
+    SELECT h.created, h.lo, h.hi INTO v_created, v_lo, v_hi
     FROM commandbus.created_at_hint_v1(p_domain, p_command_ids, p_created_at_us) h;
     WITH upd AS (
         UPDATE commandbus.command c
@@ -1123,7 +1126,7 @@ BEGIN
             status = 'PENDING',
             updated_at = now()
         FROM unnest(p_command_ids, p_msg_ids, p_attempts) AS t(cid, mid, att)
-        WHERE c.domain = p_domain AND c.created_at >= v_lo AND c.created_at < v_hi
+        WHERE c.domain = p_domain AND c.created_at BETWEEN v_lo AND v_hi AND c.created_at = ANY (v_created)
           AND c.command_id = ANY (p_command_ids) AND c.command_id = t.cid AND c.msg_id = t.mid AND c.attempts = t.att
           AND c.status = 'IN_PROGRESS'
         RETURNING c.command_id, c.msg_id, t.att
