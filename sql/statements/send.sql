@@ -30,14 +30,15 @@ SELECT msg_id FROM commandbus.send_commands_v2($1::text, $2::uuid[], $3::text[],
 -- {queue_table} the quoted name of the domain's queue table
 WITH t AS MATERIALIZED (
     SELECT coalesce(u.mid, nextval((SELECT pg_get_serial_sequence('pgmq.{queue_table}', 'msg_id'))::regclass)) AS mid,
-           u.id, u.ct, u.m, u.corr, u.ma, u.o
+           u.id, u.ct, u.m, u.corr, u.ma, u.o,
+           (SELECT coalesce('epoch'::timestamptz + $8::int8 * interval '1 microsecond', clock_timestamp())) AS vt
     FROM unnest($2::uuid[], $3::text[], $4::jsonb[], $5::uuid[], $6::int[], $7::int8[])
          WITH ORDINALITY AS u(id, ct, m, corr, ma, mid, o)
 ), q AS (
-    INSERT INTO pgmq.{queue_table} (msg_id, vt, message) OVERRIDING SYSTEM VALUE
-    SELECT t.mid,
-           (SELECT coalesce('epoch'::timestamptz + $8::int8 * interval '1 microsecond', clock_timestamp())),
-           t.m
+    -- Command i's created_at and its message's enqueued_at: the vt plus i - 1 microseconds,
+    -- distinct within the send (see V006).
+    INSERT INTO pgmq.{queue_table} (msg_id, vt, message, enqueued_at) OVERRIDING SYSTEM VALUE
+    SELECT t.mid, t.vt, t.m, t.vt + (t.o - 1) * interval '1 microsecond'
     FROM t
 ), k0 AS (
     -- The command_ids' reservations, in both generations (see V006): a command_id reserved
@@ -47,8 +48,11 @@ WITH t AS MATERIALIZED (
     INSERT INTO commandbus.command_key_1 (domain, command_id) SELECT $1::text, t.id FROM t
 ), c AS (
     INSERT INTO commandbus.command (domain, queue_name, msg_id, command_id, command_type, status,
-                                    attempts, max_attempts, reply_queue, correlation_id)
-    SELECT $1::text, $1::text || '__commands', t.mid, t.id, t.ct, 'PENDING', 0, t.ma, '', t.corr FROM t
+                                    attempts, max_attempts, reply_queue, correlation_id, created_at,
+                                    updated_at)
+    SELECT $1::text, $1::text || '__commands', t.mid, t.id, t.ct, 'PENDING', 0, t.ma, '', t.corr,
+           t.vt + (t.o - 1) * interval '1 microsecond', t.vt + (t.o - 1) * interval '1 microsecond'
+    FROM t
 ), a AS (
     INSERT INTO commandbus.audit (domain, command_id, event_type, details_json)
     SELECT $1::text, t.id, 'SENT', jsonb_build_object(
