@@ -353,19 +353,20 @@ async def test_a_day_kept_for_the_tsq_or_a_batch_is_not_read_whole(
             (d_done, False, True),
         ):  # fmt: skip
             name = f"command_{day:%Y%m%d}"
-            before = await _seq_scans(conn, name)
+            before = await _xact_stat(conn, name, "seq_scan")
             cur = await conn.execute(
                 "SELECT commandbus.command_partition_in_use_v1(%s, %s, NULL)", (name, cutoff)
             )
             assert (await cur.fetchone()) == (kept,), name
-            assert (await _seq_scans(conn, name) > before) == read, name
+            assert (await _xact_stat(conn, name, "seq_scan") > before) == read, name
 
 
-async def _seq_scans(conn: psycopg.AsyncConnection[Any], name: str) -> int:
-    """Sequential scans of a partition counted by this backend and not yet reported
-    (pg_stat_xact_user_tables: the current transaction's, and earlier ones' still pending)."""
+async def _xact_stat(conn: psycopg.AsyncConnection[Any], name: str, column: str) -> int:
+    """A counter of pg_stat_xact_user_tables (seq_scan, idx_tup_fetch) for a partition: what this
+    backend counted and has not reported yet (the current transaction's, and earlier ones'
+    still pending)."""
     cur = await conn.execute(
-        "SELECT seq_scan FROM pg_stat_xact_user_tables"
+        f"SELECT {column} FROM pg_stat_xact_user_tables"  # (a column name of this file's own)
         " WHERE schemaname = 'commandbus' AND relname = %s", (name,),
     )  # fmt: skip
     row = await cur.fetchone()
@@ -391,39 +392,26 @@ async def test_a_claim_reads_its_own_commands_not_their_whole_send(
             " AS g(t) LIMIT 2000"
         )
         await conn.execute("ANALYZE commandbus.command")
-    await bus.send_batch(
-        [SendRequest("orders", "Ok", uuid4(), {"n": k}) for k in range(1000)]
-    )
+    await bus.send_batch([SendRequest("orders", "Ok", uuid4(), {"n": k}) for k in range(1000)])
     part = f"command_{_today():%Y%m%d}"
     lease, claim = _sql.statement("lease_messages"), _sql.statement("claim_leased")
     complete = _sql.statement("complete_commands")
     async with pool.connection() as conn, conn.transaction():
         cur = psycopg.AsyncRawCursor(conn)
-        before = await _index_fetches(conn, part)
+        before = await _xact_stat(conn, part, "idx_tup_fetch")
         await cur.execute(lease, ("orders", 30, 16))
         ids = (await cur.fetchone())[0]  # type: ignore[index]
         await cur.execute(claim, ("orders", ids, 3))
         rows = await cur.fetchall()
         assert len(rows) == 16
-        claimed = await _index_fetches(conn, part)
-        await cur.execute(complete, ("orders", [r[3] for r in rows], [r[0] for r in rows],
-                                     [r[1] for r in rows], [None] * 16, [r[9] for r in rows]))  # fmt: skip
+        claimed = await _xact_stat(conn, part, "idx_tup_fetch")
+        leases = ([r[3] for r in rows], [r[0] for r in rows], [r[1] for r in rows])
+        await cur.execute(complete, ("orders", *leases, [None] * 16, [r[9] for r in rows]))
         assert len(await cur.fetchall()) == 16
-        flushed = await _index_fetches(conn, part)
+        flushed = await _xact_stat(conn, part, "idx_tup_fetch")
     assert claimed - before < 100, claimed - before
     assert flushed - claimed < 100, flushed - claimed
     await bus.close()
-
-
-async def _index_fetches(conn: psycopg.AsyncConnection[Any], name: str) -> int:
-    """Rows of a partition fetched through its indexes by this backend, not yet reported
-    (pg_stat_xact_user_tables, as _seq_scans)."""
-    cur = await conn.execute(
-        "SELECT idx_tup_fetch FROM pg_stat_xact_user_tables"
-        " WHERE schemaname = 'commandbus' AND relname = %s", (name,),
-    )  # fmt: skip
-    row = await cur.fetchone()
-    return int(row[0]) if row else 0
 
 
 async def test_finished_commands_go_by_whole_days(pool: AsyncConnectionPool[Any]) -> None:
