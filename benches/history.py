@@ -486,7 +486,6 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             _log("WARNING: autovacuum is off on this server: the rates measure the dead rows")
         cpu = PgCpu(_postmaster_of(conn))
     ours_dsn = create_database(admin, ours) if not args.reuse else _dsn_of(admin, args.reuse)
-    today_dsn = create_database(admin, today)
     try:
         async with AsyncConnectionPool(ours_dsn, min_size=1, max_size=4, open=False) as pool:
             # With --reuse: every migration again (the functions as this checkout has them).
@@ -593,6 +592,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         save()
 
         # today: the layout before partitions, one day of the same history
+        today_dsn = create_database(admin, today)
         unpartitioned = psycopg.conninfo.make_conninfo(
             today_dsn, options="-c commandbus.unpartitioned=on"
         )
