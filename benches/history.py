@@ -304,11 +304,19 @@ def _rate(a: tuple[float, int], b: tuple[float, int]) -> float:
 
 def _writes(dsn: str) -> dict[str, float]:
     """The server's buffer writes so far: by the checkpointer, the background writer and the
-    backends themselves (pg_stat_bgwriter; each an 8 kB page)."""
+    backends themselves (each an 8 kB page): pg_stat_bgwriter before PostgreSQL 17,
+    pg_stat_checkpointer and pg_stat_io since."""
     with psycopg.connect(dsn, autocommit=True) as conn:
-        row = conn.execute(
+        version = conn.info.server_version
+        query = (
             "SELECT buffers_checkpoint, buffers_clean, buffers_backend FROM pg_stat_bgwriter"
-        ).fetchone()
+            if version < 170000
+            else "SELECT (SELECT buffers_written FROM pg_stat_checkpointer),"
+            " (SELECT buffers_clean FROM pg_stat_bgwriter),"
+            " (SELECT coalesce(sum(writes), 0)::bigint FROM pg_stat_io"
+            "   WHERE backend_type = 'client backend')"
+        )
+        row = conn.execute(query.encode()).fetchone()
     assert row is not None
     return {"checkpoint": row[0], "clean": row[1], "backend": row[2]}
 
