@@ -438,6 +438,12 @@ $$;
 -- ---------------------------------------------------------------------------------------------
 -- The hot path, finding command rows by partition
 -- ---------------------------------------------------------------------------------------------
+-- The claim, flush, extend and release functions force generic plans (plan_cache_mode): a
+-- generic plan skips the other partitions when it starts (run-time pruning), while the plan
+-- cache, pricing a generic plan over every partition against a custom plan over one, kept
+-- choosing custom plans once the older partitions held history, and planned each statement on
+-- every call (embedded PostgreSQL 18: 67-69 against 53-62 us of server CPU per command, 2,000,000
+-- commands of history against none).
 -- The send, step 2 of the claim and the flush, as V001 had them, except for what the partitions
 -- change: command_ids are reserved in command_key_0 and _1, and every lookup of a command row names its
 -- created_at. The flush functions take the created_at as a new last argument with a default, so
@@ -618,7 +624,8 @@ LANGUAGE plpgsql
 -- Planner settings: see the top of V001. Nested loops are switched off for the
 -- UPDATE only (plpgsql's generic plan nested over the unnested messages, with each row's index
 -- probe also checking `command_id = ANY (all ids)`) and back on for the rest.
-SET enable_bitmapscan = off SET enable_mergejoin = off SET enable_seqscan = off SET jit = off
+SET enable_bitmapscan = off SET enable_mergejoin = off SET enable_seqscan = off
+    SET plan_cache_mode = force_generic_plan SET jit = off
     SET enable_nestloop = on
 AS $$
 #variable_conflict use_column
@@ -854,6 +861,7 @@ CREATE OR REPLACE FUNCTION commandbus.finish_commands_v1(
 LANGUAGE plpgsql
 -- Planner settings: see the top of V001.
 SET enable_bitmapscan = off SET enable_mergejoin = off SET enable_seqscan = off
+    SET plan_cache_mode = force_generic_plan
     SET enable_nestloop = off SET jit = off
 AS $$
 #variable_conflict use_column
@@ -1006,6 +1014,7 @@ CREATE OR REPLACE FUNCTION commandbus.complete_commands_v1(
 LANGUAGE plpgsql
 -- Planner settings: see the top of V001.
 SET enable_bitmapscan = off SET enable_mergejoin = off SET enable_seqscan = off
+    SET plan_cache_mode = force_generic_plan
     SET enable_nestloop = off SET jit = off
 AS $$
 #variable_conflict use_column
@@ -1079,6 +1088,7 @@ CREATE OR REPLACE FUNCTION commandbus.extend_leases_v1(
 LANGUAGE plpgsql
 -- Planner settings: see the top of V001.
 SET enable_bitmapscan = off SET enable_mergejoin = off SET enable_seqscan = off
+    SET plan_cache_mode = force_generic_plan
     SET enable_nestloop = off SET jit = off
 AS $$
 #variable_conflict use_column
@@ -1112,6 +1122,7 @@ CREATE OR REPLACE FUNCTION commandbus.release_commands_v1(
 LANGUAGE plpgsql
 -- Planner settings: see the top of V001.
 SET enable_bitmapscan = off SET enable_mergejoin = off SET enable_seqscan = off
+    SET plan_cache_mode = force_generic_plan
     SET enable_nestloop = off SET jit = off
 AS $$
 #variable_conflict use_column
